@@ -1,0 +1,32 @@
+"""Triton glue for the cross-encoder step; the logic is triton_rerank.serving.scoring."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_rerank.serving.scoring import EncoderSettings, build_engine, score_pairs
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        self.settings = EncoderSettings.from_parameters(
+            params, instance_kind=args["model_instance_kind"], device_id=int(args["model_instance_device_id"])
+        )
+        self.engine = build_engine(self.settings)
+
+    def execute(self, requests):
+        # Pack every pair of every request together, score, and split back per request.
+        inputs = [
+            [pb_utils.get_input_tensor_by_name(r, name).as_numpy().reshape(-1)
+             for name in ("INPUT_IDS", "TOKEN_TYPE_IDS", "SEQ_LENGTHS")]
+            for r in requests
+        ]
+        input_ids, token_type_ids, lengths = (np.concatenate(parts) for parts in zip(*inputs, strict=True))
+        scores = score_pairs(self.engine, input_ids, token_type_ids, lengths, self.settings.max_batch_tokens)
+        splits = np.cumsum([len(per_request[2]) for per_request in inputs])[:-1]
+        return [
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("SCORES", part[np.newaxis])])
+            for part in np.split(scores, splits)
+        ]

@@ -1,0 +1,38 @@
+"""Triton glue for the tokenizer step; the logic is triton_rerank.serving.tokenization."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_rerank.serving.model_files import resolve_model_path
+from triton_rerank.serving.request_options import RequestError, read_options, read_query_and_documents
+from triton_rerank.serving.tokenization import PairTokenizationError, PairTokenizer
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        model_dir = resolve_model_path(params["model_path"], progress=False)
+        self.tokenizer = PairTokenizer(model_dir, max_length=int(params.get("max_length") or 0))
+
+    def execute(self, requests):
+        return [self._encode(request) for request in requests]
+
+    def _encode(self, request):
+        try:
+            options = read_options(request.parameters())
+            query, documents = read_query_and_documents(
+                pb_utils.get_input_tensor_by_name(request, "QUERY"),
+                pb_utils.get_input_tensor_by_name(request, "DOCUMENTS"),
+            )
+            packed = self.tokenizer.encode(query, documents, truncate=options.truncate)
+        except (RequestError, PairTokenizationError) as error:
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+            )
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("INPUT_IDS", packed.input_ids[np.newaxis]),
+            pb_utils.Tensor("TOKEN_TYPE_IDS", packed.token_type_ids[np.newaxis]),
+            pb_utils.Tensor("SEQ_LENGTHS", packed.lengths[np.newaxis]),
+        ])

@@ -1,0 +1,68 @@
+"""Reading and checking what a rerank request carries: its strings and its parameters.
+
+Kept free of Triton imports so it is unit-testable; the model.py glue passes the raw tensor
+contents and the request's parameter JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class RequestError(ValueError):
+    """The request is malformed; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    truncate: bool = True
+
+
+KNOWN_PARAMETERS = {"truncate"}
+
+
+def _as_bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise RequestError(f"request parameter {name!r} must be a boolean, got {value!r}")
+
+
+def read_options(parameters_json: str | None) -> RequestOptions:
+    """Options from Triton request parameters (a JSON object string)."""
+    params = json.loads(parameters_json) if parameters_json else {}
+    unknown = sorted(set(params) - KNOWN_PARAMETERS)
+    if unknown:
+        raise RequestError(f"unknown request parameter(s) {unknown}; supported: {sorted(KNOWN_PARAMETERS)}")
+    return RequestOptions(truncate=_as_bool("truncate", params.get("truncate", True)))
+
+
+def _decode(name: str, index: int, item) -> str:
+    if isinstance(item, str):
+        return item
+    if not isinstance(item, bytes | np.bytes_):
+        raise RequestError(f"{name}[{index}] must be a string (TYPE_STRING / BYTES), got {type(item).__name__}")
+    try:
+        return bytes(item).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RequestError(f"{name}[{index}] is not valid UTF-8 ({error.reason} at byte {error.start})") from None
+
+
+def read_query_and_documents(query_tensor, documents_tensor) -> tuple[str, list[str]]:
+    """The query string and the document strings of a request; tensors may be None if missing."""
+    if query_tensor is None or documents_tensor is None:
+        raise RequestError("a rerank request needs both QUERY (one string) and DOCUMENTS (one or more strings)")
+    queries = query_tensor.as_numpy().reshape(-1)
+    if queries.size != 1:
+        raise RequestError(f"QUERY must hold exactly one string, got {queries.size}")
+    query = _decode("QUERY", 0, queries[0])
+    if not query.strip():
+        raise RequestError("QUERY is empty: send the search query to rank the documents against")
+    documents = [_decode("DOCUMENTS", i, d) for i, d in enumerate(documents_tensor.as_numpy().reshape(-1))]
+    if not documents:
+        raise RequestError("DOCUMENTS is empty: send at least one document")
+    return query, documents

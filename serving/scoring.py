@@ -1,0 +1,188 @@
+"""Scoring packed pairs with a cross-encoder: engines and the micro-batch plan.
+
+All pairs of all requests that Triton hands one `execute` are scored together: they are
+sorted by length and cut into micro-batches under a token budget, so that short pairs ride
+together, long ones get forwards of their own, and memory per forward stays bounded. Scores
+are scattered back to each pair's original position.
+
+Engines:
+- `PackedEngine`: our packed (unpadded) encoder from `triton_rerank.kernels.encoder`,
+  attention in OpenAI-Triton kernels or torch SDPA.
+- `HFEngine`: Hugging Face `AutoModelForSequenceClassification` on padded micro-batches, the
+  reference the packed encoder is checked against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
+
+
+def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[np.ndarray]:
+    """Index groups of pairs, sorted by length, each group's padded size <= max_batch_tokens.
+
+    The budget counts `len(group) * longest_in_group` so it bounds padded engines too; for a
+    packed engine on length-sorted pairs that is close to the real token count. A single pair
+    longer than the budget gets a micro-batch of its own.
+    """
+    order = np.argsort(lengths, kind="stable")
+    groups: list[np.ndarray] = []
+    start = 0
+    for end in range(1, len(order) + 1):
+        # Sorted ascending, so the newest pair is the longest of the group.
+        if end < len(order) and (end + 1 - start) * int(lengths[order[end]]) <= max_batch_tokens:
+            continue
+        groups.append(order[start:end])
+        start = end
+    return groups
+
+
+@dataclass
+class PackedBatch:
+    """Pairs of one micro-batch, packed: ids and types [total_tokens], cu_seqlens [B+1]."""
+
+    input_ids: torch.Tensor
+    token_type_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def gather_pairs(
+    input_ids: np.ndarray, token_type_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+    group: np.ndarray,
+) -> PackedBatch:
+    """Packs the pairs `group` (indices into offsets/lengths) into one contiguous batch."""
+    group_lengths = lengths[group]
+    # Token positions of every selected pair, built without a Python loop over tokens.
+    starts = np.repeat(offsets[group], group_lengths)
+    within = np.arange(int(group_lengths.sum())) - np.repeat(np.cumsum(group_lengths) - group_lengths, group_lengths)
+    index = starts + within
+    cu_seqlens = np.zeros(len(group) + 1, dtype=np.int32)
+    np.cumsum(group_lengths, out=cu_seqlens[1:])
+    return PackedBatch(
+        input_ids=torch.from_numpy(input_ids[index].astype(np.int64)),
+        token_type_ids=torch.from_numpy(token_type_ids[index].astype(np.int64)),
+        cu_seqlens=torch.from_numpy(cu_seqlens),
+        max_seqlen=int(group_lengths.max()),
+    )
+
+
+class HFEngine:
+    """Reference engine: transformers' sequence classifier on padded micro-batches (SDPA)."""
+
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device):
+        from transformers import AutoModelForSequenceClassification
+
+        self.device = device
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, dtype=dtype, attn_implementation="sdpa"
+        ).to(device).eval()
+        self.pad_token_id = self.model.config.pad_token_id or 0
+        self.uses_token_types = self.model.config.type_vocab_size > 1
+
+    @torch.inference_mode()
+    def __call__(self, batch: PackedBatch) -> torch.Tensor:
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        size = (len(lengths), batch.max_seqlen)
+        mask = torch.arange(batch.max_seqlen)[None, :] < lengths[:, None]
+        ids = torch.full(size, self.pad_token_id, dtype=torch.long)
+        ids[mask] = batch.input_ids
+        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.long().to(self.device)}
+        if self.uses_token_types:
+            types = torch.zeros(size, dtype=torch.long)
+            types[mask] = batch.token_type_ids
+            inputs["token_type_ids"] = types.to(self.device)
+        return self.model(**inputs).logits[:, 0].float()
+
+
+class PackedEngine:
+    """Our packed encoder: no compute spent on padding."""
+
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, attention_backend: str | None):
+        from triton_rerank.kernels.encoder import load_cross_encoder
+
+        self.device = device
+        self.model = load_cross_encoder(model_path, dtype=dtype, device=device, attention_backend=attention_backend)
+
+    @torch.inference_mode()
+    def __call__(self, batch: PackedBatch) -> torch.Tensor:
+        return self.model(
+            batch.input_ids.to(self.device, non_blocking=True),
+            batch.cu_seqlens.to(self.device, non_blocking=True),
+            batch.max_seqlen,
+            batch.token_type_ids.to(self.device, non_blocking=True),
+        )
+
+
+@dataclass
+class EncoderSettings:
+    """The cross_encoder model's parameters (config.pbtxt), resolved for this instance."""
+
+    model_path: str
+    engine: str = "packed"
+    attention_backend: str | None = None
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    max_batch_tokens: int = 16384
+    num_threads: int = 0
+
+    @classmethod
+    def from_parameters(cls, params: dict, instance_kind: str = "CPU", device_id: int = 0) -> EncoderSettings:
+        from triton_rerank.serving.model_files import resolve_model_path
+
+        device = params.get("device", "auto") or "auto"
+        if device == "auto":
+            # Triton's KIND_AUTO gives a GPU instance on a GPU host; the Python backend moves no
+            # tensors itself, so the instance kind decides where the model lives.
+            device = f"cuda:{device_id}" if instance_kind == "GPU" and torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        dtype = params.get("dtype", "auto") or "auto"
+        if dtype == "auto":
+            dtype = "float16" if device.type == "cuda" else "float32"
+        max_batch_tokens = int(params.get("max_batch_tokens") or 16384)
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        return cls(
+            model_path=str(resolve_model_path(params["model_path"], progress=False)),
+            engine=params.get("engine", "packed") or "packed",
+            attention_backend=params.get("attention_backend") or None,
+            dtype=resolve_dtype(dtype),
+            device=device,
+            max_batch_tokens=max_batch_tokens,
+            num_threads=int(params.get("num_threads") or 0),
+        )
+
+
+def build_engine(settings: EncoderSettings):
+    """The engine named by settings.engine: "packed" (default) or "hf" (the transformers reference)."""
+    if settings.num_threads > 0:
+        torch.set_num_threads(settings.num_threads)
+    if settings.engine == "hf":
+        return HFEngine(settings.model_path, settings.dtype, settings.device)
+    if settings.engine == "packed":
+        return PackedEngine(settings.model_path, settings.dtype, settings.device, settings.attention_backend)
+    raise ValueError(f"engine must be 'packed' or 'hf', got {settings.engine!r}")
+
+
+def score_pairs(
+    engine, input_ids: np.ndarray, token_type_ids: np.ndarray, lengths: np.ndarray, max_batch_tokens: int
+) -> np.ndarray:
+    """Scores of every pair (float32, input order) of a packed set of pairs."""
+    offsets = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    scores = np.empty(len(lengths), dtype=np.float32)
+    for group in plan_micro_batches(lengths, max_batch_tokens):
+        batch = gather_pairs(input_ids, token_type_ids, offsets, lengths, group)
+        scores[group] = engine(batch).cpu().numpy()
+    return scores
