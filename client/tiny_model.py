@@ -77,7 +77,7 @@ def make_test_model(out: str | Path, arch: str = "xlm-roberta", *, hidden_size: 
     tokenizer = train_tokenizer(arch, seed=seed)
     common = dict(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden_size, num_hidden_layers=layers,
                   num_attention_heads=heads, intermediate_size=4 * hidden_size, num_labels=1,
-                  hidden_act="gelu")
+                  hidden_act="gelu", initializer_range=0.2)
     if arch == "bert":
         config = BertConfig(**common, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0)
         model_class = BertForSequenceClassification

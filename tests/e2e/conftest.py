@@ -1,0 +1,109 @@
+"""A real tritonserver per tiny model, started once per session on free ports."""
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from triton_rerank.client.launcher import (
+    RepositorySettings,
+    ServerAddress,
+    TritonServer,
+    render_model_repository,
+)
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@dataclass
+class RunningServer:
+    arch: str
+    model_dir: Path
+    address: ServerAddress
+    server: TritonServer
+
+    @property
+    def http_url(self) -> str:
+        return self.address.http_url
+
+    @property
+    def grpc_url(self) -> str:
+        return self.address.grpc_url
+
+
+def start_server(model_dir: Path, run_dir: Path, arch: str, **settings) -> RunningServer:
+    http, grpc, metrics = free_ports(3)
+    address = ServerAddress("127.0.0.1", http, grpc, metrics)
+    repository = render_model_repository(
+        RepositorySettings(model_path=str(model_dir), device="cpu", **settings), run_dir / "model_repository"
+    )
+    # Short exit timeout: a test client's idle keep-alive connection must not hold the shutdown.
+    server = TritonServer(repository, run_dir, address, extra_args=["--exit-timeout-secs=3"]).start()
+    try:
+        server.wait_ready(180)
+    except Exception:
+        server.stop()
+        raise
+    return RunningServer(arch, model_dir, address, server)
+
+
+def stop_server(running: RunningServer) -> None:
+    pgid = running.server.process.pid
+    running.server.stop()
+    assert not group_alive(pgid), "tritonserver or a backend stub outlived the server fixture"
+
+
+class ServerPool:
+    """Starts at most one server per architecture, on first use, and stops them all at the end."""
+
+    def __init__(self, model_dirs: dict, tmp_path_factory):
+        self.model_dirs = model_dirs
+        self.tmp_path_factory = tmp_path_factory
+        self.servers: dict[str, RunningServer] = {}
+
+    def get(self, arch: str) -> RunningServer:
+        if arch not in self.servers:
+            run_dir = self.tmp_path_factory.mktemp(f"run-{arch}")
+            self.servers[arch] = start_server(self.model_dirs[arch], run_dir, arch)
+        return self.servers[arch]
+
+    def stop_all(self) -> None:
+        for running in self.servers.values():
+            stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def server_pool(tiny_model_dirs, tmp_path_factory):
+    pool = ServerPool(tiny_model_dirs, tmp_path_factory)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture(params=["xlm-roberta", "bert"])
+def triton_server(request, server_pool) -> RunningServer:
+    """tritonserver serving the `reranker` ensemble on a tiny random model of each architecture."""
+    return server_pool.get(request.param)
+
+
+@pytest.fixture
+def xlmr_server(server_pool) -> RunningServer:
+    """The XLM-R server, for tests that need one server rather than each architecture."""
+    return server_pool.get("xlm-roberta")
