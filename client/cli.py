@@ -55,7 +55,7 @@ def _add_make_test_model(subparsers) -> None:
     )
     p.add_argument("out", help="output directory")
     p.add_argument("--arch", choices=["xlm-roberta", "bert"], default="xlm-roberta")
-    p.add_argument("--hidden-size", type=int, default=32)
+    p.add_argument("--hidden-size", type=int, default=64, help="hidden size; head size = hidden / heads must be 32-128 for the triton attention kernel")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -60,7 +60,7 @@ def train_tokenizer(arch: str, vocab_size: int = 600, seed: int = 0):
     return tokenizer
 
 
-def make_test_model(out: str | Path, arch: str = "xlm-roberta", *, hidden_size: int = 32, layers: int = 2,
+def make_test_model(out: str | Path, arch: str = "xlm-roberta", *, hidden_size: int = 64, layers: int = 2,
                     heads: int = 2, seed: int = 0) -> Path:
     """Writes a random-weight 1-label sequence classifier and its tokenizer to `out`."""
     import torch

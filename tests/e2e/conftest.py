@@ -1,7 +1,5 @@
 """A real tritonserver per tiny model, started once per session on free ports."""
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,26 +9,10 @@ from triton_rerank.client.launcher import (
     RepositorySettings,
     ServerAddress,
     TritonServer,
+    free_ports,
+    process_group_alive,
     render_model_repository,
 )
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @dataclass
@@ -68,7 +50,7 @@ def start_server(model_dir: Path, run_dir: Path, arch: str, **settings) -> Runni
 def stop_server(running: RunningServer) -> None:
     pgid = running.server.process.pid
     running.server.stop()
-    assert not group_alive(pgid), "tritonserver or a backend stub outlived the server fixture"
+    assert not process_group_alive(pgid), "tritonserver or a backend stub outlived the server fixture"
 
 
 class ServerPool:

@@ -1,0 +1,48 @@
+"""Reading a request's strings and parameters."""
+
+import numpy as np
+import pytest
+
+from triton_rerank.serving.request_options import RequestError, read_options, read_query_and_documents
+
+
+class FakeTensor:  # the one method model.py uses of pb_utils.Tensor
+    def __init__(self, values):
+        self.values = np.array(values, dtype=object)
+
+    def as_numpy(self):
+        return self.values
+
+
+def test_reads_utf8_strings():
+    query, docs = read_query_and_documents(FakeTensor([b"caf\xc3\xa9"]), FakeTensor([b"a", b"b"]))
+    assert query == "café" and docs == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("query", "documents", "message"),
+    [
+        ([b"q"], [], "DOCUMENTS is empty"),
+        ([b"  "], [b"d"], "QUERY is empty"),
+        ([b"q", b"r"], [b"d"], "exactly one string"),
+        ([b"q"], [b"ok", b"\xff\xfe"], r"DOCUMENTS\[1\] is not valid UTF-8"),
+    ],
+)
+def test_bad_requests_say_what_is_wrong(query, documents, message):
+    with pytest.raises(RequestError, match=message):
+        read_query_and_documents(FakeTensor(query), FakeTensor(documents))
+
+
+def test_missing_input():
+    with pytest.raises(RequestError, match="needs both QUERY"):
+        read_query_and_documents(None, FakeTensor([b"d"]))
+
+
+def test_options():
+    assert read_options(None).truncate is True
+    assert read_options('{"truncate": false}').truncate is False
+    assert read_options('{"truncate": "false"}').truncate is False
+    with pytest.raises(RequestError, match="must be a boolean"):
+        read_options('{"truncate": "maybe"}')
+    with pytest.raises(RequestError, match="unknown request parameter"):
+        read_options('{"top_k": 3}')

@@ -1,0 +1,52 @@
+"""Micro-batch planning and scatter-back of scores."""
+
+import numpy as np
+import pytest
+import torch
+
+from triton_rerank.serving.scoring import EncoderSettings, gather_pairs, plan_micro_batches, score_pairs
+
+
+@pytest.mark.parametrize("budget", [1, 50, 200, 10_000])
+def test_plan_covers_every_pair_once_within_budget(budget):
+    lengths = np.random.default_rng(0).integers(1, 120, size=97).astype(np.int32)
+    groups = plan_micro_batches(lengths, budget)
+    flat = np.concatenate(groups)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    for group in groups:
+        padded = len(group) * int(lengths[group].max())
+        assert padded <= budget or len(group) == 1
+    # Sorted by length: groups never interleave.
+    maxima = [int(lengths[g].max()) for g in groups]
+    minima = [int(lengths[g].min()) for g in groups]
+    assert all(mx <= mn for mx, mn in zip(maxima[:-1], minima[1:], strict=True))
+
+
+def test_gather_pairs_packs_selected_pairs_in_group_order():
+    lengths = np.array([2, 3, 1], dtype=np.int32)
+    ids = np.array([10, 11, 20, 21, 22, 30], dtype=np.int32)
+    offsets = np.array([0, 2, 5])
+    batch = gather_pairs(ids, ids + 100, offsets, lengths, np.array([2, 0]))
+    assert batch.input_ids.tolist() == [30, 10, 11]
+    assert batch.token_type_ids.tolist() == [130, 110, 111]
+    assert batch.cu_seqlens.tolist() == [0, 1, 3] and batch.max_seqlen == 2
+
+
+def test_score_pairs_scatters_back_in_input_order():
+    lengths = np.array([5, 1, 3, 4, 2], dtype=np.int32)
+    ids = np.arange(int(lengths.sum()), dtype=np.int32)
+
+    def first_token_engine(batch):  # score = first token id of each pair
+        return batch.input_ids[batch.cu_seqlens[:-1].long()].float()
+
+    scores = score_pairs(first_token_engine, ids, np.zeros_like(ids), lengths, max_batch_tokens=6)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    np.testing.assert_array_equal(scores, starts.astype(np.float32))
+
+
+def test_settings_resolve_auto_device_and_dtype(tiny_model_dirs):
+    params = {"model_path": str(tiny_model_dirs["bert"]), "device": "auto", "dtype": "auto"}
+    settings = EncoderSettings.from_parameters(params, instance_kind="CPU")
+    assert settings.device == torch.device("cpu") and settings.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        EncoderSettings.from_parameters({**params, "dtype": "float8"})
