@@ -89,3 +89,18 @@ def triton_server(request, server_pool) -> RunningServer:
 def xlmr_server(server_pool) -> RunningServer:
     """The XLM-R server, for tests that need one server rather than each architecture."""
     return server_pool.get("xlm-roberta")
+
+
+@pytest.fixture
+def start_extra_server(tmp_path):
+    """Starts a server with other settings for one test; stops it (and checks for leftovers) after."""
+    started = []
+
+    def start(model_dir: Path, arch: str, **settings) -> RunningServer:
+        running = start_server(model_dir, tmp_path / f"run{len(started)}", arch, **settings)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        stop_server(running)

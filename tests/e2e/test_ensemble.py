@@ -136,3 +136,13 @@ def test_perf_analyzer_smoke(xlmr_server, tmp_path):
     throughputs = [float(row.split(",")[1]) for row in rows[1:]]
     assert len(throughputs) == 2 and all(t > 0 for t in throughputs)
     assert json.loads(data.read_text())["data"][1]["DOCUMENTS"]["shape"] == [8]
+
+
+@pytest.mark.parametrize(("engine", "attention_backend"), [("packed", "triton"), ("hf", "")])
+def test_other_scoring_engines_through_the_server(tiny_model_dirs, start_extra_server, reference_scores,
+                                                  engine, attention_backend):
+    """The Triton-kernel attention (interpreted on CPU) and the transformers reference, served."""
+    running = start_extra_server(tiny_model_dirs["xlm-roberta"], "xlm-roberta", engine=engine,
+                                 attention_backend=attention_backend)
+    scores, _ = rerank_grpc(running.grpc_url, QUERY, DOCUMENTS[:3])
+    np.testing.assert_allclose(scores, reference_scores(running.model_dir, QUERY, DOCUMENTS[:3]), atol=1e-4)
