@@ -21,6 +21,14 @@ from triton_rerank.kernels.encoder import EncoderConfig, PackedCrossEncoder, loa
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The triton backend runs compiled on a GPU and interpreted on CPU; sdpa is checked on CPU.
+GPU = torch.cuda.is_available()
+
+
+def _device(backend: str) -> str:
+    return "cuda" if GPU and backend == "triton" else "cpu"
+
+
 VOCAB = 300
 # hidden 64 / 2 heads: head_dim 32 is the smallest varlen_attention accepts.
 TINY = dict(
@@ -106,8 +114,11 @@ def _packed_logits(model: PackedCrossEncoder, ids, types) -> torch.Tensor:
     lengths = torch.tensor([len(x) for x in ids])
     cu = torch.zeros(len(ids) + 1, dtype=torch.int32)
     cu[1:] = lengths.cumsum(0)
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        return model(torch.cat(ids), cu, int(lengths.max()), None if types is None else torch.cat(types))
+        out = model(torch.cat(ids).to(device), cu.to(device), int(lengths.max()),
+                    None if types is None else torch.cat(types).to(device))
+    return out.cpu()
 
 
 def _hf_logits(hf, pad_id: int, ids, types) -> torch.Tensor:
@@ -131,7 +142,7 @@ def test_parity_with_transformers(kind, backend, model_dirs, hf_models):
     else:  # interpreter: keep it tiny
         lengths = [37, 5, 18, 2]
     ids, types = _random_pairs(kind, lengths, seed=2)
-    model = load_cross_encoder(model_dirs[kind], attention_backend=backend)
+    model = load_cross_encoder(model_dirs[kind], attention_backend=backend, device=_device(backend))
     got = _packed_logits(model, ids, types)
     want = _hf_logits(hf_models[kind], hf_models[kind].config.pad_token_id, ids, types)
     assert got.dtype == torch.float32 and got.shape == (len(lengths),)
@@ -142,7 +153,7 @@ def test_parity_with_transformers(kind, backend, model_dirs, hf_models):
 @pytest.mark.parametrize(("backend", "n_pairs", "max_len"), [("sdpa", 64, 60), ("triton", 6, 40)])
 @pytest.mark.parametrize("kind", ["xlmr", "bert"])
 def test_batch_invariance(kind, backend, n_pairs, max_len, model_dirs):
-    model = load_cross_encoder(model_dirs[kind], attention_backend=backend)
+    model = load_cross_encoder(model_dirs[kind], attention_backend=backend, device=_device(backend))
     lengths = torch.randint(2, max_len + 1, (n_pairs,), generator=torch.Generator().manual_seed(3)).tolist()
     ids, types = _random_pairs(kind, lengths, seed=4)
     packed = _packed_logits(model, ids, types)
@@ -314,10 +325,13 @@ def test_qkv_fusion_order(model_dirs):
         )
 
 
+@pytest.mark.parametrize(
+    "backend", ["sdpa", pytest.param("triton", marks=pytest.mark.skipif(not GPU, reason="half precision kernels on GPU"))]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_sdpa(dtype, model_dirs):
+def test_half_precision(dtype, backend, model_dirs):
     ids, _ = _random_pairs("xlmr", [30, 12, 3], seed=10)
-    model = load_cross_encoder(model_dirs["xlmr"], dtype=dtype)
+    model = load_cross_encoder(model_dirs["xlmr"], dtype=dtype, attention_backend=backend, device=_device(backend))
     assert model.layers[0].qkv.weight.dtype == dtype
     got = _packed_logits(model, ids, None)
     assert got.dtype == torch.float32
