@@ -14,6 +14,8 @@ Engines:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,13 +178,21 @@ def build_engine(settings: EncoderSettings):
 
 
 def score_pairs(
-    engine, input_ids: np.ndarray, token_type_ids: np.ndarray, lengths: np.ndarray, max_batch_tokens: int
+    engine, input_ids: np.ndarray, token_type_ids: np.ndarray, lengths: np.ndarray, max_batch_tokens: int,
+    observe: Callable[[int, float], None] | None = None,
 ) -> np.ndarray:
-    """Scores of every pair (float32, input order) of a packed set of pairs."""
+    """Scores of every pair (float32, input order) of a packed set of pairs.
+
+    `observe(tokens, seconds)` is called after each micro-batch (for metrics); the seconds
+    include the copy of the scores to the host, which waits for the device to finish.
+    """
     offsets = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=offsets[1:])
     scores = np.empty(len(lengths), dtype=np.float32)
     for group in plan_micro_batches(lengths, max_batch_tokens):
         batch = gather_pairs(input_ids, token_type_ids, offsets, lengths, group)
+        started = time.perf_counter()
         scores[group] = engine(batch).cpu().numpy()
+        if observe is not None:
+            observe(int(batch.input_ids.numel()), time.perf_counter() - started)
     return scores

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from triton_rerank.serving.metrics import ScoringMetrics
 from triton_rerank.serving.scoring import EncoderSettings, build_engine, score_pairs
 
 
@@ -15,6 +16,7 @@ class TritonPythonModel:
             params, instance_kind=args["model_instance_kind"], device_id=int(args["model_instance_device_id"])
         )
         self.engine = build_engine(self.settings)
+        self.metrics = ScoringMetrics(pb_utils, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
         # Pack every pair of every request together, score, and split back per request.
@@ -24,7 +26,9 @@ class TritonPythonModel:
             for r in requests
         ]
         input_ids, token_type_ids, lengths = (np.concatenate(parts) for parts in zip(*inputs, strict=True))
-        scores = score_pairs(self.engine, input_ids, token_type_ids, lengths, self.settings.max_batch_tokens)
+        scores = score_pairs(self.engine, input_ids, token_type_ids, lengths, self.settings.max_batch_tokens,
+                             observe=self.metrics.observe_micro_batch)
+        self.metrics.observe_pairs(len(lengths))
         splits = np.cumsum([len(per_request[2]) for per_request in inputs])[:-1]
         return [
             pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("SCORES", part[np.newaxis])])
