@@ -148,7 +148,9 @@ def render_model_repository(settings: RepositorySettings, target: Path,
             "engine": settings.engine,
             "attention_backend": settings.attention_backend,
             "dtype": settings.dtype,
-            "device": settings.device,
+            # GPU instances keep "auto": each then runs on the GPU Triton placed it on, where
+            # "cuda" would put every instance of a multi-GPU host on cuda:0.
+            "device": "auto" if settings.device.startswith("cuda") else settings.device,
             "max_batch_tokens": str(settings.max_batch_tokens),
             "num_threads": str(settings.num_threads),
         },

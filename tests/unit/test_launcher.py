@@ -45,3 +45,10 @@ def test_environment_puts_this_python_first():
     assert env["PATH"].split(":")[0] == str(__import__("pathlib").Path(sys.executable).parent)
     assert str(TritonInstall.find().libs) in env["LD_LIBRARY_PATH"]
     assert TritonInstall.find().server.is_file() and TritonInstall.find().stub.is_file()
+
+
+def test_gpu_instances_follow_their_placement(tmp_path):
+    out = render_model_repository(RepositorySettings(model_path="m", device="cuda", instances=2), tmp_path / "r")
+    config = (out / "cross_encoder" / "config.pbtxt").read_text()
+    assert "instance_group [ { count: 2, kind: KIND_GPU } ]" in config
+    assert 'key: "device", value: { string_value: "auto" }' in config
