@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -185,6 +186,9 @@ class ServerAddress:
         return f"{self.host}:{self.grpc_port}"
 
 
+RESTRICTED_APIS = "shared-memory,model-repository,trace,logging"
+
+
 class TritonServer:
     """A running tritonserver process (and its backend stubs), stopped as a group."""
 
@@ -197,6 +201,7 @@ class TritonServer:
         self.log_file = log_file or run_dir / "tritonserver.log"
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
+        self._admin_header = f"triton-rerank-admin={secrets.token_hex(16)}"
 
     def command(self, backends: Path) -> list[str]:
         a = self.address
@@ -206,6 +211,10 @@ class TritonServer:
             f"--backend-directory={backends}",
             # Models are fixed at start: no load/unload API for whoever reaches the port.
             "--model-control-mode=none",
+            # Shared-memory registration, repository, trace and logging APIs answer only to a
+            # header whose value nobody outside this process knows: closed to clients.
+            f"--http-restricted-api={RESTRICTED_APIS}:{self._admin_header}",
+            f"--grpc-restricted-protocol={RESTRICTED_APIS}:{self._admin_header}",
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--exit-timeout-secs=15",

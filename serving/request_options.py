@@ -21,6 +21,16 @@ class RequestOptions:
     truncate: bool = True
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may carry (tokenizer config.pbtxt parameters)."""
+
+    max_documents: int = 1000
+    # Far above a model's max input (8192 XLM-R tokens are ~40 KB of text), low enough that a
+    # pathological string cannot stall the tokenizer instance for long.
+    max_text_bytes: int = 1 << 20
+
+
 KNOWN_PARAMETERS = {"truncate"}
 
 
@@ -41,28 +51,45 @@ def read_options(parameters_json: str | None) -> RequestOptions:
     return RequestOptions(truncate=_as_bool("truncate", params.get("truncate", True)))
 
 
-def _decode(name: str, index: int, item) -> str:
+def _decode(name: str, index: int, item, limits: RequestLimits) -> str:
     if isinstance(item, str):
-        return item
+        item = item.encode("utf-8")
     if not isinstance(item, bytes | np.bytes_):
         raise RequestError(f"{name}[{index}] must be a string (TYPE_STRING / BYTES), got {type(item).__name__}")
+    if len(item) > limits.max_text_bytes:
+        raise RequestError(
+            f"{name}[{index}] is {len(item)} bytes; this server takes at most {limits.max_text_bytes} bytes per string"
+        )
     try:
-        return bytes(item).decode("utf-8")
+        text = bytes(item).decode("utf-8")
     except UnicodeDecodeError as error:
         raise RequestError(f"{name}[{index}] is not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    if "\x00" in text:
+        raise RequestError(f"{name}[{index}] contains a NUL character (byte 0 at {text.index(chr(0))})")
+    return text
 
 
-def read_query_and_documents(query_tensor, documents_tensor) -> tuple[str, list[str]]:
-    """The query string and the document strings of a request; tensors may be None if missing."""
+def read_query_and_documents(query_tensor, documents_tensor,
+                             limits: RequestLimits = RequestLimits()) -> tuple[str, list[str]]:
+    """The query string and the document strings of a request; tensors may be None if missing.
+
+    An empty document string is allowed: it is scored as a pair with an empty passage.
+    """
     if query_tensor is None or documents_tensor is None:
         raise RequestError("a rerank request needs both QUERY (one string) and DOCUMENTS (one or more strings)")
     queries = query_tensor.as_numpy().reshape(-1)
     if queries.size != 1:
         raise RequestError(f"QUERY must hold exactly one string, got {queries.size}")
-    query = _decode("QUERY", 0, queries[0])
+    query = _decode("QUERY", 0, queries[0], limits)
     if not query.strip():
         raise RequestError("QUERY is empty: send the search query to rank the documents against")
-    documents = [_decode("DOCUMENTS", i, d) for i, d in enumerate(documents_tensor.as_numpy().reshape(-1))]
+    raw_documents = documents_tensor.as_numpy().reshape(-1)
+    if raw_documents.size > limits.max_documents:
+        raise RequestError(
+            f"DOCUMENTS holds {raw_documents.size} strings; this server takes at most {limits.max_documents} "
+            "per request: split the list over several requests (the Python client does this for you)"
+        )
+    documents = [_decode("DOCUMENTS", i, d, limits) for i, d in enumerate(raw_documents)]
     if not documents:
         raise RequestError("DOCUMENTS is empty: send at least one document")
     return query, documents

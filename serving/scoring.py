@@ -80,6 +80,22 @@ def gather_pairs(
     )
 
 
+def padded_inputs(batch: PackedBatch, pad_token_id: int, with_token_types: bool) -> dict[str, torch.Tensor]:
+    """A packed (CPU) batch as Hugging Face inputs: [B, max_seqlen] ids padded on the right, the
+    attention mask, and token types when the model has them."""
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+    size = (len(lengths), batch.max_seqlen)
+    mask = torch.arange(batch.max_seqlen)[None, :] < lengths[:, None]
+    ids = torch.full(size, pad_token_id, dtype=torch.long)
+    ids[mask] = batch.input_ids
+    inputs = {"input_ids": ids, "attention_mask": mask.long()}
+    if with_token_types:
+        types = torch.zeros(size, dtype=torch.long)
+        types[mask] = batch.token_type_ids
+        inputs["token_type_ids"] = types
+    return inputs
+
+
 class HFEngine:
     """Reference engine: transformers' sequence classifier on padded micro-batches (SDPA)."""
 
@@ -95,17 +111,8 @@ class HFEngine:
 
     @torch.inference_mode()
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
-        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
-        size = (len(lengths), batch.max_seqlen)
-        mask = torch.arange(batch.max_seqlen)[None, :] < lengths[:, None]
-        ids = torch.full(size, self.pad_token_id, dtype=torch.long)
-        ids[mask] = batch.input_ids
-        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.long().to(self.device)}
-        if self.uses_token_types:
-            types = torch.zeros(size, dtype=torch.long)
-            types[mask] = batch.token_type_ids
-            inputs["token_type_ids"] = types.to(self.device)
-        return self.model(**inputs).logits[:, 0].float()
+        inputs = padded_inputs(batch, self.pad_token_id, self.uses_token_types)
+        return self.model(**{name: t.to(self.device) for name, t in inputs.items()}).logits[:, 0].float()
 
 
 class PackedEngine:
@@ -196,3 +203,15 @@ def score_pairs(
         if observe is not None:
             observe(int(batch.input_ids.numel()), time.perf_counter() - started)
     return scores
+
+
+def non_finite_error(scores: np.ndarray, dtype: torch.dtype) -> str | None:
+    """The error to return instead of scores that are not all finite numbers (None if they are)."""
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size == 0:
+        return None
+    return (
+        f"the model produced a non-finite score ({scores[bad[0]]}) for document {int(bad[0])}"
+        f"{f' and {bad.size - 1} more' if bad.size > 1 else ''}; in {str(dtype).removeprefix('torch.')} "
+        "activations can overflow: serve with --dtype bfloat16 or float32"
+    )

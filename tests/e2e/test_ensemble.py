@@ -146,3 +146,26 @@ def test_other_scoring_engines_through_the_server(tiny_model_dirs, start_extra_s
                                  attention_backend=attention_backend)
     scores, _ = rerank_grpc(running.grpc_url, QUERY, DOCUMENTS[:3])
     np.testing.assert_allclose(scores, reference_scores(running.model_dir, QUERY, DOCUMENTS[:3]), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v2/repository/index"), ("GET", "/v2/systemsharedmemory/status"),
+     ("POST", "/v2/repository/models/reranker/unload"), ("GET", "/v2/trace/setting"), ("GET", "/v2/logging")],
+)
+def test_admin_apis_are_closed(xlmr_server, method, path):
+    import requests
+
+    response = requests.request(method, f"http://{xlmr_server.http_url}{path}", timeout=10)
+    assert response.status_code == 403, response.text
+    with httpclient.InferenceServerClient(xlmr_server.http_url) as client:
+        assert client.is_model_ready("reranker")
+
+
+def test_admin_apis_are_closed_over_grpc(xlmr_server):
+    with grpcclient.InferenceServerClient(xlmr_server.grpc_url) as client:
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.get_system_shared_memory_status()
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.unload_model("reranker")
+        assert client.is_model_ready("reranker")

@@ -46,3 +46,16 @@ def test_options():
         read_options('{"truncate": "maybe"}')
     with pytest.raises(RequestError, match="unknown request parameter"):
         read_options('{"top_k": 3}')
+
+
+def test_limits_and_nul():
+    from triton_rerank.serving.request_options import RequestLimits
+
+    limits = RequestLimits(max_documents=3, max_text_bytes=10)
+    with pytest.raises(RequestError, match="holds 4 strings; this server takes at most 3"):
+        read_query_and_documents(FakeTensor([b"q"]), FakeTensor([b"d"] * 4), limits)
+    with pytest.raises(RequestError, match=r"DOCUMENTS\[1\] is 11 bytes"):
+        read_query_and_documents(FakeTensor([b"q"]), FakeTensor([b"d", b"x" * 11]), limits)
+    with pytest.raises(RequestError, match=r"QUERY\[0\] contains a NUL character"):
+        read_query_and_documents(FakeTensor([b"a\x00b"]), FakeTensor([b"d"]), limits)
+    assert read_query_and_documents(FakeTensor([b"q"]), FakeTensor([b"", b"x" * 10]), limits)[1] == ["", "x" * 10]

@@ -50,3 +50,11 @@ def test_settings_resolve_auto_device_and_dtype(tiny_model_dirs):
     assert settings.device == torch.device("cpu") and settings.dtype == torch.float32
     with pytest.raises(ValueError, match="dtype must be one of"):
         EncoderSettings.from_parameters({**params, "dtype": "float8"})
+
+
+def test_non_finite_scores_become_an_error():
+    from triton_rerank.serving.scoring import non_finite_error
+
+    assert non_finite_error(np.array([0.5, -2.0], dtype=np.float32), torch.float16) is None
+    message = non_finite_error(np.array([0.5, np.nan, np.inf], dtype=np.float32), torch.float16)
+    assert "document 1 and 1 more" in message and "float16" in message

@@ -6,7 +6,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rerank.serving.metrics import ScoringMetrics
-from triton_rerank.serving.scoring import EncoderSettings, build_engine, score_pairs
+from triton_rerank.serving.scoring import EncoderSettings, build_engine, non_finite_error, score_pairs
 
 
 class TritonPythonModel:
@@ -30,7 +30,11 @@ class TritonPythonModel:
                              observe=self.metrics.observe_micro_batch)
         self.metrics.observe_pairs(len(lengths))
         splits = np.cumsum([len(per_request[2]) for per_request in inputs])[:-1]
-        return [
-            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("SCORES", part[np.newaxis])])
-            for part in np.split(scores, splits)
-        ]
+        return [self._response(part) for part in np.split(scores, splits)]
+
+    def _response(self, scores):
+        # A NaN or inf is never returned as a score.
+        error = non_finite_error(scores, self.settings.dtype)
+        if error is not None:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INTERNAL))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("SCORES", scores[np.newaxis])])

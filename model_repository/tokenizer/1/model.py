@@ -6,7 +6,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rerank.serving.model_files import resolve_model_path
-from triton_rerank.serving.request_options import RequestError, read_options, read_query_and_documents
+from triton_rerank.serving.request_options import (
+    RequestError,
+    RequestLimits,
+    read_options,
+    read_query_and_documents,
+)
 from triton_rerank.serving.tokenization import PairTokenizationError, PairTokenizer
 
 
@@ -15,6 +20,10 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         model_dir = resolve_model_path(params["model_path"], progress=False)
         self.tokenizer = PairTokenizer(model_dir, max_length=int(params.get("max_length") or 0))
+        self.limits = RequestLimits(
+            max_documents=int(params.get("max_documents") or RequestLimits.max_documents),
+            max_text_bytes=int(params.get("max_text_bytes") or RequestLimits.max_text_bytes),
+        )
 
     def execute(self, requests):
         return [self._encode(request) for request in requests]
@@ -25,6 +34,7 @@ class TritonPythonModel:
             query, documents = read_query_and_documents(
                 pb_utils.get_input_tensor_by_name(request, "QUERY"),
                 pb_utils.get_input_tensor_by_name(request, "DOCUMENTS"),
+                self.limits,
             )
             packed = self.tokenizer.encode(query, documents, truncate=options.truncate)
         except (RequestError, PairTokenizationError) as error:
