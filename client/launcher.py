@@ -122,6 +122,13 @@ def set_instance_group(config: str, count: int, kind: str | None) -> str:
     return new
 
 
+def set_max_queue_size(config: str, size: int) -> str:
+    new, n = re.subn(r"max_queue_size: \d+", f"max_queue_size: {size}", config, count=1)
+    if n != 1:
+        raise LauncherError("config.pbtxt has no max_queue_size to set")
+    return new
+
+
 @dataclass
 class RepositorySettings:
     model_path: str
@@ -133,6 +140,8 @@ class RepositorySettings:
     max_batch_tokens: int = 16384
     instances: int = 1
     num_threads: int = 0
+    # Waiting requests per model before new ones are refused (0 = as in config.pbtxt).
+    max_queue_size: int = 0
     extra: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
@@ -166,6 +175,8 @@ def render_model_repository(settings: RepositorySettings, target: Path,
             text = set_parameter(text, key, value)
         if model == "cross_encoder":
             text = set_instance_group(text, settings.instances, kind)
+        if settings.max_queue_size:
+            text = set_max_queue_size(text, settings.max_queue_size)
         path.write_text(text)
     return target
 

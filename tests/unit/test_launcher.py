@@ -52,3 +52,9 @@ def test_gpu_instances_follow_their_placement(tmp_path):
     config = (out / "cross_encoder" / "config.pbtxt").read_text()
     assert "instance_group [ { count: 2, kind: KIND_GPU } ]" in config
     assert 'key: "device", value: { string_value: "auto" }' in config
+
+
+def test_queue_size_is_set_on_both_steps(tmp_path):
+    out = render_model_repository(RepositorySettings(model_path="m", max_queue_size=7), tmp_path / "r")
+    for model in ("tokenizer", "cross_encoder"):
+        assert "max_queue_size: 7" in (out / model / "config.pbtxt").read_text()
