@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from triton_rerank.serving.scoring import EncoderSettings, gather_pairs, plan_micro_batches, score_pairs
+from triton_rerank.serving.scoring import (
+    EncoderSettings,
+    gather_pairs,
+    padded_inputs,
+    plan_micro_batches,
+    score_pairs,
+)
 
 
 @pytest.mark.parametrize("budget", [1, 50, 200, 10_000])
@@ -30,6 +36,17 @@ def test_gather_pairs_packs_selected_pairs_in_group_order():
     assert batch.input_ids.tolist() == [30, 10, 11]
     assert batch.token_type_ids.tolist() == [130, 110, 111]
     assert batch.cu_seqlens.tolist() == [0, 1, 3] and batch.max_seqlen == 2
+
+
+def test_padded_inputs_pad_right_to_the_longest_pair():
+    lengths = np.array([2, 3, 1], dtype=np.int32)
+    ids = np.array([10, 11, 20, 21, 22, 30], dtype=np.int32)
+    batch = gather_pairs(ids, ids % 2, np.array([0, 2, 5]), lengths, np.array([2, 0, 1]))
+    inputs = padded_inputs(batch, pad_token_id=1, with_token_types=True)
+    assert inputs["input_ids"].tolist() == [[30, 1, 1], [10, 11, 1], [20, 21, 22]]
+    assert inputs["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert inputs["token_type_ids"].tolist() == [[0, 0, 0], [0, 1, 0], [0, 1, 0]]
+    assert "token_type_ids" not in padded_inputs(batch, pad_token_id=1, with_token_types=False)
 
 
 def test_score_pairs_scatters_back_in_input_order():

@@ -1,0 +1,311 @@
+"""Results of the GPU check: derived metrics, target checks, markdown, atomic file writes.
+
+The results dict is the single record of a run: the parent fills it stage by stage and
+`write_results` turns it into OUT/gpu_results.json and OUT/gpu_results.md after every change,
+so a run killed at any moment still leaves readable files. Rendering tolerates missing and
+partial stages for the same reason. Only the standard library is imported.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS_JSON = "gpu_results.json"
+RESULTS_MD = "gpu_results.md"
+
+# Project targets checked in the results.
+TARGET_ATTENTION_VS_TORCH = 0.8  # ours / best torch at equal work (speed ratio), fp16 DL19 pack
+TARGET_PACKED_VS_HF = 1.5  # packed-triton pairs/s / HF padded-32 pairs/s
+TARGET_MFU = 0.5  # packed-triton useful FLOP/s / measured bf16 dense matmul FLOP/s
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` in one step, so a reader (or a kill mid-write) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def dig(d: Any, *keys, default=None):
+    """d[k0][k1]..., or `default` where a level is missing or not a dict."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# Derived metrics and targets
+# --------------------------------------------------------------------------------------------
+
+
+def _target(name: str, value: float, target: float, unit: str) -> dict:
+    return {"name": name, "value": value, "target": target, "unit": unit, "met": value >= target}
+
+
+def compute_derived(results: dict) -> None:
+    """Fill MFU of encoder variants and the target checks from the stage data (in place)."""
+    peaks = dig(results, "stages", "env", "data", "matmul_tflops", default={}) or {}
+    variants = dig(results, "stages", "encoder", "data", "variants", default={}) or {}
+    for v in variants.values():
+        if not isinstance(v, dict) or not v.get("tflops"):
+            continue
+        for dtype, key in (("bfloat16", "mfu_vs_bf16_matmul"), ("float16", "mfu_vs_fp16_matmul")):
+            if peaks.get(dtype):
+                v[key] = v["tflops"] / peaks[dtype]
+
+    targets = []
+    for case in dig(results, "stages", "attention", "data", "cases", default=[]) or []:
+        # Only packs of DL19-like lengths count; uniform512 is informative only.
+        if "_pack" in case.get("case", "") and case.get("speedup_vs_best_torch") is not None:
+            targets.append(
+                _target(
+                    f"attention {case['case']} {case['dtype']}: ours vs best torch (equal work)",
+                    case["speedup_vs_best_torch"],
+                    TARGET_ATTENTION_VS_TORCH,
+                    "x",
+                )
+            )
+    tri = variants.get("packed_triton") or {}
+    hf = variants.get("hf_padded") or {}
+    if tri.get("pairs_per_s") and hf.get("pairs_per_s"):
+        targets.append(
+            _target(
+                "encoder: packed-triton vs HF padded-batch pairs/s",
+                tri["pairs_per_s"] / hf["pairs_per_s"],
+                TARGET_PACKED_VS_HF,
+                "x",
+            )
+        )
+    if tri.get("mfu_vs_bf16_matmul") is not None:
+        targets.append(
+            _target(
+                "encoder: packed-triton MFU (vs measured bf16 matmul)",
+                tri["mfu_vs_bf16_matmul"],
+                TARGET_MFU,
+                "fraction",
+            )
+        )
+    results["targets"] = targets
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def fmt(x, digits: int = 3) -> str:
+    """A table cell: "-" for None, thousands separators, 3 significant digits for extremes."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+            return f"{x:.{digits}g}"
+        return f"{x:.{digits}f}" if abs(x) < 100 else f"{x:,.1f}"
+    return str(x).replace("|", "/").replace("\n", " ")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(c) for c in row) + " |")
+    return lines
+
+
+def _header_section(results: dict, env: dict) -> list[str]:
+    card = env.get("device_name") or results.get("device", "?")
+    lines = [f"# GPU check: {card}", ""]
+    lines.append(
+        f"Started {results.get('started', '?')}, last update {results.get('updated', '?')}, "
+        f"elapsed {fmt(results.get('elapsed_s'))} s of {fmt(results.get('budget_s'))} s; "
+        f"args `{' '.join(results.get('argv', []))}`."
+    )
+    files = results.get("data_files") or {}
+    missing = [f for f, ok in files.items() if not ok]
+    lines.append(
+        f"Data: `{results.get('data_dir')}`"
+        + (f" (missing: {', '.join(missing)}; synthetic lengths / built-in config used)" if missing else "")
+        + "."
+    )
+    lines.append("")
+    lines += _table(
+        ["stage", "status", "seconds", "note"],
+        [
+            [name, st.get("status"), st.get("seconds"), st.get("reason") or st.get("error_summary") or ""]
+            for name, st in (results.get("stages") or {}).items()
+        ],
+    )
+    return lines + [""]
+
+
+def _targets_section(targets: list[dict]) -> list[str]:
+    if not targets:
+        return []
+    rows = [[t["name"], t["value"], f">= {t['target']}", t["met"]] for t in targets]
+    return ["## Targets", "", *_table(["check", "value", "target", "met"], rows), ""]
+
+
+def _env_section(env: dict) -> list[str]:
+    if not env:
+        return []
+    rows = [
+        ["device", env.get("device_name")],
+        ["compute capability", env.get("capability")],
+        ["SMs", env.get("sm_count")],
+        ["memory GiB", env.get("memory_gib")],
+        ["torch / CUDA", f"{env.get('torch')} / {env.get('cuda')}"],
+        ["triton", env.get("triton")],
+        ["transformers", env.get("transformers")],
+        ["python", env.get("python")],
+    ]
+    for dt, tf in (env.get("matmul_tflops") or {}).items():
+        rows.append([f"{dt} matmul TFLOP/s (n={env.get('matmul_n')})", tf])
+    if env.get("nvidia_smi"):
+        rows.append(["nvidia-smi", env["nvidia_smi"]])
+    return ["## Environment", "", *_table(["item", "value"], rows), ""]
+
+
+def _tests_section(td: dict) -> list[str]:
+    if not td:
+        return []
+    summary = (
+        f"`{td.get('command', '')}` -> exit {td.get('returncode')}, counts {td.get('counts')}"
+        + (f", progress before the cut {td['progress_counts']}" if td.get("progress_counts") else "")
+    )
+    return ["## Kernel tests", "", summary, "", "```", *(td.get("tail") or [])[-25:], "```", ""]
+
+
+def _attention_section(att: dict) -> list[str]:
+    if not att.get("cases"):
+        return []
+    lines = ["## Attention kernel", ""]
+    lines.append(
+        f"H={att.get('heads')}, D={att.get('head_dim')}, lengths from {att.get('length_source')}. "
+        "TFLOP/s count useful work (4 * sum L^2 * H * D); padded methods also list executed work. "
+        "speed = that method's time / ours (>1: ours faster)."
+    )
+    lines.append("")
+    rows = []
+    for case in att["cases"]:
+        for name, m in (case.get("methods") or {}).items():
+            rows.append(
+                [
+                    case.get("case"), case.get("dtype"), case.get("n_seqs"), case.get("total_tokens"), name,
+                    m.get("ms"), m.get("tflops"), m.get("executed_flops_ratio"), m.get("speed_ours_vs_this"),
+                    m.get("error"),
+                ]
+            )
+    lines += _table(
+        ["case", "dtype", "seqs", "tokens", "method", "ms", "TFLOP/s", "exec/useful", "ours speed x", "error"], rows
+    )
+    lines.append("")
+    lines += _table(
+        ["case", "dtype", "max abs err vs ref", "max abs err vs torch", "ours vs best torch"],
+        [
+            [
+                c.get("case"), c.get("dtype"), c.get("max_abs_err_vs_reference"),
+                c.get("max_abs_err_vs_torch_varlen"), c.get("speedup_vs_best_torch"),
+            ]
+            for c in att["cases"]
+        ],
+    )
+    return lines + [""]
+
+
+def _encoder_section(enc: dict) -> list[str]:
+    if not enc:
+        return []
+    lines = ["## Encoder", ""]
+    wl = enc.get("workload") or {}
+    lines.append(
+        f"Model {enc.get('model')} ({fmt(enc.get('params_total'))} params, "
+        f"{fmt(enc.get('params_non_embedding'))} non-embedding), dtype {enc.get('dtype')}, random weights. "
+        f"Workload {wl.get('pairs')} pairs / {fmt(wl.get('tokens'))} tokens ({wl.get('source')}, "
+        f"mean {fmt(wl.get('mean_length'))}, max {wl.get('max_length')}, truncated {wl.get('truncated')}); "
+        f"useful FLOPs per pass {fmt(enc.get('flops_per_pass'))}."
+    )
+    lines.append("")
+    rows = [
+        [
+            name, v.get("batches"), v.get("pass_s"), v.get("pairs_per_s"), v.get("tokens_per_s"), v.get("tflops"),
+            v.get("mfu_vs_bf16_matmul"), v.get("pad_fraction"), v.get("error"),
+        ]
+        for name, v in (enc.get("variants") or {}).items()
+    ]
+    lines += _table(
+        ["variant", "batches", "s/pass", "pairs/s", "tokens/s", "TFLOP/s", "MFU", "pad frac", "error"], rows
+    )
+    lines.append("")
+    agree = enc.get("agreement") or {}
+    if agree:
+        lines += _table(
+            ["score agreement", "max abs diff", "mean abs diff"],
+            [[k, v.get("max_abs_diff"), v.get("mean_abs_diff")] for k, v in agree.items() if isinstance(v, dict)],
+        )
+        lines.append(f"\nHF score std on the subset: {fmt(agree.get('hf_score_std'))} (n={agree.get('n')}).")
+        lines.append("")
+    return lines
+
+
+def _errors_section(stages: dict) -> list[str]:
+    errors = []
+    for name, st in stages.items():
+        for err in dig(st, "data", "errors", default=[]) or []:
+            errors.append(f"- {name} / {err.get('where')}: {err.get('error')}")
+        if st.get("error"):
+            errors.append(f"- {name}: {st['error'].strip().splitlines()[-1] if st['error'].strip() else ''}")
+    return ["## Errors", "", *errors, ""] if errors else []
+
+
+def render_markdown(results: dict) -> str:
+    """Readable summary of the results dict (robust to missing or partial stages)."""
+    env = dig(results, "stages", "env", "data", default={}) or {}
+    lines = _header_section(results, env)
+    lines += _targets_section(results.get("targets") or [])
+    lines += _env_section(env)
+    lines += _tests_section(dig(results, "stages", "tests", "data", default={}) or {})
+    lines += _attention_section(dig(results, "stages", "attention", "data", default={}) or {})
+    lines += _encoder_section(dig(results, "stages", "encoder", "data", default={}) or {})
+    lines += _errors_section(results.get("stages") or {})
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str | Path, results: dict) -> tuple[Path, Path]:
+    """Write OUT/gpu_results.json and OUT/gpu_results.md (atomically) from the results dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    compute_derived(results)
+    jp, mp = out / RESULTS_JSON, out / RESULTS_MD
+    atomic_write(jp, json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    try:
+        md = render_markdown(results)
+    except Exception:  # never lose the JSON because of a rendering bug
+        md = "# GPU check\n\nRendering failed:\n\n```\n" + traceback.format_exc() + "```\n"
+    atomic_write(mp, md)
+    return jp, mp
