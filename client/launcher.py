@@ -22,6 +22,8 @@ from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
 
+from triton_rerank.client.supervisor import StubSupervisor
+
 # The repository's own model_repository/ (this file lives in client/).
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -204,7 +206,7 @@ class TritonServer:
     """A running tritonserver process (and its backend stubs), stopped as a group."""
 
     def __init__(self, model_repository: Path, run_dir: Path, address: ServerAddress,
-                 log_file: Path | None = None, extra_args: list[str] | None = None):
+                 log_file: Path | None = None, extra_args: list[str] | None = None, supervise: bool = True):
         self.install = TritonInstall.find()
         self.model_repository = model_repository
         self.run_dir = run_dir
@@ -213,6 +215,8 @@ class TritonServer:
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
         self._admin_header = f"triton-rerank-admin={secrets.token_hex(16)}"
+        self.supervise = supervise
+        self.supervisor: StubSupervisor | None = None
 
     def command(self, backends: Path) -> list[str]:
         a = self.address
@@ -220,8 +224,10 @@ class TritonServer:
             str(self.install.server),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backends}",
-            # Models are fixed at start: no load/unload API for whoever reaches the port.
-            "--model-control-mode=none",
+            # Every model is loaded at start. The load/unload API exists only so the supervisor
+            # can reload a model whose backend process died; clients cannot reach it (below).
+            "--model-control-mode=explicit",
+            "--load-model=*",
             # Shared-memory registration, repository, trace and logging APIs answer only to a
             # header whose value nobody outside this process knows: closed to clients.
             f"--http-restricted-api={RESTRICTED_APIS}:{self._admin_header}",
@@ -264,6 +270,10 @@ class TritonServer:
                     f"last lines of {self.log_file}:\n{self.log_tail()}"
                 )
             if self.is_ready():
+                if self.supervise and self.supervisor is None:
+                    name, value = self._admin_header.split("=", 1)
+                    self.supervisor = StubSupervisor(self.process.pid, self.address.http_url, (name, value))
+                    self.supervisor.start()
                 return
             time.sleep(0.25)
         raise LauncherError(f"tritonserver not ready after {timeout:.0f} s; see {self.log_file}:\n{self.log_tail()}")
@@ -277,6 +287,10 @@ class TritonServer:
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is None:
             return
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor.join(timeout=5)
+            self.supervisor = None
         pgid = self.process.pid
         if self.process.poll() is None:
             _signal_group(pgid, signal.SIGTERM)
@@ -285,8 +299,12 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 _signal_group(pgid, signal.SIGKILL)
                 self.process.wait()
-        # Stubs whose server is gone exit by themselves, but not instantly: make sure.
+        # Stubs whose server is gone exit by themselves, but not instantly: make sure, and wait
+        # until the group is gone (killed stubs are reaped by init, not at once).
         _signal_group(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process_group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self._log.close()
         self.process = None
 
