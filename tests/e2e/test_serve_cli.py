@@ -1,15 +1,20 @@
-"""`triton-rerank serve` as a user runs it: README examples answered, clean stop, nothing left behind."""
+"""`triton-rerank serve` as a user runs it: README examples and the gateway answered, clean stop, nothing left behind."""
 
+import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import requests
 
+from triton_rerank.client.api_models import SEED_EXAMPLE
 from triton_rerank.client.launcher import free_ports, process_group_alive
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -24,12 +29,20 @@ def test_readme_has_http_and_grpc_examples():
     assert any("tritonclient.http" in e for e in examples) and any("tritonclient.grpc" in e for e in examples)
 
 
+def localize(code: str, http: int, grpc: int, api: int) -> str:
+    """README examples name the default ports; point them at this test's server."""
+    for default, port in (("8000", http), ("8001", grpc), ("30000", api)):
+        for host in ("localhost", "127.0.0.1"):
+            code = code.replace(f"{host}:{default}", f"127.0.0.1:{port}")
+    return code
+
+
 def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_path):
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, api = free_ports(4)
     command = [
         sys.executable, "-m", "triton_rerank.client.cli", "serve", "--model-path", str(tiny_model_dirs["bert"]),
         "--device", "cpu", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-        "--run-dir", str(tmp_path / "run"),
+        "--api-port", str(api), "--run-dir", str(tmp_path / "run"),
     ]
     serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
@@ -41,18 +54,31 @@ def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_pa
             if not line:
                 break
             output.append(line)
-            if "is ready" in line:
+            if "Ctrl-C stops" in line:
                 break
-        assert "is ready" in "".join(output), "".join(output)
+        banner = "".join(output)
+        assert "is ready" in banner and f"rerank API  http://127.0.0.1:{api}" in banner, banner
 
         for example in readme_python_examples():
-            code = example.replace("localhost:8000", f"127.0.0.1:{http}").replace("localhost:8001", f"127.0.0.1:{grpc}")
+            code = localize(example, http, grpc, api)
             result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
             assert result.returncode == 0, result.stderr
             assert re.search(r"[-+]?\d+\.\d+", result.stdout), result.stdout
 
+        # The gateway answers SGLang's example request (the shape the seed's code reads) ...
+        response = requests.post(f"http://127.0.0.1:{api}/v1/rerank", json=SEED_EXAMPLE, timeout=60)
+        assert response.status_code == 200, response.text
+        assert {item["document"] for item in response.json()} == set(SEED_EXAMPLE["documents"])
+        assert all(isinstance(item["score"], float) for item in response.json())
+        # ... and the curl the banner prints works as printed.
+        curl = next(line.strip() for line in output if line.strip().startswith("curl "))
+        if shutil.which("curl"):
+            result = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0 and [i["index"] for i in json.loads(result.stdout)], result.stdout
+
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
+        assert "stopping the gateway and tritonserver" in serve.stdout.read()
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
@@ -60,6 +86,17 @@ def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_pa
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout
     assert leftovers.strip() == "", f"processes left behind: {leftovers}"
     assert not process_group_alive(serve.pid)
+    # The gateway ran in serve's process: its port is free again.
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", api)) != 0, "the gateway still listens after serve stopped"
+
+
+def test_serve_without_api_prints_the_generate_curl():
+    from triton_rerank.client.launcher import ServerAddress
+    from triton_rerank.client.serve import ready_banner
+
+    banner = ready_banner(ServerAddress("0.0.0.0", 8000, 8001, 8002))
+    assert "rerank API" not in banner and "curl -s http://127.0.0.1:8000/v2/models/reranker/generate" in banner
 
 
 def test_serve_with_missing_model_says_how_to_fix(tmp_path):
@@ -79,7 +116,8 @@ def test_serve_with_directory_without_config(tmp_path):
     assert result.returncode == 2 and "has no config.json" in result.stderr
 
 
-@pytest.mark.parametrize("command", [["--help"], ["serve", "--help"], ["make-test-model", "--help"]])
+@pytest.mark.parametrize("command", [["--help"], ["serve", "--help"], ["api", "--help"], ["rerank", "--help"],
+                                     ["make-test-model", "--help"]])
 def test_help_explains(command):
     result = subprocess.run([sys.executable, "-m", "triton_rerank.client.cli", *command], capture_output=True,
                             text=True, timeout=60)

@@ -266,3 +266,30 @@ def test_admission_limiter_counts_running_and_waiting():
         assert limiter.active == 0 and limiter.waiting == 0
 
     asyncio.run(scenario())
+
+
+def test_gateway_thread_says_when_its_port_is_taken():
+    import socket
+
+    from triton_rerank.client.gateway_server import GatewayThread
+    from triton_rerank.client.launcher import LauncherError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LauncherError, match=f"did not start on 127.0.0.1:{port}"):
+            GatewayThread(GatewaySettings(port=port, log_level="critical")).start()
+
+
+def test_serve_banner_prints_the_sglang_curl_without_the_api_key():
+    from triton_rerank.client.launcher import ServerAddress
+    from triton_rerank.client.serve import ready_banner
+
+    banner = ready_banner(ServerAddress("0.0.0.0", 8000, 8001, 8002),
+                          GatewaySettings(host="0.0.0.0", port=30000, api_key="s3cret",
+                                          served_model_name="BAAI/bge-reranker-v2-m3"))
+    curl = next(line.strip() for line in banner.splitlines() if line.strip().startswith("curl"))
+    assert curl.startswith("curl -s http://127.0.0.1:30000/v1/rerank -H 'Content-Type: application/json'")
+    assert "Bearer <your api key>" in curl and "s3cret" not in banner
+    assert '"model": "BAAI/bge-reranker-v2-m3"' in curl

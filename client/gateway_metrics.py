@@ -1,0 +1,73 @@
+"""Prometheus metrics of the gateway: requests, latency and errors by route, documents, load.
+
+Each app gets its own CollectorRegistry, so several gateways in one process (tests, or serve's
+in-process gateway) never collide on metric names. Route labels are the gateway's own routes
+or "other", so random paths cannot blow up label cardinality.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ROUTES = {"/v1/rerank", "/rerank", "/v2/rerank", "/health", "/v1/models", "/metrics", "/openapi.json", "/docs"}
+
+_ERROR_KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                413: "payload_too_large", 422: "validation", 429: "overloaded", 502: "backend",
+                503: "unavailable", 504: "timeout"}
+
+
+class GatewayMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("triton_rerank_gateway_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "triton_rerank_gateway_request_duration_seconds", "time from request to response, by route",
+            ["route"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.errors = Counter("triton_rerank_gateway_errors", "error answers (4xx, 5xx), by route and kind",
+                              ["route", "kind"], registry=self.registry)
+        self.documents = Counter("triton_rerank_gateway_documents", "documents scored, by route", ["route"],
+                                 registry=self.registry)
+        self.tokens = Counter("triton_rerank_gateway_tokens", "tokens of the scored pairs, by route", ["route"],
+                              registry=self.registry)
+        self.in_flight = Gauge("triton_rerank_gateway_in_flight_requests", "requests being answered",
+                               registry=self.registry)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+        if status >= 400:
+            kind = _ERROR_KINDS.get(status, "internal" if status >= 500 else "client_error")
+            self.errors.labels(route, kind).inc()
+
+
+class MetricsMiddleware:
+    """ASGI middleware that times every HTTP request and counts it with its final status."""
+
+    def __init__(self, app, metrics: GatewayMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = 500  # if the app raises before answering, Starlette's error middleware sends a 500
+        started = time.perf_counter()
+
+        async def send_and_note_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.observe(route, status, time.perf_counter() - started)
