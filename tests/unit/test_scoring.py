@@ -75,3 +75,25 @@ def test_non_finite_scores_become_an_error():
     assert non_finite_error(np.array([0.5, -2.0], dtype=np.float32), torch.float16) is None
     message = non_finite_error(np.array([0.5, np.nan, np.inf], dtype=np.float32), torch.float16)
     assert "document 1 and 1 more" in message and "float16" in message
+
+
+@pytest.mark.parametrize("engine", ["packed", "hf"])
+def test_remote_code_in_a_model_directory_is_never_run(tiny_model_dirs, tmp_path, engine):
+    import json
+    import shutil
+
+    from triton_rerank.serving.scoring import build_engine
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["bert"], model_dir)
+    marker = tmp_path / "remote-code-ran"
+    (model_dir / "custom_model.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(model_type="custom-reranker", auto_map={
+        "AutoConfig": "custom_model.CustomConfig",
+        "AutoModelForSequenceClassification": "custom_model.CustomModel",
+    })
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises((ValueError, OSError, KeyError)):
+        build_engine(EncoderSettings(model_path=str(model_dir), engine=engine))
+    assert not marker.exists()
