@@ -126,7 +126,9 @@ def test_perf_analyzer_smoke(xlmr_server, tmp_path):
     command = [
         str(perf_analyzer_binary()), "-m", "reranker", "-u", xlmr_server.grpc_url, "-i", "grpc",
         "--input-data", str(data), "--concurrency-range", "1:2", "--measurement-interval", "1000",
-        "--stability-percentage", "100", "--max-trials", "3", "-f", str(csv),
+        # A smoke run, not a measurement: accept any variation between windows, so a busy
+        # machine cannot fail it on stability.
+        "--stability-percentage", "999", "--max-trials", "10", "-f", str(csv),
     ]
     result = subprocess.run(command, env=perf_analyzer_environment(tmp_path / "libs"), capture_output=True,
                             text=True, timeout=180)
