@@ -34,3 +34,19 @@ test: setup lint
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
+
+# Benchmarks (see README "Performance"). Infinity, the peer server, lives in its own venv.
+INFVENV ?= build/infinity-venv
+BENCH_ARGS ?=
+.PHONY: bench bench-quick bench-peer-setup
+bench-peer-setup:
+	$(PYTHON) -m venv $(INFVENV)
+	$(INFVENV)/bin/pip install -q "torch==2.13.0"
+	$(INFVENV)/bin/pip install -q "infinity-emb[server,torch]==0.0.78"
+
+bench: setup
+	$(BIN)/triton-rerank bench --out results/cpu-minilm-l6 --repeat 3 --max-batch-tokens 4096 \
+	  --triton-variant delay=0,instances=1,threads=2 --infinity-python $(INFVENV)/bin/python $(BENCH_ARGS)
+
+bench-quick: setup
+	$(BIN)/triton-rerank bench --quick --out build/bench-quick $(BENCH_ARGS)

@@ -33,7 +33,8 @@ def _add_serve(subparsers) -> None:
                    help="packed = our unpadded encoder; hf = transformers reference (padded)")
     p.add_argument("--max-length", type=int, default=0,
                    help="max tokens of a (query, document) pair; 0 = the model's limit")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one encoder forward")
+    p.add_argument("--max-batch-tokens", type=int, default=0,
+                   help="token budget of one encoder forward; 0 = 4096 on CPU, 16384 on GPU")
     p.add_argument("--instances", type=int, default=1, help="cross_encoder model instances")
     p.add_argument("--num-threads", type=int, default=0, help="torch threads per CPU instance; 0 = torch default")
     p.add_argument("--host", default="127.0.0.1", help="address every listener binds (0.0.0.0 to expose)")
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_api(subparsers)
     _add_rerank(subparsers)
     _add_make_test_model(subparsers)
+    from triton_rerank.client import bench
+
+    bench.register(subparsers)
     return parser
 
 

@@ -143,7 +143,7 @@ class RepositorySettings:
     engine: str = "packed"
     attention_backend: str = ""
     max_length: int = 0
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = 0  # 0 = the device default (4096 on CPU, 16384 on GPU)
     instances: int = 1
     num_threads: int = 0
     # Waiting requests per model before new ones are refused (0 = as in config.pbtxt).

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", choices=["", "triton", "sdpa"], default=_env("ATTENTION_BACKEND", ""),
                    help="empty = triton on GPU, sdpa on CPU")
     p.add_argument("--max-length", type=int, default=_env("MAX_LENGTH", "0"))
-    p.add_argument("--max-batch-tokens", type=int, default=_env("MAX_BATCH_TOKENS", "16384"))
+    p.add_argument("--max-batch-tokens", type=int, default=_env("MAX_BATCH_TOKENS", "0"))
     p.add_argument("--instances", type=int, default=_env("INSTANCES", "1"),
                    help="cross_encoder instances per GPU (per listed GPU with --gpus)")
     p.add_argument("--gpus", default=_env("GPUS", ""),

@@ -21,6 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# Token budget of one forward when config.pbtxt says 0: small micro-batches stay in a CPU's caches
+# (measured 25-30% faster than 16384 on 2 cores); a GPU needs large ones to fill its SMs.
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -159,9 +163,11 @@ class EncoderSettings:
         dtype = params.get("dtype", "auto") or "auto"
         if dtype == "auto":
             dtype = "float16" if device.type == "cuda" else "float32"
-        max_batch_tokens = int(params.get("max_batch_tokens") or 16384)
-        if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        max_batch_tokens = int(params.get("max_batch_tokens") or 0)
+        if max_batch_tokens < 0:
+            raise ValueError(f"max_batch_tokens must be positive (or 0 for the device default), got {max_batch_tokens}")
+        if max_batch_tokens == 0:
+            max_batch_tokens = DEFAULT_BATCH_TOKENS[device.type]
         return cls(
             model_path=str(resolve_model_path(params["model_path"], progress=False)),
             engine=params.get("engine", "packed") or "packed",

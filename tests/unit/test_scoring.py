@@ -65,6 +65,7 @@ def test_settings_resolve_auto_device_and_dtype(tiny_model_dirs):
     params = {"model_path": str(tiny_model_dirs["bert"]), "device": "auto", "dtype": "auto"}
     settings = EncoderSettings.from_parameters(params, instance_kind="CPU")
     assert settings.device == torch.device("cpu") and settings.dtype == torch.float32
+    assert settings.max_batch_tokens == 4096  # the CPU default when config.pbtxt says 0
     with pytest.raises(ValueError, match="dtype must be one of"):
         EncoderSettings.from_parameters({**params, "dtype": "float8"})
 
