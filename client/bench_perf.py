@@ -194,13 +194,11 @@ def running_triton(spec: ServerSpec, run_dir: Path, ready_timeout: float = 300.0
 
 def grpc_rerank(client, query: str, documents: list[str] | tuple[str, ...]):
     """One request to the ensemble with a tritonclient.grpc client."""
-    import numpy as np
     import tritonclient.grpc as grpcclient
 
-    inputs = [grpcclient.InferInput("QUERY", [1], "BYTES"), grpcclient.InferInput("DOCUMENTS", [len(documents)], "BYTES")]
-    inputs[0].set_data_from_numpy(np.array([query.encode()], dtype=object))
-    inputs[1].set_data_from_numpy(np.array([d.encode() for d in documents], dtype=object))
-    return client.infer("reranker", inputs, client_timeout=300)
+    from triton_rerank.client.triton_io import make_inputs
+
+    return client.infer("reranker", make_inputs(grpcclient, query, documents), client_timeout=300)
 
 
 def warm_up(address: ServerAddress, requests: list[tuple[str, list[str]]], count: int = 6, parallel: int = 2) -> None:

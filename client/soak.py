@@ -81,6 +81,7 @@ def _one(client, grpcclient, rng: random.Random) -> str:
     from tritonclient.utils import InferenceServerException
 
     query, documents, valid = _request(rng)
+    # Raw inputs rather than triton_io.make_inputs: some documents are invalid UTF-8 on purpose.
     q = grpcclient.InferInput("QUERY", [1], "BYTES")
     q.set_data_from_numpy(np.array([query.encode()], dtype=object))
     d = grpcclient.InferInput("DOCUMENTS", [len(documents)], "BYTES")
