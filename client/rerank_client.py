@@ -21,9 +21,9 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from triton_rerank.client.errors import InvalidRequestError, ServerUnavailableError, translate
-from triton_rerank.client.ranking import RerankResult, ScoredDocuments, chunk_bounds, rank
-from triton_rerank.client.triton_io import (
+from .errors import InvalidRequestError, ServerUnavailableError, translate
+from .ranking import RerankResult, ScoredDocuments, chunk_bounds, rank
+from .triton_io import (
     MODEL_NAME,
     check_request,
     make_inputs,

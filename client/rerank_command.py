@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
 
-from triton_rerank.client.errors import InvalidRequestError, RerankError
-from triton_rerank.client.ranking import RerankResult
-from triton_rerank.client.rerank_client import RerankClient
-from triton_rerank.client.triton_io import DEFAULT_PORTS
+from .errors import InvalidRequestError, RerankError
+from .ranking import RerankResult
+from .rerank_client import RerankClient
+from .triton_io import DEFAULT_PORTS
 
 
 def read_documents_file(path: str) -> list[str]:
@@ -63,3 +64,27 @@ def run(args) -> int:
     else:
         print(format_table(results))
     return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "rerank",
+        help="rank documents against a query on a running server",
+        description="Sends the query and documents to the `reranker` ensemble (gRPC or HTTP) and prints the "
+        "documents by descending score: a table, or JSON with --json. Long lists are split into several "
+        "requests and merged.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("documents", nargs="*", metavar="DOC", help="the documents (or use --documents-file)")
+    p.add_argument("--query", required=True)
+    p.add_argument("--documents-file", default=None,
+                   help="a JSON array of strings, or one document per line; '-' reads stdin")
+    p.add_argument("--url", default=None, help="Triton's address; default 127.0.0.1:8001 (grpc) or :8000 (http)")
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    p.add_argument("--top-n", type=int, default=None, help="print only the best N")
+    p.add_argument("--normalize", action="store_true", help="sigmoid scores (0..1) instead of raw logits")
+    p.add_argument("--no-truncate", action="store_true", help="refuse too-long documents instead of cutting them")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--json", action="store_true", help="print JSON: [{index, score, document, token_count}, ...]")
+
+    p.set_defaults(func=run)

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from triton_rerank.client.errors import InvalidRequestError, RerankServerError
-from triton_rerank.client.ranking import ScoredDocuments
+from .errors import InvalidRequestError, RerankServerError
+from .ranking import ScoredDocuments
 
 MODEL_NAME = "reranker"
 PROTOCOLS = ("grpc", "http")

@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from triton_rerank.client.launcher import LauncherError, RepositorySettings, render_model_repository
+from triton_rerank.launcher.server import LauncherError, RepositorySettings, render_model_repository
 from triton_rerank.serving.model_files import ModelNotFoundError, resolve_model_path
 
 # Where the Dockerfile copies the project's model_repository/.

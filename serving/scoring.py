@@ -6,7 +6,7 @@ together, long ones get forwards of their own, and memory per forward stays boun
 are scattered back to each pair's original position.
 
 Engines:
-- `PackedEngine`: our packed (unpadded) encoder from `triton_rerank.kernels.encoder`,
+- `PackedEngine`: our packed (unpadded) encoder from `triton_rerank.models.cross_encoder`,
   attention in OpenAI-Triton kernels or torch SDPA.
 - `HFEngine`: Hugging Face `AutoModelForSequenceClassification` on padded micro-batches, the
   reference the packed encoder is checked against.
@@ -123,7 +123,7 @@ class PackedEngine:
     """Our packed encoder: no compute spent on padding."""
 
     def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, attention_backend: str | None):
-        from triton_rerank.kernels.encoder import load_cross_encoder
+        from ..models.cross_encoder import load_cross_encoder
 
         self.device = device
         self.model = load_cross_encoder(model_path, dtype=dtype, device=device, attention_backend=attention_backend)
@@ -152,7 +152,7 @@ class EncoderSettings:
 
     @classmethod
     def from_parameters(cls, params: dict, instance_kind: str = "CPU", device_id: int = 0) -> EncoderSettings:
-        from triton_rerank.serving.model_files import resolve_model_path
+        from .model_files import resolve_model_path
 
         device = params.get("device", "auto") or "auto"
         if device == "auto":

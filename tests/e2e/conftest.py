@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from triton_rerank.client.launcher import (
+from triton_rerank.launcher.server import (
     RepositorySettings,
     ServerAddress,
     TritonServer,

@@ -16,7 +16,7 @@ from triton_rerank.client import (
     RerankClient,
     ServerUnavailableError,
 )
-from triton_rerank.client.launcher import free_ports
+from triton_rerank.launcher.server import free_ports
 
 QUERY = "what is panda?"
 DOCUMENTS = [
@@ -139,7 +139,7 @@ def test_is_ready(xlmr):
 
 
 def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "triton_rerank.client.cli", "rerank", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "triton_rerank.cli", "rerank", *args], input=stdin,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -119,7 +119,11 @@ def test_generate_endpoint_maps_json_lists(xlmr_server):
 
 
 def test_perf_analyzer_smoke(xlmr_server, tmp_path):
-    from triton_rerank.client.perf import perf_analyzer_binary, perf_analyzer_environment, write_input_data
+    from triton_rerank.bench.perf_analyzer import (
+        perf_analyzer_binary,
+        perf_analyzer_environment,
+        write_input_data,
+    )
 
     data = write_input_data(tmp_path / "input.json", [(QUERY, DOCUMENTS[:4]), ("bamboo", ["bamboo forest"] * 8)])
     csv = tmp_path / "perf.csv"

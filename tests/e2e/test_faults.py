@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from triton_rerank.client.supervisor import stub_models
+from triton_rerank.launcher.supervisor import stub_models
 
 QUERY = "what do pandas eat"
 DOCUMENTS = ["bamboo", "the giant panda eats bamboo shoots and leaves", "a search engine"]

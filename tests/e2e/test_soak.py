@@ -2,7 +2,7 @@
 
 import json
 
-from triton_rerank.client.soak import run_soak
+from triton_rerank.bench.soak import run_soak
 
 
 def test_soak_has_no_unexpected_outcome_and_bounded_memory(tiny_model_dirs, start_extra_server, tmp_path):

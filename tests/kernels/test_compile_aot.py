@@ -12,6 +12,7 @@ the real JITFunctions. Running this file as a script (``python test_compile_aot.
 is that worker; it prints one JSON object per variant.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -61,7 +62,7 @@ def _build(variant):
     kind, dtype = variant[0], variant[1]
     pointers, floats = {}, set()
     if kind == "attention":
-        from triton_rerank.kernels import varlen_attention as mod
+        mod = importlib.import_module("triton_rerank.kernels.varlen_attention")
 
         head_dim = variant[2]
         cfg = mod._launch_config(head_dim, torch_dtype[dtype], on_gpu=True)
@@ -77,7 +78,7 @@ def _build(variant):
         )
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif kind == "layer_norm":
-        from triton_rerank.kernels import layer_norm as mod
+        mod = importlib.import_module("triton_rerank.kernels.layer_norm")
 
         hidden, residual = variant[2], variant[3]
         cfg = mod._launch_config(hidden)
@@ -87,7 +88,7 @@ def _build(variant):
         constexprs = dict(BLOCK=cfg.block, HAS_RESIDUAL=residual)
         options = dict(num_warps=cfg.num_warps)
     else:
-        from triton_rerank.kernels import bias_gelu as mod
+        mod = importlib.import_module("triton_rerank.kernels.bias_gelu")
 
         cfg = mod._launch_config(on_gpu=True)
         kernel = mod._bias_gelu_fwd_kernel

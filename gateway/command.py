@@ -1,0 +1,69 @@
+"""`triton-rerank api`: the gateway's command line, and the gateway options `serve` shares with it.
+
+Nothing heavy is imported at module level: building the CLI's parser must not load FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+API_KEY_ENV = "TRITON_RERANK_API_KEY"
+
+
+class GatewayStartError(RuntimeError):
+    """The gateway could not start (its port is taken, most often)."""
+
+
+def add_gateway_options(p) -> None:
+    """Options of the gateway, the same for `serve` and `api`."""
+    # Read from the environment at run time, not as the argparse default: --help prints defaults.
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on the rerank routes and /v1/models; "
+                   f"when not given, ${API_KEY_ENV} (safer than the command line, which `ps` shows)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name /v1/models lists and answers carry; default --model-path (serve) or 'reranker'")
+    p.add_argument("--max-documents", type=int, default=1000, help="documents per request; more is refused (413)")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                   help="request body size; more is refused (413)")
+    p.add_argument("--max-concurrency", type=int, default=64, help="requests forwarded to Triton at once")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a slot; beyond that the answer is 429 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds one call to Triton may take (504 after that)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "api",
+        help="serve the HTTP rerank APIs (SGLang, TEI, Cohere) in front of a running Triton",
+        description="An HTTP gateway (FastAPI + uvicorn) that speaks SGLang's POST /v1/rerank, "
+        "text-embeddings-inference's POST /rerank and Cohere's / Jina's POST /v2/rerank, with GET /health, "
+        "/v1/models, /metrics and the OpenAPI schema at /openapi.json (/docs). It forwards to the "
+        "`reranker` ensemble over gRPC. `serve` starts one by default.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton's gRPC address")
+    p.add_argument("--host", default="127.0.0.1", help="address the gateway binds (0.0.0.0 to expose)")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_gateway_options(p)
+
+    def run(args) -> int:
+        from .server import run_gateway
+
+        return run_gateway(gateway_settings(args, args.triton_url, args.host, args.port, args.log_level,
+                                            default_model_name="reranker"))
+
+    p.set_defaults(func=run)
+
+
+def gateway_settings(args, triton_url: str, host: str, port: int, log_level: str, default_model_name: str):
+    from .app import GatewaySettings
+
+    return GatewaySettings(
+        triton_url=triton_url, host=host, port=port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        served_model_name=args.served_model_name or default_model_name, max_documents=args.max_documents,
+        max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+        request_timeout=args.request_timeout, log_level=log_level,
+    )

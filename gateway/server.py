@@ -1,0 +1,64 @@
+"""Running the gateway under uvicorn: in the foreground (`triton-rerank api`) or beside Triton (`serve`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+from .app import GatewaySettings, create_app
+from .command import GatewayStartError
+
+
+def uvicorn_server(settings: GatewaySettings) -> uvicorn.Server:
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        # Idle keep-alive connections must not hold a shutdown for long.
+        timeout_graceful_shutdown=10,
+    )
+    return uvicorn.Server(config)
+
+
+def run_gateway(settings: GatewaySettings) -> int:
+    """Serves until Ctrl-C / SIGTERM (uvicorn handles both in the main thread)."""
+    server = uvicorn_server(settings)
+    try:
+        server.run()
+    except SystemExit as exit_:  # uvicorn exits when it cannot bind the port; it has logged why
+        return int(exit_.code or 1)
+    return 0 if server.started else 1
+
+
+class GatewayThread:
+    """The gateway in a thread of the calling process, so that stopping that process stops it too.
+
+    uvicorn installs no signal handlers outside the main thread; the owner stops it with stop().
+    """
+
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.server = uvicorn_server(settings)
+        self._thread = threading.Thread(target=self._run, name="triton-rerank-gateway", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except SystemExit:
+            pass  # bind failure: start() notices the thread ended without starting
+
+    def start(self, timeout: float = 30.0) -> GatewayThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise GatewayStartError(f"the gateway did not start on {self.settings.host}:{self.settings.port} "
+                                    "(is the port in use? pick another with --api-port, or --no-api)")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)

@@ -1,0 +1,163 @@
+"""`triton-rerank serve`: the model repository, rendered for one model, on the bundled tritonserver,
+with the HTTP rerank gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank) in front of it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from ..gateway.command import GatewayStartError, add_gateway_options
+from ..serving.model_files import ModelNotFoundError, resolve_model_path
+from .server import (
+    LauncherError,
+    RepositorySettings,
+    ServerAddress,
+    TritonServer,
+    render_model_repository,
+)
+
+DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="start tritonserver with the reranker ensemble, and the HTTP rerank gateway",
+        description="Resolve the model (local directory or Hugging Face id), render a run copy of the model "
+        "repository with its parameters, start the bundled tritonserver and wait until it is ready, then start "
+        "the HTTP gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank) on --api-port unless --no-api. "
+        "Ctrl-C or SIGTERM stops the gateway, the server and every backend process.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model-path", default=DEFAULT_MODEL, help="model directory or Hugging Face repo id")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the cross-encoder runs; auto = GPU when Triton sees one")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="cross-encoder precision; auto = float16 on GPU, float32 on CPU")
+    p.add_argument("--attention-backend", choices=["triton", "sdpa"], default=None,
+                   help="attention of the packed encoder; default triton on GPU, sdpa on CPU")
+    p.add_argument("--engine", choices=["packed", "hf"], default="packed",
+                   help="packed = our unpadded encoder; hf = transformers reference (padded)")
+    p.add_argument("--max-length", type=int, default=0,
+                   help="max tokens of a (query, document) pair; 0 = the model's limit")
+    p.add_argument("--max-batch-tokens", type=int, default=0,
+                   help="token budget of one encoder forward; 0 = 4096 on CPU, 16384 on GPU")
+    p.add_argument("--instances", type=int, default=1, help="cross_encoder model instances")
+    p.add_argument("--num-threads", type=int, default=0, help="torch threads per CPU instance; 0 = torch default")
+    p.add_argument("--host", default="127.0.0.1", help="address every listener binds (0.0.0.0 to expose)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--run-dir", default=None, help="where the rendered model repository and logs go; "
+                   "default a temporary directory removed at exit")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the server")
+    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    g = p.add_argument_group("HTTP gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank)")
+    g.add_argument("--api-port", type=int, default=30000, help="port of the gateway")
+    g.add_argument("--api-host", default=None, help="address the gateway binds; default --host")
+    g.add_argument("--no-api", action="store_true", help="start tritonserver only, no gateway")
+    add_gateway_options(g)
+    p.set_defaults(func=run)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop
+
+
+def run(args) -> int:
+    try:
+        model_dir = resolve_model_path(args.model_path, progress=True)
+    except ModelNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    temporary = args.run_dir is None
+    run_dir = Path(tempfile.mkdtemp(prefix="triton-rerank-") if temporary else args.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = RepositorySettings(
+        model_path=str(model_dir), device=args.device, dtype=args.dtype, engine=args.engine,
+        attention_backend=args.attention_backend or "", max_length=args.max_length,
+        max_batch_tokens=args.max_batch_tokens, instances=args.instances, num_threads=args.num_threads,
+    )
+    repository = render_model_repository(settings, run_dir / "model_repository")
+    address = ServerAddress(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    server = TritonServer(repository, run_dir, address, extra_args=[f"--log-verbose={args.log_verbose}"])
+    # SIGTERM (docker stop, systemd) takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_stop)
+    print(f"starting tritonserver for {model_dir} (log: {server.log_file})", flush=True)
+    gateway = None
+    try:
+        server.start()
+        server.wait_ready(args.ready_timeout)
+        if not args.no_api:
+            gateway = _gateway(args, address)
+            gateway.start()
+        print(ready_banner(address, gateway.settings if gateway else None), flush=True)
+        return_code = server.process.wait()
+        print(f"tritonserver exited with code {return_code}; last lines of its log:\n{server.log_tail()}",
+              file=sys.stderr)
+        return return_code or 1
+    except (LauncherError, GatewayStartError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        print("stopping the gateway and tritonserver ..." if gateway else "stopping tritonserver ...", flush=True)
+        return 0
+    finally:
+        # The gateway first, so that requests it is still answering reach a live Triton.
+        if gateway is not None:
+            gateway.stop()
+        server.stop()
+        if temporary:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _gateway(args, address: ServerAddress):
+    """The HTTP gateway, in a thread of this process: stopping `serve` cannot leave it running."""
+    from ..gateway.command import gateway_settings
+    from ..gateway.server import GatewayThread
+
+    # Access logs would flood the console of an interactive `serve`; warnings and errors still show.
+    settings = gateway_settings(args, address.grpc_url, args.api_host or args.host, args.api_port, "warning",
+                                default_model_name=args.model_path)
+    return GatewayThread(settings)
+
+
+def ready_banner(address: ServerAddress, gateway=None) -> str:
+    """Where everything listens, and a command to try (SGLang's example when the gateway runs)."""
+    http = f"http://{_reachable(address.host)}:{address.http_port}"
+    lines = ["triton-rerank is ready:"]
+    if gateway is not None:
+        api = f"http://{_reachable(gateway.host)}:{gateway.port}"
+        lines.append(f"  rerank API  {api}  (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank; docs {api}/docs)")
+    lines += [
+        f"  HTTP        {http}  (KServe v2; model 'reranker')",
+        f"  gRPC        {_reachable(address.host)}:{address.grpc_port}",
+        f"  metrics     http://{_reachable(address.host)}:{address.metrics_port}/metrics",
+        "try:",
+    ]
+    if gateway is not None:
+        body = json.dumps({"model": gateway.served_model_name, "query": "what is panda?",
+                           "documents": ["hi", "The giant panda is a bear native to China."]})
+        auth = " -H 'Authorization: Bearer <your api key>'" if gateway.api_key else ""
+        lines.append(f"  curl -s {api}/v1/rerank -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}")
+    else:
+        lines.append(
+            f"  curl -s {http}/v2/models/reranker/generate -d "
+            "'{\"QUERY\": \"what is panda?\", \"DOCUMENTS\": [\"hi\", \"The giant panda is a bear native to China.\"]}'")
+    lines.append("Ctrl-C stops the server.")
+    return "\n".join(lines)
+
+
+def _reachable(host: str) -> str:
+    # A wildcard bind is reached through loopback from this machine.
+    return host if host not in ("0.0.0.0", "::") else "127.0.0.1"

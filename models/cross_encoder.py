@@ -1,0 +1,487 @@
+"""A packed (padding-free) cross-encoder: XLM-RoBERTa / RoBERTa / BERT with a one-logit head.
+
+The whole model is in this file, in the manner of gpt-fast's ``model.py``: a config dataclass, a
+few small modules with shape comments, a short table from Hugging Face weight names to ours, and
+a strict loader. It covers ``XLMRobertaForSequenceClassification`` (BAAI/bge-reranker-v2-m3),
+``RobertaForSequenceClassification`` and ``BertForSequenceClassification``
+(cross-encoder/ms-marco-MiniLM-L-6-v2) with ``num_labels == 1``.
+
+Inputs are packed: the tokens of all B sequences are concatenated into ``input_ids [T]`` and
+``cu_seqlens int32 [B + 1]`` holds the offsets (sequence i is ``cu_seqlens[i]:cu_seqlens[i+1]``),
+so every matmul and norm runs on the ``T`` real tokens only, never on padding. Only attention
+needs to know where sequences start and end; two backends provide it:
+
+* ``"triton"``: ``varlen_attention`` on the packed tokens, plus the fused ``add_layer_norm`` and
+  ``bias_gelu`` kernels of this package (the default on CUDA).
+* ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` on length buckets (the
+  default elsewhere; see ``_plan_buckets`` for the design), with plain torch norms and GELU.
+
+Inference only: ``load_cross_encoder`` returns the model in eval mode with ``requires_grad``
+off; call it under ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTENTION_BACKENDS = ("triton", "sdpa")
+_ROBERTA_TYPES = ("xlm-roberta", "roberta")
+_BERT_TYPES = ("bert",)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderConfig:
+    model_type: str  # "xlm-roberta", "roberta" or "bert"
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    pad_token_id: int
+    layer_norm_eps: float = 1e-12
+    num_labels: int = 1
+    hidden_act: str = "gelu"
+
+    def __post_init__(self) -> None:
+        if self.model_type not in _ROBERTA_TYPES + _BERT_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}: expected one of "
+                f"{', '.join(_ROBERTA_TYPES + _BERT_TYPES)}"
+            )
+        if self.num_labels != 1:
+            raise ValueError(
+                f"a cross-encoder reranker has one output logit, but this config has num_labels="
+                f"{self.num_labels}; multi-label classification heads are not supported"
+            )
+        if self.hidden_act != "gelu":
+            raise ValueError(
+                f"unsupported hidden_act {self.hidden_act!r}: only 'gelu' (exact erf GELU) is implemented"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+
+    @property
+    def is_roberta(self) -> bool:
+        return self.model_type in _ROBERTA_TYPES
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def position_offset(self) -> int:
+        # RoBERTa numbers positions from padding_idx + 1 (HF create_position_ids_from_input_ids on
+        # unpadded input); BERT from 0.
+        return self.pad_token_id + 1 if self.is_roberta else 0
+
+    @property
+    def max_seqlen(self) -> int:
+        """Longest sequence the position table covers (512 for bge-reranker-v2-m3 and MiniLM)."""
+        return self.max_position_embeddings - self.position_offset
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> EncoderConfig:
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"unsupported position_embedding_type {d['position_embedding_type']!r}: only 'absolute'"
+            )
+        if "num_labels" in d:
+            num_labels = int(d["num_labels"])
+        elif "id2label" in d:
+            num_labels = len(d["id2label"])
+        else:
+            num_labels = 2  # what transformers assumes when config.json names no labels
+        return cls(
+            model_type=d.get("model_type", ""),
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            intermediate_size=d["intermediate_size"],
+            max_position_embeddings=d["max_position_embeddings"],
+            type_vocab_size=d.get("type_vocab_size", 2),
+            pad_token_id=d.get("pad_token_id", 1 if d.get("model_type") in _ROBERTA_TYPES else 0),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+            num_labels=num_labels,
+            hidden_act=d.get("hidden_act", "gelu"),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> EncoderConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_hf_dict(json.load(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise / norm ops: plain torch, or the fused Triton kernels of this package
+# ----------------------------------------------------------------------------------------------
+
+
+class _TorchOps:
+    @staticmethod
+    def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        # LayerNorm(x + residual) with the sum and statistics in fp32, result in x's dtype.
+        h = x.float() if residual is None else x.float() + residual.float()
+        return F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+    @staticmethod
+    def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
+        return F.gelu(x + bias)  # exact (erf) GELU, as HF's "gelu"
+
+
+class _TritonOps:
+    def __init__(self) -> None:
+        # Imported here, not at module level: the sdpa backend must work without them, and the
+        # kernels decide at import time whether they run compiled or under TRITON_INTERPRET.
+        from ..kernels import add_layer_norm, bias_gelu, varlen_attention
+
+        self.add_layer_norm = add_layer_norm
+        self.bias_gelu = bias_gelu
+        self.varlen_attention = varlen_attention
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention over packed sequences
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Buckets:
+    # One entry per bucket of nb sequences padded to L tokens:
+    #   gather [nb, L] long: packed token index of each slot (padding slots repeat a real token)
+    #   mask   [nb, 1, 1, L] bool: key padding mask, True = real token
+    #   keep   [n] long: flat indices (into nb * L) of the real slots, in packed order per sequence
+    buckets: list[tuple[Tensor, Tensor, Tensor]]
+    inverse: Tensor  # [T] long: row of the concatenated bucket outputs holding packed token t
+
+
+def _plan_buckets(cu_seqlens: Tensor, device: torch.device, min_bucket: int = 16) -> _Buckets:
+    """Group sequences into power-of-two length buckets for SDPA.
+
+    Why power-of-two buckets, padded within a bucket to the longest member and masked:
+    * Padding everything to the global max costs up to (max/mean)x attention work and memory;
+      a bucket spans lengths (2^(k-1), 2^k], so its padding is below 2x of its real tokens (in
+      practice far less, since it pads to the bucket's longest member, not to 2^k).
+    * The number of SDPA calls is bounded by log2(max_len) (about 6 for 512 tokens with
+      min_bucket 16), whereas one call per distinct length (the exact, padding-free alternative)
+      can mean hundreds of tiny launches per layer for a batch of mixed lengths.
+    * Batch invariance: padding keys are masked out (weight exactly 0 after softmax) and padding
+      query rows are dropped, so a sequence's output does not depend on its bucket mates beyond
+      float summation order. A mask is passed even to buckets without padding so that SDPA picks
+      the same kernel family whatever the bucket's composition.
+    The plan is built once per forward (one host sync to read the lengths) and reused by every
+    layer.
+    """
+    cu = cu_seqlens.to("cpu", torch.int64)
+    lens = cu[1:] - cu[:-1]  # [B]
+    if bool((lens <= 0).any()):
+        raise ValueError("every sequence must have at least one token (cu_seqlens must be increasing)")
+    # Bucket k holds lengths in (2^(k-1), 2^k]; float log2 of an integer is exact at powers of two.
+    bucket = torch.log2(lens.clamp(min=min_bucket).double()).ceil().long()  # [B]
+    buckets, dst = [], []
+    for k in torch.unique(bucket).tolist():
+        seqs = (bucket == k).nonzero().squeeze(1)  # [nb]
+        starts, n = cu[seqs], lens[seqs]  # [nb], [nb]
+        slot = torch.arange(int(n.max()))  # [L]
+        valid = slot[None, :] < n[:, None]  # [nb, L]
+        gather = torch.where(valid, starts[:, None] + slot[None, :], starts[:, None])  # [nb, L]
+        keep = valid.flatten().nonzero().squeeze(1)  # [n_tokens]
+        dst.append(gather.flatten()[keep])
+        buckets.append((gather.to(device), valid[:, None, None, :].to(device), keep.to(device)))
+    order = torch.cat(dst)  # packed token index of each row of the concatenated outputs
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return _Buckets(buckets, inverse.to(device))
+
+
+def _sdpa_attention(qkv: Tensor, plan: _Buckets, scale: float) -> Tensor:
+    # qkv [T, 3, heads, head_dim] -> [T, heads, head_dim]
+    heads, head_dim = qkv.shape[2:]
+    outs = []
+    for gather, mask, keep in plan.buckets:
+        nb, L = gather.shape
+        q, k, v = qkv[gather].permute(2, 0, 3, 1, 4).unbind(0)  # each [nb, heads, L, head_dim]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [nb, heads, L, hd]
+        outs.append(o.transpose(1, 2).reshape(nb * L, heads, head_dim)[keep])  # [n_real, heads, hd]
+    return torch.cat(outs)[plan.inverse]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Tensor | None, ops) -> Tensor:
+        # input_ids, position_ids, token_type_ids [T] -> [T, hidden]
+        x = self.word_embeddings(input_ids)
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        # HF order: (word + token_type) + position, then LayerNorm.
+        return ops.add_layer_norm(x, self.position_embeddings(position_ids), self.norm.weight,
+                                  self.norm.bias, self.norm.eps)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # rows: query, key, value
+        self.attn_out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: Tensor, attention, ops, keep: Tensor | None = None) -> Tensor:
+        # x [T, hidden] -> [T, hidden], or [len(keep), hidden] when keep (row indices) is given
+        T, hidden = x.shape
+        qkv = self.qkv(x).view(T, 3, self.num_heads, self.head_dim)  # [T, 3, heads, head_dim]
+        a = attention(qkv).reshape(T, hidden)  # [T, hidden]
+        if keep is not None:  # last layer: only the first tokens feed the head
+            a, x = a[keep], x[keep]
+        x = ops.add_layer_norm(self.attn_out(a), x, self.attn_norm.weight, self.attn_norm.bias,
+                               self.attn_norm.eps)
+        h = ops.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias)  # [rows, intermediate]
+        return ops.add_layer_norm(self.ffn_out(h), x, self.ffn_norm.weight, self.ffn_norm.bias,
+                                  self.ffn_norm.eps)
+
+
+class ClassificationHead(nn.Module):
+    """RoBERTa's classifier (dense, tanh, out_proj) and BERT's pooler + classifier compute the same."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x [B, hidden] (first token of each sequence) -> [B]
+        return self.out_proj(torch.tanh(self.dense(x))).squeeze(-1)
+
+
+class PackedCrossEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig, attention_backend: str = "sdpa") -> None:
+        super().__init__()
+        self.config = cfg
+        self.attention_backend = attention_backend
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.head = ClassificationHead(cfg)
+
+    @property
+    def attention_backend(self) -> str:
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention_backend {name!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+        self._attention_backend = name
+
+    def position_ids(self, cu_seqlens: Tensor, total_tokens: int) -> Tensor:
+        # cu_seqlens [B+1] -> [T]: offset + index of each token within its sequence
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [B]
+        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens,
+                                      output_size=total_tokens)  # [T] sequence of each token
+        tok = torch.arange(total_tokens, device=cu_seqlens.device)  # [T]
+        return tok - cu_seqlens[:-1].long()[seq] + self.config.position_offset
+
+    def forward(self, input_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                token_type_ids: Tensor | None = None) -> Tensor:
+        """input_ids [T] long, cu_seqlens [B+1] int32, token_type_ids [T] long or None -> logits [B] fp32.
+
+        Every sequence must be non-empty (its first token feeds the head); the sdpa backend checks
+        this, the triton backend does not (that would cost a device sync). max_seqlen must be at
+        least the longest sequence and at most ``config.max_seqlen``.
+        """
+        cfg = self.config
+        if input_ids.dim() != 1 or cu_seqlens.dim() != 1:
+            raise ValueError("input_ids must be [total_tokens] and cu_seqlens [batch + 1] (packed, 1-D)")
+        if max_seqlen > cfg.max_seqlen:
+            raise ValueError(f"max_seqlen {max_seqlen} exceeds the model's limit of {cfg.max_seqlen} tokens")
+        T, B = input_ids.shape[0], cu_seqlens.shape[0] - 1
+        if B <= 0:
+            return torch.empty(0, dtype=torch.float32, device=input_ids.device)
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        if self.attention_backend == "triton":
+            ops = _TritonOps()
+            cu32 = cu_seqlens.to(torch.int32).contiguous()
+
+            def attention(qkv: Tensor) -> Tensor:
+                q, k, v = qkv.unbind(1)  # views [T, heads, head_dim] of the fused projection
+                return ops.varlen_attention(q, k, v, cu32, max_seqlen, softmax_scale=scale)
+        else:
+            ops = _TorchOps()
+            plan = _plan_buckets(cu_seqlens, input_ids.device)
+
+            def attention(qkv: Tensor) -> Tensor:
+                return _sdpa_attention(qkv, plan, scale)
+
+        first = cu_seqlens[:-1].long()  # [B] index of each sequence's first token (<s> / [CLS])
+        x = self.embeddings(input_ids, self.position_ids(cu_seqlens, T), token_type_ids, ops)  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attention, ops, keep=first if i == len(self.layers) - 1 else None)
+        if not self.layers:
+            x = x[first]
+        return self.head(x).float()  # [B]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints
+# ----------------------------------------------------------------------------------------------
+
+# Our module name -> HF name(s) (several: concatenated along dim 0). "{p}" is "roberta." or "bert.".
+_EMBEDDING_NAMES = {
+    "embeddings.word_embeddings.weight": "{p}embeddings.word_embeddings.weight",
+    "embeddings.position_embeddings.weight": "{p}embeddings.position_embeddings.weight",
+    "embeddings.token_type_embeddings.weight": "{p}embeddings.token_type_embeddings.weight",
+    "embeddings.norm.{wb}": "{p}embeddings.LayerNorm.{wb}",
+}
+_LAYER_NAMES = {  # layers.{i}.<ours>.{wb} <- {p}encoder.layer.{i}.<theirs>.{wb}
+    "qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+    "attn_out": ("attention.output.dense",),
+    "attn_norm": ("attention.output.LayerNorm",),
+    "ffn_in": ("intermediate.dense",),
+    "ffn_out": ("output.dense",),
+    "ffn_norm": ("output.LayerNorm",),
+}
+_HEAD_NAMES = {
+    "roberta": {"head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"},
+    "bert": {"head.dense": "bert.pooler.dense", "head.out_proj": "classifier"},
+}
+
+
+def _is_ignored(name: str, cfg: EncoderConfig) -> bool:
+    """Tensors a checkpoint may carry that the model does not use, and that are safe to drop.
+
+    * ``*.embeddings.position_ids`` / ``*.embeddings.token_type_ids``: buffers (an arange and
+      zeros) that older transformers versions saved with the weights.
+    * ``roberta.pooler.*`` in a RoBERTa/XLM-R checkpoint: the base model's pooler, which the
+      sequence-classification model does not have (HF drops it too).
+    """
+    if name.endswith(("embeddings.position_ids", "embeddings.token_type_ids")):
+        return True
+    return cfg.is_roberta and name.startswith("roberta.pooler.")
+
+
+def hf_name_map(cfg: EncoderConfig) -> dict[str, tuple[str, ...]]:
+    """Module parameter name -> the HF checkpoint name(s) it is built from."""
+    p = "roberta." if cfg.is_roberta else "bert."
+    table: dict[str, tuple[str, ...]] = {}
+    for ours, theirs in _EMBEDDING_NAMES.items():
+        for wb in ("weight", "bias") if "{wb}" in ours else ("",):
+            table[ours.format(wb=wb)] = (theirs.format(p=p, wb=wb),)
+    for i in range(cfg.num_hidden_layers):
+        for ours, theirs in _LAYER_NAMES.items():
+            for wb in ("weight", "bias"):
+                table[f"layers.{i}.{ours}.{wb}"] = tuple(f"{p}encoder.layer.{i}.{t}.{wb}" for t in theirs)
+    for ours, theirs in _HEAD_NAMES["roberta" if cfg.is_roberta else "bert"].items():
+        for wb in ("weight", "bias"):
+            table[f"{ours}.{wb}"] = (f"{theirs}.{wb}",)
+    return table
+
+
+def _read_hf_state_dict(path: Path) -> dict[str, Tensor]:
+    """All tensors of a checkpoint directory: (sharded) safetensors, else (sharded) pytorch_model.bin."""
+
+    def load_bin(f: Path) -> dict[str, Tensor]:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+    def load_safetensors(f: Path) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(f, device="cpu")
+
+    for single, index, load in (("model.safetensors", "model.safetensors.index.json", load_safetensors),
+                                ("pytorch_model.bin", "pytorch_model.bin.index.json", load_bin)):
+        if (path / single).is_file():
+            return load(path / single)
+        if (path / index).is_file():
+            with open(path / index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state: dict[str, Tensor] = {}
+            for shard in shards:
+                part = load(path / shard)
+                if dup := state.keys() & part.keys():
+                    raise ValueError(f"tensor {sorted(dup)[0]!r} appears in more than one shard of {path}")
+                state.update(part)
+            return state
+    raise FileNotFoundError(
+        f"no weights in {path}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
+
+
+def convert_hf_state_dict(cfg: EncoderConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map an HF state dict to this module's names (fusing QKV); strict about missing/unexpected names."""
+    # Checkpoints converted from TF name LayerNorm parameters gamma/beta (HF renames them on load).
+    hf = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+          for k, v in hf.items()}
+    table = hf_name_map(cfg)
+    wanted = {name for names in table.values() for name in names}
+    missing = sorted(wanted - hf.keys())
+    unexpected = sorted(k for k in hf.keys() - wanted if not _is_ignored(k, cfg))
+
+    def listing(names: list[str]) -> str:
+        return ", ".join(names[:8]) + (f" (and {len(names) - 8} more)" if len(names) > 8 else "")
+
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) the {cfg.model_type} "
+                         f"cross-encoder needs: {listing(missing)}")
+    if unexpected:
+        raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {listing(unexpected)}")
+    return {ours: hf[theirs[0]] if len(theirs) == 1 else torch.cat([hf[t] for t in theirs])
+            for ours, theirs in table.items()}
+
+
+def load_cross_encoder(model_path: str | Path, *, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu",
+                       attention_backend: str | None = None) -> PackedCrossEncoder:
+    """Load an HF cross-encoder directory (config.json + weights) as a PackedCrossEncoder in eval mode.
+
+    attention_backend None picks "triton" on CUDA and "sdpa" elsewhere.
+    """
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    path = Path(model_path)
+    device = torch.device(device)
+    if attention_backend is None:
+        attention_backend = "triton" if device.type == "cuda" else "sdpa"
+    cfg = EncoderConfig.from_json(path / "config.json")
+    with torch.device("meta"):
+        model = PackedCrossEncoder(cfg, attention_backend=attention_backend)
+    state = convert_hf_state_dict(cfg, _read_hf_state_dict(path))
+    expected = model.state_dict()
+    for name, t in state.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(f"tensor for {name} ({', '.join(hf_name_map(cfg)[name])}) has shape "
+                             f"{tuple(t.shape)}, config implies {tuple(expected[name].shape)}")
+        state[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
