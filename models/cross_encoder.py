@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import families
+from .checkpoint import assign_weights, read_state_dict, select_tensors
+from .dtypes import check_torch_dtype
+
 ATTENTION_BACKENDS = ("triton", "sdpa")
-_ROBERTA_TYPES = ("xlm-roberta", "roberta")
-_BERT_TYPES = ("bert",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,7 +45,7 @@ _BERT_TYPES = ("bert",)
 
 @dataclass
 class EncoderConfig:
-    model_type: str  # "xlm-roberta", "roberta" or "bert"
+    model_type: str  # one of families.CROSS_ENCODER_TYPES
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -57,10 +59,10 @@ class EncoderConfig:
     hidden_act: str = "gelu"
 
     def __post_init__(self) -> None:
-        if self.model_type not in _ROBERTA_TYPES + _BERT_TYPES:
+        if self.model_type not in families.CROSS_ENCODER_TYPES:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}: expected one of "
-                f"{', '.join(_ROBERTA_TYPES + _BERT_TYPES)}"
+                f"{', '.join(families.CROSS_ENCODER_TYPES)}"
             )
         if self.num_labels != 1:
             raise ValueError(
@@ -79,7 +81,7 @@ class EncoderConfig:
 
     @property
     def is_roberta(self) -> bool:
-        return self.model_type in _ROBERTA_TYPES
+        return self.model_type in families.ROBERTA_TYPES
 
     @property
     def head_dim(self) -> int:
@@ -89,11 +91,14 @@ class EncoderConfig:
     def position_offset(self) -> int:
         # RoBERTa numbers positions from padding_idx + 1 (HF create_position_ids_from_input_ids on
         # unpadded input); BERT from 0.
-        return self.pad_token_id + 1 if self.is_roberta else 0
+        return families.position_offset(self.model_type, self.pad_token_id)
 
     @property
     def max_seqlen(self) -> int:
-        """Longest sequence the position table covers (512 for bge-reranker-v2-m3 and MiniLM)."""
+        """Longest sequence the position table covers: 8192 for bge-reranker-v2-m3, 512 for MiniLM.
+
+        The same rule as the tokenizer step's (families.max_input_length).
+        """
         return self.max_position_embeddings - self.position_offset
 
     @classmethod
@@ -117,7 +122,7 @@ class EncoderConfig:
             intermediate_size=d["intermediate_size"],
             max_position_embeddings=d["max_position_embeddings"],
             type_vocab_size=d.get("type_vocab_size", 2),
-            pad_token_id=d.get("pad_token_id", 1 if d.get("model_type") in _ROBERTA_TYPES else 0),
+            pad_token_id=d.get("pad_token_id", families.default_pad_token_id(d.get("model_type", ""))),
             layer_norm_eps=d.get("layer_norm_eps", 1e-12),
             num_labels=num_labels,
             hidden_act=d.get("hidden_act", "gelu"),
@@ -191,8 +196,6 @@ def _plan_buckets(cu_seqlens: Tensor, device: torch.device, min_bucket: int = 16
     """
     cu = cu_seqlens.to("cpu", torch.int64)
     lens = cu[1:] - cu[:-1]  # [B]
-    if bool((lens <= 0).any()):
-        raise ValueError("every sequence must have at least one token (cu_seqlens must be increasing)")
     # Bucket k holds lengths in (2^(k-1), 2^k]; float log2 of an integer is exact at powers of two.
     bucket = torch.log2(lens.clamp(min=min_bucket).double()).ceil().long()  # [B]
     buckets, dst = [], []
@@ -221,6 +224,19 @@ def _sdpa_attention(qkv: Tensor, plan: _Buckets, scale: float) -> Tensor:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [nb, heads, L, hd]
         outs.append(o.transpose(1, 2).reshape(nb * L, heads, head_dim)[keep])  # [n_real, heads, hd]
     return torch.cat(outs)[plan.inverse]
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, total_tokens: int, max_seqlen: int) -> None:
+    """ValueError unless the host cu_seqlens [B+1] packs B non-empty sequences of T tokens, none > max_seqlen."""
+    cu = cu_seqlens.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != total_tokens:
+        raise ValueError(f"cu_seqlens must run from 0 to total_tokens = {total_tokens}, "
+                         f"got {int(cu[0])} .. {int(cu[-1])}")
+    if bool((lens <= 0).any()):
+        raise ValueError("every sequence must have at least one token (cu_seqlens must be increasing)")
+    if int(lens.max()) > max_seqlen:
+        raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({int(lens.max())})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,9 +333,10 @@ class PackedCrossEncoder(nn.Module):
                 token_type_ids: Tensor | None = None) -> Tensor:
         """input_ids [T] long, cu_seqlens [B+1] int32, token_type_ids [T] long or None -> logits [B] fp32.
 
-        Every sequence must be non-empty (its first token feeds the head); the sdpa backend checks
-        this, the triton backend does not (that would cost a device sync). max_seqlen must be at
-        least the longest sequence and at most ``config.max_seqlen``.
+        Pass cu_seqlens on the CPU (the server does): it is checked there once per forward, with no
+        device sync (starts at 0, every sequence non-empty since its first token feeds the head,
+        ends at T, longest <= max_seqlen <= ``config.max_seqlen``), then copied to the model's
+        device once. A cu_seqlens already on a GPU is trusted unchecked, as a host read would sync.
         """
         cfg = self.config
         if input_ids.dim() != 1 or cu_seqlens.dim() != 1:
@@ -329,17 +346,20 @@ class PackedCrossEncoder(nn.Module):
         T, B = input_ids.shape[0], cu_seqlens.shape[0] - 1
         if B <= 0:
             return torch.empty(0, dtype=torch.float32, device=input_ids.device)
+        host_cu = cu_seqlens if cu_seqlens.device.type == "cpu" else None
+        if host_cu is not None:
+            _check_cu_seqlens(host_cu, T, max_seqlen)
+        cu_seqlens = cu_seqlens.to(input_ids.device, torch.int32, non_blocking=True).contiguous()
         scale = 1.0 / math.sqrt(cfg.head_dim)
         if self.attention_backend == "triton":
             ops = _TritonOps()
-            cu32 = cu_seqlens.to(torch.int32).contiguous()
 
             def attention(qkv: Tensor) -> Tensor:
                 q, k, v = qkv.unbind(1)  # views [T, heads, head_dim] of the fused projection
-                return ops.varlen_attention(q, k, v, cu32, max_seqlen, softmax_scale=scale)
+                return ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale)
         else:
             ops = _TorchOps()
-            plan = _plan_buckets(cu_seqlens, input_ids.device)
+            plan = _plan_buckets(cu_seqlens if host_cu is None else host_cu, input_ids.device)
 
             def attention(qkv: Tensor) -> Tensor:
                 return _sdpa_attention(qkv, plan, scale)
@@ -408,56 +428,13 @@ def hf_name_map(cfg: EncoderConfig) -> dict[str, tuple[str, ...]]:
     return table
 
 
-def _read_hf_state_dict(path: Path) -> dict[str, Tensor]:
-    """All tensors of a checkpoint directory: (sharded) safetensors, else (sharded) pytorch_model.bin."""
-
-    def load_bin(f: Path) -> dict[str, Tensor]:
-        return torch.load(f, map_location="cpu", weights_only=True)
-
-    def load_safetensors(f: Path) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
-
-        return load_file(f, device="cpu")
-
-    for single, index, load in (("model.safetensors", "model.safetensors.index.json", load_safetensors),
-                                ("pytorch_model.bin", "pytorch_model.bin.index.json", load_bin)):
-        if (path / single).is_file():
-            return load(path / single)
-        if (path / index).is_file():
-            with open(path / index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state: dict[str, Tensor] = {}
-            for shard in shards:
-                part = load(path / shard)
-                if dup := state.keys() & part.keys():
-                    raise ValueError(f"tensor {sorted(dup)[0]!r} appears in more than one shard of {path}")
-                state.update(part)
-            return state
-    raise FileNotFoundError(
-        f"no weights in {path}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-    )
-
-
 def convert_hf_state_dict(cfg: EncoderConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
     """Map an HF state dict to this module's names (fusing QKV); strict about missing/unexpected names."""
     # Checkpoints converted from TF name LayerNorm parameters gamma/beta (HF renames them on load).
     hf = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
           for k, v in hf.items()}
-    table = hf_name_map(cfg)
-    wanted = {name for names in table.values() for name in names}
-    missing = sorted(wanted - hf.keys())
-    unexpected = sorted(k for k in hf.keys() - wanted if not _is_ignored(k, cfg))
-
-    def listing(names: list[str]) -> str:
-        return ", ".join(names[:8]) + (f" (and {len(names) - 8} more)" if len(names) > 8 else "")
-
-    if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) the {cfg.model_type} "
-                         f"cross-encoder needs: {listing(missing)}")
-    if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {listing(unexpected)}")
-    return {ours: hf[theirs[0]] if len(theirs) == 1 else torch.cat([hf[t] for t in theirs])
-            for ours, theirs in table.items()}
+    return select_tensors(hf, hf_name_map(cfg), model_name=f"{cfg.model_type} cross-encoder",
+                          ignored=lambda name: _is_ignored(name, cfg))
 
 
 def load_cross_encoder(model_path: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -465,10 +442,10 @@ def load_cross_encoder(model_path: str | Path, *, dtype: torch.dtype = torch.flo
                        attention_backend: str | None = None) -> PackedCrossEncoder:
     """Load an HF cross-encoder directory (config.json + weights) as a PackedCrossEncoder in eval mode.
 
-    attention_backend None picks "triton" on CUDA and "sdpa" elsewhere.
+    attention_backend None picks "triton" on CUDA and "sdpa" elsewhere. The weights are copies
+    the model owns (see models/checkpoint.py for why that matters to reproducibility).
     """
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    check_torch_dtype(dtype)
     path = Path(model_path)
     device = torch.device(device)
     if attention_backend is None:
@@ -476,12 +453,6 @@ def load_cross_encoder(model_path: str | Path, *, dtype: torch.dtype = torch.flo
     cfg = EncoderConfig.from_json(path / "config.json")
     with torch.device("meta"):
         model = PackedCrossEncoder(cfg, attention_backend=attention_backend)
-    state = convert_hf_state_dict(cfg, _read_hf_state_dict(path))
-    expected = model.state_dict()
-    for name, t in state.items():
-        if t.shape != expected[name].shape:
-            raise ValueError(f"tensor for {name} ({', '.join(hf_name_map(cfg)[name])}) has shape "
-                             f"{tuple(t.shape)}, config implies {tuple(expected[name].shape)}")
-        state[name] = t.to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    state = convert_hf_state_dict(cfg, read_state_dict(path))
+    assign_weights(model, state, dtype=dtype, device=device, source_names=hf_name_map(cfg))
     return model.eval().requires_grad_(False)

@@ -130,9 +130,10 @@ class PackedEngine:
 
     @torch.inference_mode()
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
+        # cu_seqlens stays on the host: the model checks it there and copies it over once.
         return self.model(
             batch.input_ids.to(self.device, non_blocking=True),
-            batch.cu_seqlens.to(self.device, non_blocking=True),
+            batch.cu_seqlens,
             batch.max_seqlen,
             batch.token_type_ids.to(self.device, non_blocking=True),
         )

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..models.families import max_input_length
+
 
 class PairTokenizationError(ValueError):
     """The request cannot be tokenized as asked; the message says which input and why."""
@@ -34,19 +36,6 @@ class PackedPairs:
     input_ids: np.ndarray
     token_type_ids: np.ndarray
     lengths: np.ndarray
-
-
-def max_input_length(config: dict) -> int:
-    """Longest pair the model can embed, from its `config.json`.
-
-    RoBERTa-style models (XLM-R, bge-reranker-v2-m3) number positions from
-    `pad_token_id + 1`, so `pad_token_id + 1` slots of the position table are unusable:
-    8194 - 1 - 1 = 8192 for bge-reranker-v2-m3. BERT numbers positions from 0.
-    """
-    positions = int(config["max_position_embeddings"])
-    if config.get("model_type") in ("xlm-roberta", "roberta", "camembert"):
-        return positions - int(config.get("pad_token_id", 1)) - 1
-    return positions
 
 
 class PairTokenizer:

@@ -1,4 +1,4 @@
-"""PackedCrossEncoder vs transformers on tiny random XLM-R and BERT cross-encoders (CPU, fast).
+"""PackedCrossEncoder vs transformers on tiny random XLM-R, CamemBERT and BERT cross-encoders (CPU, fast).
 
 The triton backend runs under TRITON_INTERPRET on CPU, so its cases are kept tiny.
 """
@@ -56,12 +56,16 @@ def _save_tiny(kind: str, path, seed: int = 0, **overrides):
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
+        CamembertConfig,
+        CamembertForSequenceClassification,
         XLMRobertaConfig,
         XLMRobertaForSequenceClassification,
     )
 
-    if kind == "xlmr":
-        cfg = XLMRobertaConfig(
+    if kind in ("xlmr", "camembert"):
+        config_class, model_class = {"xlmr": (XLMRobertaConfig, XLMRobertaForSequenceClassification),
+                                     "camembert": (CamembertConfig, CamembertForSequenceClassification)}[kind]
+        cfg = config_class(
             **{
                 **TINY,
                 "pad_token_id": 1,
@@ -72,7 +76,7 @@ def _save_tiny(kind: str, path, seed: int = 0, **overrides):
                 **overrides,
             }
         )
-        model = XLMRobertaForSequenceClassification(cfg)
+        model = model_class(cfg)
     else:
         cfg = BertConfig(**{**TINY, "pad_token_id": 0, "max_position_embeddings": 64, **overrides})
         model = BertForSequenceClassification(cfg)
@@ -83,7 +87,7 @@ def _save_tiny(kind: str, path, seed: int = 0, **overrides):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    return {kind: _save_tiny(kind, tmp_path_factory.mktemp(kind)) for kind in ("xlmr", "bert")}
+    return {kind: _save_tiny(kind, tmp_path_factory.mktemp(kind)) for kind in ("xlmr", "camembert", "bert")}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +103,7 @@ def hf_models(model_dirs):
 def _random_pairs(kind: str, lengths: list[int], seed: int):
     """Per sequence: token ids (no special / pad ids) and, for BERT, 0/1 segment ids."""
     g = torch.Generator().manual_seed(seed)
-    low = 3 if kind == "xlmr" else 1  # XLM-R: 0 <s>, 1 <pad>, 2 </s>; BERT: 0 [PAD]
+    low = 1 if kind == "bert" else 3  # XLM-R / CamemBERT: 0 <s>, 1 <pad>, 2 </s>; BERT: 0 [PAD]
     ids = [torch.randint(low, VOCAB, (n,), generator=g) for n in lengths]
     types = []
     for n in lengths:
@@ -134,7 +138,7 @@ def _hf_logits(hf, pad_id: int, ids, types) -> torch.Tensor:
         return hf(input_ids=input_ids, attention_mask=mask, token_type_ids=token_types).logits[:, 0]
 
 
-@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+@pytest.mark.parametrize("kind", ["xlmr", "camembert", "bert"])
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_parity_with_transformers(kind, backend, model_dirs, hf_models):
     if backend == "sdpa":
@@ -337,3 +341,21 @@ def test_half_precision(dtype, backend, model_dirs):
     assert got.dtype == torch.float32
     want = _packed_logits(load_cross_encoder(model_dirs["xlmr"]), ids, None)
     torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize(
+    ("cu", "max_seqlen", "match"),
+    [
+        ([1, 4, 6], 5, "from 0 to total_tokens"),
+        ([0, 4, 5], 5, "from 0 to total_tokens"),
+        ([0, 4, 4, 6], 5, "at least one token"),
+        ([0, 5, 6], 4, "smaller than the longest"),
+    ],
+)
+def test_inconsistent_cu_seqlens_is_refused_on_the_host(backend, cu, max_seqlen, match, model_dirs):
+    # Checked once per forward on the host copy, before anything is launched, for both backends.
+    model = load_cross_encoder(model_dirs["xlmr"], attention_backend=backend, device=_device(backend))
+    device = next(model.parameters()).device
+    with pytest.raises(ValueError, match=match), torch.inference_mode():
+        model(torch.full((6,), 5, device=device), torch.tensor(cu, dtype=torch.int32), max_seqlen)

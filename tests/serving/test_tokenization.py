@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from triton_rerank.serving.tokenization import PairTokenizationError, PairTokenizer, max_input_length
+from triton_rerank.serving.tokenization import PairTokenizationError, PairTokenizer
 
 
 @pytest.mark.parametrize("arch", ["xlm-roberta", "bert"])
@@ -55,11 +55,6 @@ def test_query_longer_than_the_limit_is_an_error(tiny_model_dirs):
 def test_empty_document_list_is_an_error(tiny_model_dirs):
     with pytest.raises(PairTokenizationError, match="DOCUMENTS is empty"):
         PairTokenizer(tiny_model_dirs["bert"]).encode("query", [])
-
-
-def test_max_input_length_follows_position_rules():
-    assert max_input_length({"model_type": "xlm-roberta", "max_position_embeddings": 8194, "pad_token_id": 1}) == 8192
-    assert max_input_length({"model_type": "bert", "max_position_embeddings": 512, "pad_token_id": 0}) == 512
 
 
 def test_missing_tokenizer_file_says_how_to_fix(tmp_path):
