@@ -2,83 +2,40 @@
 
     triton-rerank api --triton-url 127.0.0.1:8001 --host 127.0.0.1 --port 30000
 
-A FastAPI app (uvicorn serves it) holding one tritonclient.grpc.aio connection. Each dialect is
-a thin map onto the ensemble's QUERY/DOCUMENTS -> SCORES/TOKEN_COUNTS (gateway_routes.py);
-bodies are in api_models.py, refusals (size, load, API key) in gateway_limits.py, errors in
-gateway_errors.py, Prometheus metrics in gateway_metrics.py.
+A FastAPI app (uvicorn serves it) holding one tritonclient.grpc.aio connection. The modules:
+
+    dialects/      one module per dialect: its bodies and its thin route (DIALECTS lists them)
+    dialect.py     what a dialect builds on: its router (API key, tag, error responses), present()
+    ensemble.py    the one ensemble call behind the limits, counted in the metrics; the ranking
+    protocol.py    the request fields the dialects share (checked text, top_n)
+    service.py     GET /health, /v1/models, /metrics
+    errors.py      GatewayError, the error body shapes and FastAPI's handlers
+    limits.py      refusals before any work: body size, load, API key
+    metrics.py     Prometheus metrics; settings.py the settings; command.py and server.py the CLI
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from fastapi import FastAPI
 
-from ..client.errors import RerankError
-from ..client.ranking import ScoredDocuments
 from ..client.rerank_client import AsyncRerankClient
-from .errors import GatewayError, from_client_error, install_error_handlers
+from . import service
+from .dialect import Dialect
+from .dialects import DIALECTS
+from .ensemble import GatewayState, Scorer
+from .errors import ErrorShapes, install_error_handlers
 from .limits import AdmissionLimiter, BodySizeLimit
 from .metrics import GatewayMetrics, MetricsMiddleware
-from .routes import router
+from .settings import GatewaySettings
+
+__all__ = ["GatewaySettings", "create_app"]
 
 
-@dataclass
-class GatewaySettings:
-    triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint
-    host: str = "127.0.0.1"
-    port: int = 30000
-    api_key: str | None = None
-    served_model_name: str = "reranker"  # what /v1/models lists
-    max_documents: int = 1000  # per request; more -> 413
-    max_body_bytes: int = 16 * 1024 * 1024  # more -> 413
-    max_concurrency: int = 64  # requests in Triton at once
-    max_queue: int = 256  # requests waiting for a slot; more -> 429
-    request_timeout: float = 300.0  # seconds for one call to Triton; more -> 504
-    log_level: str = "info"
-
-
-class Scorer(Protocol):
-    """What the gateway needs from its backend (AsyncRerankClient; a fake in unit tests)."""
-
-    where: str
-
-    async def score(self, query: str, documents: list[str], truncate: bool = True) -> ScoredDocuments: ...
-
-    async def is_ready(self, timeout: float = 2.0) -> bool: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass
-class GatewayState:
-    settings: GatewaySettings
-    scorer: Scorer
-    limiter: AdmissionLimiter
-    metrics: GatewayMetrics
-    started_at: int = field(default_factory=lambda: int(time.time()))
-
-    async def score(self, route: str, query: str, documents: list[str], truncate: bool) -> ScoredDocuments:
-        """The ensemble's answer, or a GatewayError that says why not."""
-        limit = self.settings.max_documents
-        if len(documents) > limit:
-            raise GatewayError(413, f"{len(documents)} documents in one request; the limit is {limit} "
-                               "(--max-documents): split the list (the Python client does it for you)",
-                               "payload_too_large")
-        async with self.limiter.admit():
-            try:
-                scored = await self.scorer.score(query, documents, truncate)
-            except RerankError as error:
-                raise from_client_error(error) from error
-        self.metrics.documents.labels(route).inc(len(documents))
-        self.metrics.tokens.labels(route).inc(scored.total_tokens)
-        return scored
-
-
-def create_app(settings: GatewaySettings, scorer: Scorer | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings, scorer: Scorer | None = None,
+               dialects: Sequence[Dialect] = DIALECTS) -> FastAPI:
     """The gateway app; `scorer` defaults to a gRPC AsyncRerankClient on settings.triton_url."""
     owns_scorer = scorer is None
     if scorer is None:
@@ -102,8 +59,15 @@ def create_app(settings: GatewaySettings, scorer: Scorer | None = None) -> FastA
         lifespan=lifespan,
     )
     app.state.gateway = state
-    install_error_handlers(app)
-    app.include_router(router)
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, so it sees every status
+    routers = [dialect.router for dialect in dialects] + [service.router]
+    for router in routers:
+        app.include_router(router)
+    routes = [route for router in routers for route in router.routes]
+    shapes = ErrorShapes({path: dialect.error_shape for dialect in dialects for path in dialect.paths})
+    operations = [f"{method} {route.path}" for route in routes for method in sorted(route.methods)]
+    install_error_handlers(app, shapes, [*operations, f"GET {app.docs_url}"])
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, shapes=shapes)
+    # Added last: outermost, so it sees every status.
+    app.add_middleware(MetricsMiddleware, metrics=metrics,
+                       routes=[route.path for route in routes] + [app.openapi_url, app.docs_url])
     return app

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from .settings import GatewaySettings, GatewayStartError
+
+__all__ = ["API_KEY_ENV", "GatewayStartError", "add_gateway_options", "gateway_settings", "register"]
+
 API_KEY_ENV = "TRITON_RERANK_API_KEY"
-
-
-class GatewayStartError(RuntimeError):
-    """The gateway could not start (its port is taken, most often)."""
 
 
 def add_gateway_options(p) -> None:
@@ -58,9 +58,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def gateway_settings(args, triton_url: str, host: str, port: int, log_level: str, default_model_name: str):
-    from .app import GatewaySettings
-
+def gateway_settings(args, triton_url: str, host: str, port: int, log_level: str,
+                     default_model_name: str) -> GatewaySettings:
     return GatewaySettings(
         triton_url=triton_url, host=host, port=port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         served_model_name=args.served_model_name or default_model_name, max_documents=args.max_documents,

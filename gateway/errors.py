@@ -1,17 +1,20 @@
-"""JSON errors of the gateway: one exception type, the dialect's body shape, and FastAPI's handlers.
+"""JSON errors of the gateway: one exception type, the body shapes, and FastAPI's handlers.
 
 Every failure becomes a JSON body whose message says what was wrong: SGLang's / OpenAI's shape
-`{"object": "error", "message", "type", "code"}` everywhere, except on TEI's /rerank, whose clients
-read `{"error", "error_type"}`.
+`{"object": "error", "message", "type", "code"}` (ErrorBody) unless the dialect of the path has its
+own (TEI's /rerank: `{"error", "error_type"}`, declared in dialects/tei.py).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
+from typing import Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..client.errors import (
@@ -23,7 +26,6 @@ from ..client.errors import (
 
 log = logging.getLogger("triton_rerank.gateway")
 
-TEI_PATHS = {"/rerank"}
 RETRY_AFTER_SECONDS = "1"
 
 
@@ -38,15 +40,54 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
 
-def error_body(path: str, status: int, message: str, kind: str) -> dict:
-    if path in TEI_PATHS:
-        return {"error": message, "error_type": kind}
-    return {"object": "error", "message": message, "type": kind, "code": status}
+class ErrorShape(Protocol):
+    """A body model of error answers (shown in the OpenAPI schema) and how an error fills it."""
+
+    @classmethod
+    def of(cls, error: GatewayError) -> dict: ...
 
 
-def error_response(path: str, error: GatewayError) -> JSONResponse:
-    return JSONResponse(error_body(path, error.status, error.message, error.kind), status_code=error.status,
-                        headers=error.headers)
+class ErrorBody(BaseModel):
+    """Errors of every route but /rerank (the shape of SGLang's and OpenAI's error responses)."""
+
+    object: Literal["error"] = "error"
+    message: str = Field(description="what was wrong, and how to fix it")
+    type: str = Field(description="validation, invalid_request, unauthorized, payload_too_large, overloaded, "
+                      "unavailable, timeout, backend, not_found, internal")
+    code: int = Field(description="the HTTP status")
+
+    @classmethod
+    def of(cls, error: GatewayError) -> dict:
+        return {"object": "error", "message": error.message, "type": error.kind, "code": error.status}
+
+
+# The refusals every rerank route can answer, for the OpenAPI schema.
+ERROR_STATUSES = {
+    400: "Triton refused the request (INVALID_ARG), e.g. a too-long pair with truncation off",
+    401: "missing or wrong API key",
+    413: "too many documents, or the body is too large",
+    422: "the body does not match the schema (types, empty query or documents)",
+    429: "overloaded: too many requests running and waiting",
+    503: "Triton is unreachable or not ready",
+}
+
+
+def error_responses(shape: type[ErrorShape] = ErrorBody, statuses: Iterable[int] = ERROR_STATUSES) -> dict:
+    """FastAPI's `responses=` for the given refusals, documented in the given body shape."""
+    return {status: {"model": shape, "description": ERROR_STATUSES[status]} for status in statuses}
+
+
+class ErrorShapes:
+    """Which body an error on each path gets: the shape of the path's dialect, else ErrorBody."""
+
+    def __init__(self, by_path: Mapping[str, type[ErrorShape]] | None = None):
+        self.by_path = dict(by_path or {})
+
+    def body(self, path: str, error: GatewayError) -> dict:
+        return self.by_path.get(path, ErrorBody).of(error)
+
+    def response(self, path: str, error: GatewayError) -> JSONResponse:
+        return JSONResponse(self.body(path, error), status_code=error.status, headers=error.headers)
 
 
 def from_client_error(error: RerankError) -> GatewayError:
@@ -86,29 +127,31 @@ def describe_validation_errors(request: Request, error: RequestValidationError) 
     return "; ".join(parts) or "the request body is invalid"
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, shapes: ErrorShapes, operations: Iterable[str]) -> None:
+    """JSON errors in each path's shape; `operations` ('POST /v1/rerank', ...) are listed on a 404 or 405."""
+    routes = ", ".join(operations)
+
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, error: GatewayError):
-        return error_response(request.url.path, error)
+        return shapes.response(request.url.path, error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError):
         message = describe_validation_errors(request, error)
-        return error_response(request.url.path, GatewayError(422, message, "validation"))
+        return shapes.response(request.url.path, GatewayError(422, message, "validation"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         message = f"{request.method} {request.url.path}: {error.detail}"
         if error.status_code in (404, 405):
-            message += " (routes: POST /v1/rerank, POST /rerank, POST /v2/rerank, GET /health, GET /v1/models, " \
-                       "GET /metrics, GET /docs)"
-        return error_response(request.url.path,
-                              GatewayError(error.status_code, message, kind, dict(error.headers or {})))
+            message += f" (routes: {routes})"
+        return shapes.response(request.url.path,
+                               GatewayError(error.status_code, message, kind, dict(error.headers or {})))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):
         # A bug of ours: log the traceback, answer JSON rather than Starlette's plain-text 500.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request.url.path,
-                              GatewayError(500, f"internal error: {type(error).__name__}: {error}", "internal"))
+        return shapes.response(request.url.path,
+                               GatewayError(500, f"internal error: {type(error).__name__}: {error}", "internal"))

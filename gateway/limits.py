@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .errors import RETRY_AFTER_SECONDS, GatewayError, error_body
+from .errors import RETRY_AFTER_SECONDS, ErrorShapes, GatewayError
 
 _BODYLESS_METHODS = {"GET", "HEAD", "OPTIONS", "DELETE"}
 
@@ -21,12 +21,13 @@ class BodySizeLimit:
 
     A declared Content-Length over the limit is refused without reading the body; otherwise the
     body is read and counted as it streams in (chunked uploads declare no length, and a declared
-    length may lie), then handed to the app in one piece.
+    length may lie), then handed to the app in one piece. The refusal has the error shape of the path.
     """
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, shapes: ErrorShapes | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.shapes = shapes or ErrorShapes()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in _BODYLESS_METHODS:
@@ -65,7 +66,8 @@ class BodySizeLimit:
         seen = f"more than {self.max_body_bytes}" if streamed else str(size)
         message = (f"the request body is {seen} bytes; the limit is {self.max_body_bytes} bytes "
                    f"(--max-body-bytes): send fewer or shorter documents per request")
-        payload = json.dumps(error_body(scope["path"], 413, message, "payload_too_large")).encode()
+        body = self.shapes.body(scope["path"], GatewayError(413, message, "payload_too_large"))
+        payload = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
             (b"connection", b"close")]})

@@ -2,16 +2,15 @@
 
 Each app gets its own CollectorRegistry, so several gateways in one process (tests, or serve's
 in-process gateway) never collide on metric names. Route labels are the gateway's own routes
-or "other", so random paths cannot blow up label cardinality.
+(create_app passes them) or "other", so random paths cannot blow up label cardinality.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-ROUTES = {"/v1/rerank", "/rerank", "/v2/rerank", "/health", "/v1/models", "/metrics", "/openapi.json", "/docs"}
 
 _ERROR_KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                 413: "payload_too_large", 422: "validation", 429: "overloaded", 502: "backend",
@@ -47,15 +46,16 @@ class GatewayMetrics:
 class MetricsMiddleware:
     """ASGI middleware that times every HTTP request and counts it with its final status."""
 
-    def __init__(self, app, metrics: GatewayMetrics):
+    def __init__(self, app, metrics: GatewayMetrics, routes: Iterable[str]):
         self.app = app
         self.metrics = metrics
+        self.routes = frozenset(routes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        route = scope["path"] if scope["path"] in self.routes else "other"
         status = 500  # if the app raises before answering, Starlette's error middleware sends a 500
         started = time.perf_counter()
 

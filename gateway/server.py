@@ -7,8 +7,8 @@ import time
 
 import uvicorn
 
-from .app import GatewaySettings, create_app
-from .command import GatewayStartError
+from .app import create_app
+from .settings import GatewaySettings, GatewayStartError
 
 
 def uvicorn_server(settings: GatewaySettings) -> uvicorn.Server:

@@ -18,14 +18,8 @@ import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from triton_rerank.launcher.server import (
-    RepositorySettings,
-    ServerAddress,
-    TritonServer,
-    free_ports,
-    process_group_alive,
-    render_model_repository,
-)
+from triton_rerank.launcher.repository import RepositorySettings, render_model_repository
+from triton_rerank.launcher.server import ServerAddress, TritonServer, free_ports, process_group_alive
 
 # SGLang's rerank example (docs/supported_models/rerank_models.md), verbatim.
 SEED_EXAMPLE = '''

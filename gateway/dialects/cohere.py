@@ -1,0 +1,86 @@
+"""Cohere v2's (and Jina's) POST /v2/rerank: {id, results: [{index, relevance_score}], meta, usage}."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..dialect import Dialect, present
+from ..ensemble import rerank
+from ..protocol import SEED_EXAMPLE, ModelName, Query, RerankRequest, Text, TopN
+
+
+class DocumentText(BaseModel):
+    text: Text
+
+
+class CohereRerankRequest(RerankRequest):
+    model_config = ConfigDict(json_schema_extra={"examples": [SEED_EXAMPLE | {"top_n": 1}]})
+
+    model: ModelName = None
+    query: Query
+    documents: list[Text | DocumentText] = Field(
+        min_length=1, description="strings, or objects with a text field (Cohere v1 / Jina style)")
+    top_n: TopN = None
+    max_tokens_per_doc: int | None = Field(
+        None, ge=1, description="accepted; documents are truncated to the server's max input length "
+        "(triton-rerank serve --max-length), which this request cannot change")
+    return_documents: bool = Field(False, description="include {document: {text}} in each result (Jina style)")
+
+    def document_texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class CohereResult(BaseModel):
+    index: int
+    relevance_score: float = Field(description="sigmoid of the logit, 0..1")
+    document: DocumentText | None = Field(None, description="only when return_documents")
+
+
+class CohereTokens(BaseModel):
+    input_tokens: int
+    output_tokens: int = 0
+
+
+class CohereApiVersion(BaseModel):
+    version: str = "2"
+
+
+class CohereMeta(BaseModel):
+    api_version: CohereApiVersion = CohereApiVersion()
+    tokens: CohereTokens
+
+
+class Usage(BaseModel):
+    total_tokens: int
+    prompt_tokens: int
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[CohereResult]
+    meta: CohereMeta
+    usage: Usage = Field(description="Jina style; the same count as meta.tokens.input_tokens")
+
+
+dialect = Dialect()
+
+
+@dialect.post("/v2/rerank", summary="Cohere v2 / Jina rerank", response_model=CohereRerankResponse)
+async def cohere_rerank(body: CohereRerankRequest, request: Request):
+    """Results sorted by descending relevance_score (sigmoid of the logit, 0..1), with token usage."""
+    ranking = await rerank(request, body.query, body.document_texts(), top_n=body.top_n, normalize=True)
+    tokens = ranking.total_tokens  # every document's, not only the top_n returned
+    return JSONResponse({
+        "id": str(uuid.uuid4()),
+        "model": body.model or request.app.state.gateway.settings.served_model_name,
+        "results": [present(index=r.index, relevance_score=r.score,
+                            document={"text": r.document} if body.return_documents else None)
+                    for r in ranking.results],
+        "meta": {"api_version": {"version": "2"}, "tokens": {"input_tokens": tokens, "output_tokens": 0}},
+        "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
+    })

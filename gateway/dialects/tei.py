@@ -1,0 +1,68 @@
+"""text-embeddings-inference's POST /rerank: a bare list of {index, score, text?}, sigmoid unless raw_scores.
+
+Its errors have TEI's shape, {"error", "error_type"}, which TEI's clients read.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..dialect import Dialect, present
+from ..ensemble import rerank
+from ..errors import GatewayError
+from ..protocol import Documents, Query, RerankRequest
+
+
+class TEIRerankRequest(RerankRequest):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"query": "What is Deep Learning?", "texts": ["Deep Learning is not...", "Deep learning is..."]}]})
+
+    query: Query
+    texts: Documents
+    truncate: bool | None = Field(
+        False, description="cut documents that do not fit the model; false/null refuses them with 400")
+    truncation_direction: str = Field(
+        "Right", description="only Right is supported: the end of the document is cut, never the query",
+        json_schema_extra={"enum": ["Right", "Left", "right", "left"]})
+    raw_scores: bool = Field(False, description="raw logits instead of sigmoid scores")
+    return_text: bool = Field(False, description="include each document's text in the answer")
+
+    @field_validator("truncation_direction")
+    @classmethod
+    def _right_only(cls, value: str) -> str:
+        if value.lower() == "left":
+            raise ValueError("only right truncation is supported (the end of the document is cut); "
+                             "send truncation_direction 'Right' or leave it out")
+        if value.lower() != "right":
+            raise ValueError(f"must be 'Right' or 'Left', got {value!r}")
+        return "Right"
+
+
+class TEIRank(BaseModel):
+    index: int
+    text: str | None = Field(None, description="absent unless return_text")
+    score: float = Field(description="sigmoid of the logit (0..1), or the raw logit when raw_scores")
+
+
+class TEIErrorBody(BaseModel):
+    """Errors of /rerank (text-embeddings-inference's shape)."""
+
+    error: str
+    error_type: str
+
+    @classmethod
+    def of(cls, error: GatewayError) -> dict:
+        return {"error": error.message, "error_type": error.kind}
+
+
+dialect = Dialect(TEIErrorBody)
+
+
+@dialect.post("/rerank", summary="text-embeddings-inference's rerank", response_model=list[TEIRank])
+async def tei_rerank(body: TEIRerankRequest, request: Request):
+    """Documents sorted by descending score: sigmoid of the logit, or the raw logit with `raw_scores`."""
+    ranking = await rerank(request, body.query, body.texts, truncate=bool(body.truncate),
+                           return_documents=body.return_text, normalize=not body.raw_scores)
+    return JSONResponse([present(index=r.index, text=r.document, score=r.score) for r in ranking.results])

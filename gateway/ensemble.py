@@ -1,0 +1,81 @@
+"""The one call every dialect makes: the `reranker` ensemble behind the gateway's limits, and the ranking.
+
+A dialect's route calls `rerank(request, query, documents, ...)` and gets the documents ranked
+(raw logits, or their sigmoid), the tokens of every pair scored (for usage fields) and the time
+the ensemble took; what it answers is only a matter of field names.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fastapi import Request
+
+from ..client.errors import RerankError
+from ..client.ranking import RerankResult, ScoredDocuments, rank
+from .errors import GatewayError, from_client_error
+from .limits import AdmissionLimiter
+from .metrics import GatewayMetrics
+from .settings import GatewaySettings
+
+
+class Scorer(Protocol):
+    """What the gateway needs from its backend (AsyncRerankClient; a fake in unit tests)."""
+
+    where: str
+
+    async def score(self, query: str, documents: list[str], truncate: bool = True) -> ScoredDocuments: ...
+
+    async def is_ready(self, timeout: float = 2.0) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class GatewayState:
+    """What the routes share (app.state.gateway): settings, the backend, the admission limiter, metrics."""
+
+    settings: GatewaySettings
+    scorer: Scorer
+    limiter: AdmissionLimiter
+    metrics: GatewayMetrics
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    async def score(self, route: str, query: str, documents: list[str], truncate: bool) -> ScoredDocuments:
+        """The ensemble's answer, or a GatewayError that says why not."""
+        limit = self.settings.max_documents
+        if len(documents) > limit:
+            raise GatewayError(413, f"{len(documents)} documents in one request; the limit is {limit} "
+                               "(--max-documents): split the list (the Python client does it for you)",
+                               "payload_too_large")
+        async with self.limiter.admit():
+            try:
+                scored = await self.scorer.score(query, documents, truncate)
+            except RerankError as error:
+                raise from_client_error(error) from error
+        self.metrics.documents.labels(route).inc(len(documents))
+        self.metrics.tokens.labels(route).inc(scored.total_tokens)
+        return scored
+
+
+@dataclass(frozen=True)
+class Ranking:
+    results: list[RerankResult]  # by descending score (ties keep input order), at most top_n
+    total_tokens: int  # of every pair scored, not only the top_n returned
+    seconds: float  # how long the ensemble took
+
+
+async def rerank(request: Request, query: str, documents: list[str], *, truncate: bool = True,
+                 top_n: int | None = None, return_documents: bool = True, normalize: bool = False) -> Ranking:
+    """The documents ranked for the query: raw logits, or their sigmoid (0..1) when normalize.
+
+    Results carry the document's text only when return_documents. The route's path labels the
+    document and token counters.
+    """
+    gateway: GatewayState = request.app.state.gateway
+    started = time.perf_counter()
+    scored = await gateway.score(request.scope["route"].path, query, documents, truncate)
+    seconds = time.perf_counter() - started
+    return Ranking(rank(scored, documents, top_n, return_documents, normalize), scored.total_tokens, seconds)
