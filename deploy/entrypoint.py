@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""Entry point of the GPU image: render the model repository for this container, then exec tritonserver.
+"""Entry point of the GPU image: render the model repository for this container, then run tritonserver
+supervised, exactly as `triton-rerank serve` does.
 
-The repository is the project's own model_repository/ (copied into the image), rendered by the
-same `render_model_repository` that `triton-rerank serve` and the tests use, so the container
-serves exactly what the tests serve. The model is resolved first (a local directory, or a Hugging
-Face id downloaded once into HF_HOME), so the backend stubs all read one local snapshot.
+The repository is the package's own model_repository/ (package data of the installed
+triton-rerank), rendered by the renderer `triton-rerank serve` and the tests use; the server runs
+with the launcher's one hardened command line (models loaded at start, repository/shared-memory/
+trace/logging APIs closed behind a random admin header, exit on a model that fails to load, strict
+readiness), under the stub supervisor (a model whose backend process dies is reloaded), and
+SIGTERM/SIGINT stop it and every backend process. The model is resolved first (a local directory,
+or a Hugging Face id downloaded once into HF_HOME), so the backend stubs all read one local snapshot.
 
 Every setting comes from an environment variable (what docker-compose.yml passes) or the flag of
-the same name; anything after `--` goes to tritonserver as is. `--render-only` renders, prints the
-tritonserver command and exits (tests, and a look at what a container would run).
+the same name; anything after `--` goes to tritonserver as is (it may not change the flags the
+launcher sets). `--render-only` renders, prints the tritonserver command and exits (tests, and a
+look at what a container would run).
 """
 
 from __future__ import annotations
@@ -20,12 +25,19 @@ import shlex
 import sys
 from pathlib import Path
 
-from triton_rerank.launcher.server import LauncherError, RepositorySettings, render_model_repository
+from triton_rerank.launcher.errors import LauncherError
+from triton_rerank.launcher.repository import (
+    RepositorySettings,
+    packaged_model_repository,
+    render_model_repository,
+)
+from triton_rerank.launcher.server import ServerAddress, StopRequested, TritonServer, stop_on_sigterm
+from triton_rerank.launcher.triton_install import SYSTEM_BACKEND_DIRECTORY, TritonInstall
 from triton_rerank.serving.model_files import ModelNotFoundError, resolve_model_path
 
-# Where the Dockerfile copies the project's model_repository/.
-IMAGE_SOURCE = "/opt/triton-rerank/model_repository"
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
+# --tritonserver value that means the server bundled in the nvidia-pytriton wheel (tests, no image).
+BUNDLED = "bundled"
 
 
 def _env(name: str, default: str) -> str:
@@ -33,13 +45,13 @@ def _env(name: str, default: str) -> str:
     return value if value.strip() else default
 
 
-def parse_gpus(text: str) -> list[int]:
-    """'0,1' or '0 1' -> [0, 1]; '' or 'all' -> [] (every GPU the container sees)."""
+def parse_gpus(text: str) -> tuple[int, ...]:
+    """'0,1' or '0 1' -> (0, 1); '' or 'all' -> () (every GPU the container sees)."""
     text = text.strip()
     if text in ("", "all"):
-        return []
+        return ()
     try:
-        gpus = [int(part) for part in re.split(r"[,\s]+", text) if part]
+        gpus = tuple(int(part) for part in re.split(r"[,\s]+", text) if part)
     except ValueError:
         raise ValueError(f"GPUS must be comma-separated GPU indices like 0,1 (or empty for all), got {text!r}") from None
     if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
@@ -47,81 +59,55 @@ def parse_gpus(text: str) -> list[int]:
     return gpus
 
 
-def instance_group(count: int, device: str, gpus: list[int]) -> str:
-    """The cross_encoder's instance_group line.
+def settings_from(args: argparse.Namespace, model_path: str) -> RepositorySettings:
+    """The renderer's settings for this container; checks what does not need the model.
 
-    KIND_GPU without `gpus` places `count` instances on every GPU the container sees; with
-    `gpus: [ ... ]`, `count` instances on each GPU listed. KIND_CPU: `count` CPU instances.
-    Left out (device auto), Triton picks GPU when it sees one.
+    DEVICE=cuda: KIND_GPU instances, INSTANCES on every GPU the container sees, or on each GPU in
+    GPUS; cpu: KIND_CPU; auto: Triton decides.
     """
-    body = f"count: {count}"
-    if device == "cuda":
-        body += ", kind: KIND_GPU" + (f", gpus: [ {', '.join(map(str, gpus))} ]" if gpus else "")
-    elif device == "cpu":
-        body += ", kind: KIND_CPU"
-    return f"instance_group [ {{ {body} }} ]"
-
-
-def check(args: argparse.Namespace) -> list[int]:
-    """The GPU list, after checking the settings that do not need the model."""
     gpus = parse_gpus(args.gpus)
     if gpus and args.device != "cuda":
         raise ValueError(f"GPUS={args.gpus!r} needs DEVICE=cuda, got DEVICE={args.device}")
     if args.instances < 1:
         raise ValueError(f"INSTANCES must be at least 1, got {args.instances}")
-    source, target = Path(args.source).resolve(), Path(args.target).resolve()
+    settings = RepositorySettings(
+        model_path=model_path, device=args.device, dtype=args.dtype, engine=args.engine,
+        attention_backend=args.attention_backend, max_length=args.max_length,
+        max_batch_tokens=args.max_batch_tokens, instances=args.instances, gpus=gpus, num_threads=args.num_threads,
+    )
+    settings.check()
+    return settings
+
+
+def source_of(args: argparse.Namespace):
+    """The repository to render: --source, or the one packaged with triton-rerank."""
+    return Path(args.source).resolve() if args.source else packaged_model_repository()
+
+
+def check_target(args: argparse.Namespace) -> None:
+    source, target = source_of(args), Path(args.target).resolve()
     if not (source / "reranker" / "config.pbtxt").is_file():
         raise ValueError(f"{source} is not the reranker model repository")
-    if target == source or target in source.parents:
+    if isinstance(source, Path) and (target == source or target in source.parents):
         raise ValueError(f"the rendered copy ({target}) must not replace its source ({source})")
-    return gpus
 
 
-def render(args: argparse.Namespace, model_path: str) -> Path:
-    """Renders the repository with the project's renderer, then sets the cross_encoder placement."""
-    gpus = check(args)
-    settings = RepositorySettings(
-        model_path=model_path,
-        # For GPU instances the encoder's `device` parameter stays "auto": each instance then runs on
-        # the GPU Triton placed it on (model_instance_device_id). "cuda" would mean cuda:0 for all.
-        device="cpu" if args.device == "cpu" else "auto",
-        dtype=args.dtype,
-        engine=args.engine,
-        attention_backend=args.attention_backend,
-        max_length=args.max_length,
-        max_batch_tokens=args.max_batch_tokens,
-        instances=args.instances,
-        num_threads=args.num_threads,
-    )
-    target = render_model_repository(settings, Path(args.target), source=Path(args.source))
-    config = target / "cross_encoder" / "config.pbtxt"
-    text, n = re.subn(r"instance_group \[.*\]", instance_group(args.instances, args.device, gpus), config.read_text())
-    if n != 1:
-        raise LauncherError(f"{config} has no single-line instance_group to set")
-    config.write_text(text)
-    return target
+def install_of(args: argparse.Namespace) -> TritonInstall:
+    if args.tritonserver == BUNDLED:
+        return TritonInstall.find()
+    return TritonInstall.system(args.tritonserver, args.backend_directory)
 
 
-def server_command(args: argparse.Namespace, repository: Path, extra: list[str]) -> list[str]:
-    return [
-        "tritonserver",
-        f"--model-repository={repository}",
-        # Models are fixed at start: no load/unload API for whoever reaches the port.
-        "--model-control-mode=none",
-        "--exit-on-error=true",
-        "--strict-readiness=true",
-        "--exit-timeout-secs=15",
-        f"--http-port={args.http_port}",
-        f"--grpc-port={args.grpc_port}",
-        f"--metrics-port={args.metrics_port}",
-        *shlex.split(args.triton_args),
-        *extra,
-    ]
+def server_for(args: argparse.Namespace, repository: Path, extra: list[str]) -> TritonServer:
+    """The supervised server of this container: the launcher's TritonServer, log on stdout."""
+    address = ServerAddress(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    return TritonServer(repository, repository.parent, address, log_file="-", install=install_of(args),
+                        extra_args=[*shlex.split(args.triton_args), *extra], gpu_metrics=args.device != "cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Render the reranker model repository for this container and exec tritonserver. "
+        description="Render the reranker model repository for this container and run tritonserver supervised. "
         "Each flag defaults to the environment variable in capitals (e.g. --max-batch-tokens <- MAX_BATCH_TOKENS); "
         "arguments after -- are passed to tritonserver.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -142,13 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default=_env("GPUS", ""),
                    help="GPU indices for the cross_encoder instances, e.g. 0,1; empty = every visible GPU")
     p.add_argument("--num-threads", type=int, default=_env("NUM_THREADS", "0"))
-    p.add_argument("--source", default=_env("MODEL_REPOSITORY_SOURCE", IMAGE_SOURCE),
-                   help="the model repository to render (the project's model_repository/)")
+    p.add_argument("--source", default=_env("MODEL_REPOSITORY_SOURCE", ""),
+                   help="the model repository to render; empty = the one packaged with triton-rerank")
     p.add_argument("--target", default=_env("MODEL_REPOSITORY", "/tmp/model_repository"),
                    help="where the rendered repository goes")
+    p.add_argument("--host", default=_env("TRITON_HOST", "0.0.0.0"), help="address every listener binds")
     p.add_argument("--http-port", type=int, default=_env("TRITON_HTTP_PORT", "8000"))
     p.add_argument("--grpc-port", type=int, default=_env("TRITON_GRPC_PORT", "8001"))
     p.add_argument("--metrics-port", type=int, default=_env("TRITON_METRICS_PORT", "8002"))
+    p.add_argument("--tritonserver", default=_env("TRITONSERVER", "tritonserver"),
+                   help=f"the server binary (looked up on PATH); {BUNDLED!r} = the nvidia-pytriton wheel's")
+    p.add_argument("--backend-directory", default=_env("TRITON_BACKEND_DIRECTORY", str(SYSTEM_BACKEND_DIRECTORY)),
+                   help="the server's backends (unused with --tritonserver bundled)")
+    p.add_argument("--ready-timeout", type=float, default=_env("READY_TIMEOUT", "1200"),
+                   help="seconds to wait until every model is loaded")
     p.add_argument("--triton-args", default=_env("TRITON_ARGS", ""),
                    help="extra tritonserver arguments, one shell-quoted string (e.g. --log-verbose=1)")
     p.add_argument("--render-only", action="store_true",
@@ -168,19 +161,43 @@ def main(argv: list[str] | None = None) -> int:
         if action.choices is not None and getattr(args, action.dest) not in action.choices:
             parser.error(f"{action.dest.upper()}={getattr(args, action.dest)!r}: choose from {list(action.choices)}")
     try:
-        check(args)
+        # Everything that can be checked before the model is downloaded, first.
+        settings_from(args, args.model_path)
+        check_target(args)
+        repository = Path(args.target).resolve()
+        server = server_for(args, repository, extra)
+        command = server.command(redact=True)
         model_dir = resolve_model_path(args.model_path, progress=True)
-        repository = render(args, str(model_dir))
+        render_model_repository(settings_from(args, str(model_dir)), repository, source=source_of(args))
     except (ModelNotFoundError, LauncherError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    command = server_command(args, repository, extra)
     print(f"model {args.model_path} -> {model_dir}; repository {repository}", flush=True)
     print(shlex.join(command), flush=True)
     if args.render_only:
         return 0
-    os.execvp(command[0], command)
-    return 1  # not reached
+    return run(server, args.ready_timeout)
+
+
+def run(server: TritonServer, ready_timeout: float) -> int:
+    """Starts the server, waits until it is ready, then until it exits or SIGTERM/SIGINT stop it."""
+    stop_on_sigterm()
+    try:
+        server.start()
+        server.wait_ready(ready_timeout)
+        print(f"tritonserver is ready (HTTP {server.address.http_url}, gRPC {server.address.grpc_url}, "
+              f"metrics {server.address.host}:{server.address.metrics_port})", flush=True)
+        return_code = server.process.wait()
+        print(f"tritonserver exited with code {return_code}", file=sys.stderr, flush=True)
+        return return_code or 1
+    except LauncherError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    except (KeyboardInterrupt, StopRequested):
+        print("stopping tritonserver ...", flush=True)
+        return 0
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -7,20 +7,15 @@ import argparse
 import json
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
 
 from ..gateway.command import GatewayStartError, add_gateway_options
 from ..serving.model_files import ModelNotFoundError, resolve_model_path
-from .server import (
-    LauncherError,
-    RepositorySettings,
-    ServerAddress,
-    TritonServer,
-    render_model_repository,
-)
+from .errors import LauncherError
+from .repository import RepositorySettings, render_model_repository
+from .server import ServerAddress, StopRequested, TritonServer, stop_on_sigterm
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 
@@ -66,14 +61,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum, frame):
-    raise _Stop
-
-
 def run(args) -> int:
     try:
         model_dir = resolve_model_path(args.model_path, progress=True)
@@ -88,11 +75,17 @@ def run(args) -> int:
         attention_backend=args.attention_backend or "", max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens, instances=args.instances, num_threads=args.num_threads,
     )
-    repository = render_model_repository(settings, run_dir / "model_repository")
     address = ServerAddress(args.host, args.http_port, args.grpc_port, args.metrics_port)
-    server = TritonServer(repository, run_dir, address, extra_args=[f"--log-verbose={args.log_verbose}"])
+    try:
+        repository = render_model_repository(settings, run_dir / "model_repository")
+        server = TritonServer(repository, run_dir, address, extra_args=[f"--log-verbose={args.log_verbose}"])
+    except LauncherError as error:
+        print(f"error: {error}", file=sys.stderr)
+        if temporary:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return 2
     # SIGTERM (docker stop, systemd) takes the same clean path as Ctrl-C.
-    signal.signal(signal.SIGTERM, _raise_stop)
+    stop_on_sigterm()
     print(f"starting tritonserver for {model_dir} (log: {server.log_file})", flush=True)
     gateway = None
     try:
@@ -109,7 +102,7 @@ def run(args) -> int:
     except (LauncherError, GatewayStartError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, _Stop):
+    except (KeyboardInterrupt, StopRequested):
         print("stopping the gateway and tritonserver ..." if gateway else "stopping tritonserver ...", flush=True)
         return 0
     finally:

@@ -3,10 +3,11 @@
 Neither CI nor these machines run a Docker engine or a GPU, so the deployment is checked without
 them: the compose file by parsing and by `docker-compose config -q` (Debian's docker-compose 1.29
 validates against the Compose Specification schema without an engine), nginx.conf by `nginx -t`,
-the image's entry point by rendering the project's model repository exactly as the container does,
-and the load balancer live, in front of two real tritonserver replicas (CPU) serving the
-repository the entry point rendered. The tools are Debian packages; tests that need a missing one
-skip: `apt-get install docker-compose nginx-light`.
+the image's entry point by rendering the packaged model repository exactly as the container does
+and printing the launcher's one hardened command line, and the load balancer live: two replicas,
+each the real entry point running the bundled tritonserver (CPU) supervised, behind
+deploy/nginx.conf. The tools are Debian packages; tests that need a missing one skip:
+`apt-get install docker-compose nginx-light`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
 
 import numpy as np
 import pytest
@@ -28,14 +32,20 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from triton_rerank.launcher.server import (
-    DEFAULT_MODEL_REPOSITORY,
+from triton_rerank.launcher.repository import (
     RepositorySettings,
-    ServerAddress,
-    TritonServer,
-    free_ports,
+    copy_tree,
+    packaged_model_repository,
     render_model_repository,
 )
+from triton_rerank.launcher.server import (
+    REDACTED_KEY,
+    ServerAddress,
+    free_ports,
+    process_group_alive,
+    server_command,
+)
+from triton_rerank.launcher.supervisor import stub_models
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -45,7 +55,8 @@ TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-pyt-python-py3"
 # The settings the entry point reads from the environment: kept out of the tests' subprocesses.
 ENTRYPOINT_VARIABLES = ["MODEL_PATH", "DEVICE", "DTYPE", "ENGINE", "ATTENTION_BACKEND", "MAX_LENGTH",
                         "MAX_BATCH_TOKENS", "INSTANCES", "GPUS", "NUM_THREADS", "MODEL_REPOSITORY_SOURCE",
-                        "MODEL_REPOSITORY", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT", "TRITON_METRICS_PORT",
+                        "MODEL_REPOSITORY", "TRITON_HOST", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT",
+                        "TRITON_METRICS_PORT", "TRITONSERVER", "TRITON_BACKEND_DIRECTORY", "READY_TIMEOUT",
                         "TRITON_ARGS"]
 
 _VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -96,7 +107,9 @@ def test_services_ports_and_gpu_reservation(compose):
     assert set(triton["volumes"]) == {"hf-cache:/hf-cache", "models:/models:ro"}
     assert set(compose["volumes"]) == {"hf-cache", "models"}
 
-    assert services["lb"]["ports"] == ["8000:8000", "8001:8001"]
+    assert triton["stop_grace_period"] == "30s"  # tritonserver finishes requests in flight (up to 15 s)
+    # The load balancer publishes the public ports; its perf port (model config, statistics) stays inside.
+    assert services["lb"]["ports"] == ["8000:8000", "8001:8001"] and services["lb"]["expose"] == ["8003"]
     assert services["lb"]["volumes"] == ["./deploy/nginx.conf:/etc/nginx/nginx.conf:ro"]
     assert services["lb"]["depends_on"] == {"triton": {"condition": "service_healthy"}}
 
@@ -124,7 +137,8 @@ def test_perf_profile_runs_perf_analyzer_on_the_ensemble(compose):
     command = perf["command"]
     assert command[0] == "perf_analyzer"
     assert command[command.index("-m") + 1] == "reranker"
-    assert command[command.index("-u") + 1] == "lb:8001" and command[command.index("-i") + 1] == "grpc"
+    # perf_analyzer reads the model configuration and statistics: the load balancer's perf port.
+    assert command[command.index("-u") + 1] == "lb:8003" and command[command.index("-i") + 1] == "grpc"
     input_data = command[command.index("--input-data") + 1]
     assert f"./deploy/perf-input.json:{input_data}:ro" in perf["volumes"]
 
@@ -183,25 +197,34 @@ def test_compose_renders_the_overrides():
 # --- the image ----------------------------------------------------------------------------------
 
 
-def test_image_is_the_ngc_server_with_the_project_and_its_repository():
+# --- the image ----------------------------------------------------------------------------------
+
+
+def test_image_is_the_ngc_server_with_the_installed_package():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert f"ARG TRITON_IMAGE={TRITON_IMAGE}\nFROM ${{TRITON_IMAGE}}" in dockerfile
-    copies = re.findall(r"^COPY (\S+) (\S+)$", dockerfile, re.MULTILINE)
-    assert ("model_repository", "model_repository") in copies
     assert re.search(r"^WORKDIR /opt/triton-rerank$", dockerfile, re.MULTILINE)
-    # The project without its dependency list (which would replace torch), then its requirements.
-    assert "pip3 install --no-cache-dir --no-deps ." in dockerfile
+    copies = re.findall(r"^COPY (.+) (\S+)$", dockerfile, re.MULTILINE)
+    # The package (its model repository included) is copied, installed not editable without its
+    # dependency list (which would replace torch), and its sources removed: the container uses the
+    # installed package and finds the repository through importlib.resources.
+    copied = {path for sources, target in copies if target.startswith("src/") for path in sources.split()}
+    assert "RUN pip3 install --no-cache-dir --no-deps ./src && rm -rf src" in dockerfile
     assert "pip3 install --no-cache-dir -r deploy/requirements.txt" in dockerfile
     assert dockerfile.rstrip().endswith('CMD ["python3", "/opt/triton-rerank/deploy/entrypoint.py"]')
-    # The entry point renders the repository the Dockerfile copied.
-    assert 'IMAGE_SOURCE = "/opt/triton-rerank/model_repository"' in ENTRYPOINT.read_text()
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {package.split(".")[1] for package in setuptools["packages"] if "." in package}
+    package_data = {pattern.split("/")[0] for pattern in setuptools["package-data"]["triton_rerank"]}
+    top_files = {p.name for p in ROOT.glob("*.py")}
+    assert folders | package_data | top_files | {"pyproject.toml", "README.md"} <= copied, "the image misses a part"
+    assert "model_repository" in package_data
     # Every COPY source reaches the build context through deploy/Dockerfile.dockerignore.
     allowed = {line[1:] for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
                if line.startswith("!")}
-    for source, _ in copies:
-        for path in source.split():
+    for sources, _ in copies:
+        for path in sources.split():
             assert path in allowed, f"{path} is not let through Dockerfile.dockerignore"
-    assert {"pyproject.toml", "README.md", "serving", "kernels", "client"} <= allowed
 
 
 def _requirement_name(requirement: str) -> str:
@@ -233,9 +256,12 @@ def fake_model(tmp_path: Path) -> Path:
 
 
 def entrypoint(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ENTRYPOINT), "--render-only", "--source", str(DEFAULT_MODEL_REPOSITORY),
-               *args]
+    command = [sys.executable, str(ENTRYPOINT), "--render-only", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=clean_env(**(env or {})))
+
+
+def printed_command(result: subprocess.CompletedProcess) -> list[str]:
+    return shlex.split(result.stdout.strip().splitlines()[-1])
 
 
 def parse_config(path: Path) -> model_config_pb2.ModelConfig:
@@ -248,20 +274,16 @@ def test_entrypoint_renders_the_repository_the_tests_serve(tmp_path):
                         "--instances", "2", "--gpus", "0,1")
     assert result.returncode == 0, result.stderr
     image = tmp_path / "image"
-    # The same renderer, the same source: file for file what render_model_repository gives, except
-    # for the placement of the cross_encoder instances.
+    # The same renderer, the same (packaged) source, the same settings: file for file what
+    # render_model_repository gives.
     reference = render_model_repository(
-        RepositorySettings(model_path=str(model), device="auto", dtype="bfloat16", instances=2), tmp_path / "ref")
+        RepositorySettings(model_path=str(model), device="cuda", dtype="bfloat16", instances=2, gpus=(0, 1)),
+        tmp_path / "ref")
     files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(image) for p in image.rglob("*") if p.is_file())
-    assert Path("cross_encoder/1/model.py") in files and Path("reranker/1/.gitkeep") in files
+    assert Path("cross_encoder/1/model.py") in files and (image / "reranker" / "1").is_dir()
     for name in files:
-        if name != Path("cross_encoder/config.pbtxt"):
-            assert (image / name).read_bytes() == (reference / name).read_bytes(), name
-    ours = (image / "cross_encoder" / "config.pbtxt").read_text().splitlines()
-    theirs = (reference / "cross_encoder" / "config.pbtxt").read_text().splitlines()
-    assert [(a, b) for a, b in zip(ours, theirs, strict=True) if a != b] == [
-        ("instance_group [ { count: 2, kind: KIND_GPU, gpus: [ 0, 1 ] } ]", "instance_group [ { count: 2 } ]")]
+        assert (image / name).read_bytes() == (reference / name).read_bytes(), name
 
     # What tritonserver will read: every config parses as a Triton ModelConfig.
     configs = {name: parse_config(image / name / "config.pbtxt") for name in ("tokenizer", "cross_encoder", "reranker")}
@@ -274,29 +296,49 @@ def test_entrypoint_renders_the_repository_the_tests_serve(tmp_path):
     assert configs["tokenizer"].parameters["model_path"].string_value == str(model)
     assert configs["reranker"].platform == "ensemble"
 
-    command = shlex.split(result.stdout.strip().splitlines()[-1])
-    assert command[0] == "tritonserver"
-    assert f"--model-repository={image}" in command and "--model-control-mode=none" in command
-    assert {"--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"} <= set(command)
+
+def test_entrypoint_runs_the_launchers_hardened_command(tmp_path):
+    """The container's tritonserver command is the launcher's, flag for flag: the image's binary and
+    backends, every listener on 0.0.0.0 inside the container, GPU metrics on; the admin key is
+    never printed."""
+    result = entrypoint("--model-path", str(fake_model(tmp_path)), "--target", str(tmp_path / "image"))
+    assert result.returncode == 0, result.stderr
+    command = printed_command(result)
+    image = (tmp_path / "image").resolve()
+    assert command == server_command("tritonserver", image, Path("/opt/tritonserver/backends"),
+                                     ServerAddress("0.0.0.0", 8000, 8001, 8002), REDACTED_KEY, gpu_metrics=True)
+    assert {"--model-control-mode=explicit", "--load-model=*", "--exit-on-error=true",
+            "--strict-readiness=true"} <= set(command)
+    assert f"--http-restricted-api=shared-memory,model-repository,trace,logging:triton-rerank-admin={REDACTED_KEY}" in command
+    # `triton-rerank serve` runs the same flags, with the bundled server, its backends, on its host.
+    serve = server_command("/bundled/tritonserver", image, tmp_path / "backends", ServerAddress(), REDACTED_KEY)
+    assert [arg.split("=")[0] for arg in command[1:]] == [arg.split("=")[0] for arg in serve[1:]]
+    # The settings the environment may change; the entry point's own ports and binary.
+    env = {"TRITONSERVER": "/usr/local/bin/tritonserver", "TRITON_BACKEND_DIRECTORY": "/srv/backends",
+           "TRITON_HTTP_PORT": "9000", "TRITON_HOST": "10.1.2.3", "DEVICE": "cpu"}
+    result = entrypoint("--model-path", str(fake_model(tmp_path)), "--target", str(tmp_path / "image"), env=env)
+    assert printed_command(result) == server_command(
+        "/usr/local/bin/tritonserver", image, Path("/srv/backends"), ServerAddress("10.1.2.3", 9000, 8001, 8002),
+        REDACTED_KEY, gpu_metrics=False)
 
 
-@pytest.mark.parametrize(("device", "gpus", "line", "kind"), [
-    ("cuda", "", "instance_group [ { count: 3, kind: KIND_GPU } ]", "KIND_GPU"),
-    ("cuda", "2", "instance_group [ { count: 3, kind: KIND_GPU, gpus: [ 2 ] } ]", "KIND_GPU"),
-    ("cpu", "", "instance_group [ { count: 3, kind: KIND_CPU } ]", "KIND_CPU"),
-    ("auto", "", "instance_group [ { count: 3 } ]", "KIND_AUTO"),
+@pytest.mark.parametrize(("device", "gpus", "kind", "expected_gpus"), [
+    ("cuda", "", "KIND_GPU", []),
+    ("cuda", "2", "KIND_GPU", [2]),
+    ("cuda", "1 0", "KIND_GPU", [1, 0]),
+    ("cpu", "", "KIND_CPU", []),
+    ("auto", "", "KIND_AUTO", []),
 ])
-def test_entrypoint_instance_placement_from_the_environment(tmp_path, device, gpus, line, kind):
+def test_entrypoint_instance_placement_from_the_environment(tmp_path, device, gpus, kind, expected_gpus):
     env = {"MODEL_PATH": str(fake_model(tmp_path)), "DEVICE": device, "GPUS": gpus, "INSTANCES": "3",
            "MODEL_REPOSITORY": str(tmp_path / "repo"), "TRITON_ARGS": "--log-verbose=1 --backend-config=python,a=b"}
     result = entrypoint("--", "--exit-timeout-secs=5", env=env)
     assert result.returncode == 0, result.stderr
-    config = tmp_path / "repo" / "cross_encoder" / "config.pbtxt"
-    assert line in config.read_text().splitlines()
-    group = parse_config(config).instance_group[0]
-    assert model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind) == kind
-    assert parse_config(config).parameters["device"].string_value == ("cpu" if device == "cpu" else "auto")
-    command = shlex.split(result.stdout.strip().splitlines()[-1])
+    config = parse_config(tmp_path / "repo" / "cross_encoder" / "config.pbtxt")
+    assert [(model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind), g.count, list(g.gpus))
+            for g in config.instance_group] == [(kind, 3, expected_gpus)]
+    assert config.parameters["device"].string_value == ("cpu" if device == "cpu" else "auto")
+    command = printed_command(result)
     assert command[-3:] == ["--log-verbose=1", "--backend-config=python,a=b", "--exit-timeout-secs=5"]
 
 
@@ -306,24 +348,31 @@ def test_entrypoint_instance_placement_from_the_environment(tmp_path, device, gp
     (["--device", "cpu", "--gpus", "0"], {}, "needs DEVICE=cuda"),
     (["--instances", "0"], {}, "INSTANCES must be at least 1"),
     ([], {"DEVICE": "gpu"}, "DEVICE='gpu'"),
+    # Extra arguments may add to the hardened command line, not undo it.
+    ([], {"TRITON_ARGS": "--model-control-mode=poll"}, "--model-control-mode is set by triton-rerank"),
+    (["--", "--http-restricted-api=trace:a=b"], {}, "--http-restricted-api is set by triton-rerank"),
 ])
 def test_entrypoint_refuses_bad_settings(tmp_path, args, env, message):
     result = entrypoint("--model-path", str(fake_model(tmp_path)), "--target", str(tmp_path / "repo"), *args,
                         env=env)
-    assert result.returncode == 2 and message in result.stderr
+    assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "repo").exists()
 
 
 def test_entrypoint_names_a_missing_model_and_keeps_the_source(tmp_path):
     result = entrypoint("--model-path", str(tmp_path / "nowhere"), "--target", str(tmp_path / "repo"))
     assert result.returncode == 2 and "is not a directory" in result.stderr
-    source = tmp_path / "source"
-    shutil.copytree(DEFAULT_MODEL_REPOSITORY, source)
-    result = subprocess.run([sys.executable, str(ENTRYPOINT), "--render-only", "--source", str(source),
-                             "--target", str(source), "--model-path", str(fake_model(tmp_path))],
-                            capture_output=True, text=True, timeout=120, env=clean_env())
+    assert not (tmp_path / "repo").exists()
+    source = copy_tree(packaged_model_repository(), tmp_path / "source")
+    result = entrypoint("--source", str(source), "--target", str(source), "--model-path", str(fake_model(tmp_path)))
     assert result.returncode == 2 and "must not replace its source" in result.stderr
     assert (source / "reranker" / "config.pbtxt").is_file()
+    # Another source directory (MODEL_REPOSITORY_SOURCE) renders like the packaged one.
+    result = entrypoint("--target", str(tmp_path / "repo"), "--model-path", str(fake_model(tmp_path)),
+                        env={"MODEL_REPOSITORY_SOURCE": str(source)})
+    assert result.returncode == 0, result.stderr
+    assert parse_config(tmp_path / "repo" / "tokenizer" / "config.pbtxt").parameters["model_path"].string_value == str(
+        fake_model(tmp_path))
 
 
 # --- the load balancer --------------------------------------------------------------------------
@@ -336,7 +385,8 @@ def nginx_binary() -> str:
     return binary
 
 
-def local_nginx_config(run_dir: Path, http: list[int], grpc: list[int], listen: tuple[int, int] = (8000, 8001)) -> Path:
+def local_nginx_config(run_dir: Path, http: list[int], grpc: list[int],
+                       listen: tuple[int, int, int] = (8000, 8001, 8003)) -> Path:
     """deploy/nginx.conf with what only a test machine needs changed: the compose host name `triton`
     becomes local replicas' ports, it listens on loopback ports, and keeps its temporary files in run_dir."""
     text = (DEPLOY / "nginx.conf").read_text()
@@ -344,8 +394,9 @@ def local_nginx_config(run_dir: Path, http: list[int], grpc: list[int], listen: 
     for port_in_compose, ports in ((8000, http), (8001, grpc)):
         text = re.sub(rf"server triton:{port_in_compose} ([^;]*);",
                       lambda m, ports=ports: " ".join(f"server 127.0.0.1:{p} {m.group(1)};" for p in ports), text)
-    text = text.replace("listen 8000;", f"listen 127.0.0.1:{listen[0]};")
-    text = text.replace("listen 8001 http2;", f"listen 127.0.0.1:{listen[1]} http2;")
+    for original, new in zip(("listen 8000;", "listen 8001 http2;", "listen 8003 http2;"), listen, strict=True):
+        assert text.count(original) == 1
+        text = text.replace(original, original.replace(original.split()[1].rstrip(";"), f"127.0.0.1:{new}"))
     temp = "".join(f"    {kind}_temp_path {run_dir / kind};\n"
                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     text = text.replace("http {\n", "http {\n" + temp, 1)
@@ -356,9 +407,44 @@ def local_nginx_config(run_dir: Path, http: list[int], grpc: list[int], listen: 
 
 def test_nginx_config_is_valid(tmp_path):
     config = local_nginx_config(tmp_path, [18000], [18001])
+    assert "listen 127.0.0.1:8001 http2;" in config.read_text()
     result = subprocess.run([nginx_binary(), "-t", "-c", str(config), "-p", str(tmp_path), "-e", "stderr",
                              "-g", f"pid {tmp_path / 'nginx.pid'};"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "test is successful" in result.stderr, result.stderr
+
+
+def test_nginx_lets_through_only_inference_health_and_metadata():
+    """The allow-lists in deploy/nginx.conf, read from the file (the live test below exercises them)."""
+    text = (DEPLOY / "nginx.conf").read_text()
+    public_grpc, perf_grpc = text.split("listen 8001 http2;")[1].split("listen 8003 http2;")
+    methods = re.compile(r"location = /inference\.GRPCInferenceService/(\w+)")
+    assert methods.findall(public_grpc) == ["ModelInfer", "ServerLive", "ServerReady", "ModelReady",
+                                            "ServerMetadata", "ModelMetadata"]
+    assert set(methods.findall(perf_grpc)) == set(methods.findall(public_grpc)) | {"ModelConfig", "ModelStatistics"}
+    assert public_grpc.count("return 403;") == perf_grpc.count("return 403;") == 1
+    routes = dict(re.findall(r'^\s+"~(\^[^"]+)"\s+(\w+);$', text, re.MULTILINE))
+    assert sorted(routes.values()) == ["health", "inference", "model_metadata", "model_ready", "server_metadata"]
+    patterns = [re.compile(p) for p in routes]
+
+    def allowed(request: str) -> bool:
+        return any(p.search(request) for p in patterns)
+
+    for request in ["GET /v2/health/live", "GET /v2/health/ready", "GET /v2", "GET /v2/models/reranker",
+                    "GET /v2/models/reranker/versions/1", "GET /v2/models/reranker/ready",
+                    "GET /v2/models/reranker/versions/1/ready", "POST /v2/models/reranker/infer",
+                    "POST /v2/models/reranker/versions/1/infer", "POST /v2/models/reranker/generate",
+                    "GET /v2/health/ready?verbose=1"]:
+        assert allowed(request), request
+    for request in ["GET /v2/models/reranker/config", "GET /v2/models/reranker/stats", "GET /v2/models/stats",
+                    "GET /v2/models/reranker/versions/1/stats", "POST /v2/repository/index",
+                    "POST /v2/repository/models/reranker/load", "POST /v2/repository/models/reranker/unload",
+                    "POST /v2/systemsharedmemory/region/r/register", "GET /v2/systemsharedmemory/status",
+                    "POST /v2/cudasharedmemory/region/r/register", "GET /v2/trace/setting",
+                    "POST /v2/models/reranker/trace/setting", "GET /v2/logging", "POST /v2/logging",
+                    "GET /v2/models/reranker/../../repository/index", "GET /metrics", "GET //v2/health/ready",
+                    "POST /v2/models/reranker/ready", "GET /v2/models/reranker/infer",
+                    "POST /v2/models/reranker/generate_stream"]:
+        assert not allowed(request), request
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -388,63 +474,197 @@ def inference_count(url: str) -> int:
         return int(client.get_inference_statistics("reranker")["model_stats"][0]["inference_count"])
 
 
+def http_status(url: str, method: str = "GET", body: bytes | None = None) -> int:
+    try:
+        with urlopen(Request(url, data=body, method=method), timeout=30) as response:
+            return response.status
+    except HTTPError as error:
+        return error.code
+    except OSError:  # nothing listens (yet)
+        return 0
+
+
+def raw_http_status(port: int, method: str, path: str) -> int:
+    """The status for a request line sent exactly as written (no client-side path normalisation)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        connection.putheader("Content-Length", "0")
+        connection.endheaders()
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+class Replica:
+    """The image's entry point, run for real: it renders the packaged repository and runs the
+    bundled tritonserver (CPU) with the launcher's hardened command line, supervised."""
+
+    def __init__(self, model_dir: Path, run_dir: Path):
+        self.run_dir = run_dir
+        self.http, self.grpc, self.metrics = free_ports(3)
+        self.log = run_dir / "entrypoint.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ENTRYPOINT), "--tritonserver", "bundled", "--host", "127.0.0.1",
+                 "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
+                 "--device", "cpu", "--model-path", str(model_dir), "--target", str(run_dir / "model_repository"),
+                 "--ready-timeout", "180", "--", "--exit-timeout-secs=3"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env())
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the entry point exited:\n{self.output()}"
+            if http_status(f"http://{self.http_url}/v2/health/ready") == 200:
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"replica not ready:\n{self.output()}")
+
+    def server_pid(self) -> int:
+        """The tritonserver the entry point started (its child)."""
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                    if (proc / "cmdline").read_bytes().split(b"\0")[0].endswith(b"/tritonserver"):
+                        return int(proc.name)
+            except (OSError, IndexError, ValueError):
+                continue
+        raise AssertionError(f"no tritonserver under the entry point:\n{self.output()}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
 @pytest.mark.server
 def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs, tmp_path):
-    """The image's repository (rendered by the entry point, CPU instances) on two tritonserver
-    replicas behind deploy/nginx.conf: HTTP, gRPC and perf_analyzer with deploy/perf-input.json
-    through the load balancer, and both replicas get requests."""
+    """Two replicas, each the image's entry point running the bundled tritonserver supervised (CPU),
+    behind deploy/nginx.conf: HTTP, gRPC, the generate extension and perf_analyzer (with
+    deploy/perf-input.json) pass through the load balancer and both replicas get requests; admin
+    routes (repository, shared memory, trace, logging, model config, statistics) are refused by
+    nginx; a replica whose backend process dies is repaired by its supervisor; SIGTERM stops every
+    replica with its server and backend processes."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     from triton_rerank.bench.perf_analyzer import perf_analyzer_binary, perf_analyzer_environment
 
     nginx = nginx_binary()
-    repository = tmp_path / "model_repository"
-    result = entrypoint("--model-path", str(tiny_model_dirs["xlm-roberta"]), "--device", "cpu",
-                        "--target", str(repository))
-    assert result.returncode == 0, result.stderr
-
-    servers: list[TritonServer] = []
+    replicas: list[Replica] = []
     balancer = None
     try:
         for i in range(2):
-            http, grpc, metrics = free_ports(3)
             run_dir = tmp_path / f"replica-{i}"
             run_dir.mkdir()
-            servers.append(TritonServer(repository, run_dir, ServerAddress("127.0.0.1", http, grpc, metrics),
-                                        extra_args=["--exit-timeout-secs=3"]).start())
-        for server in servers:
-            server.wait_ready(180)
-        lb_http, lb_grpc = free_ports(2)
-        config = local_nginx_config(tmp_path, [s.address.http_port for s in servers],
-                                    [s.address.grpc_port for s in servers], listen=(lb_http, lb_grpc))
+            replicas.append(Replica(tiny_model_dirs["xlm-roberta"], run_dir))
+        for replica in replicas:
+            replica.wait_ready()
+        lb_http, lb_grpc, lb_perf = free_ports(3)
+        config = local_nginx_config(tmp_path, [r.http for r in replicas], [r.grpc for r in replicas],
+                                    listen=(lb_http, lb_grpc, lb_perf))
         balancer = subprocess.Popen(
             [nginx, "-c", str(config), "-p", str(tmp_path), "-e", "stderr",
              "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_for_port(lb_http, balancer)
-        wait_for_port(lb_grpc, balancer)
+        for port in (lb_http, lb_grpc, lb_perf):
+            wait_for_port(port, balancer)
 
+        # Inference passes, over both protocols, to both replicas.
         query = "what is panda?"
         documents = ["hi", "The giant panda is a bear native to south central China.", "panda panda panda"]
-        direct = rerank(httpclient, servers[0].address.http_url, query, documents)
-        before = [inference_count(s.address.http_url) for s in servers]
+        direct = rerank(httpclient, replicas[0].http_url, query, documents)
+        before = [inference_count(r.http_url) for r in replicas]
         for _ in range(4):
             np.testing.assert_allclose(rerank(httpclient, f"127.0.0.1:{lb_http}", query, documents), direct, atol=1e-5)
             np.testing.assert_allclose(rerank(grpcclient, f"127.0.0.1:{lb_grpc}", query, documents), direct, atol=1e-5)
-        served = [inference_count(s.address.http_url) - b for s, b in zip(servers, before, strict=True)]
+        served = [inference_count(r.http_url) - b for r, b in zip(replicas, before, strict=True)]
         assert sum(served) == 8 and min(served) >= 1, served
+        lb = f"http://127.0.0.1:{lb_http}"
+        body = json.dumps({"QUERY": query, "DOCUMENTS": documents}).encode()
+        with urlopen(Request(f"{lb}/v2/models/reranker/generate", data=body, method="POST"), timeout=60) as response:
+            np.testing.assert_allclose(json.loads(response.read())["SCORES"], direct, atol=1e-5)
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/reranker",
+                     "/v2/models/reranker/versions/1", "/v2/models/reranker/ready"):
+            assert http_status(lb + path) == 200, path
 
-        perf = subprocess.run(
-            [str(perf_analyzer_binary()), "-m", "reranker", "-u", f"127.0.0.1:{lb_grpc}", "-i", "grpc",
-             "--input-data", str(DEPLOY / "perf-input.json"), "--concurrency-range", "2",
-             "--measurement-interval", "1000", "--stability-percentage", "1000", "--max-trials", "10"],
-            env=perf_analyzer_environment(tmp_path / "libs"), capture_output=True, text=True, timeout=180)
-        assert perf.returncode == 0, perf.stdout + perf.stderr
-        assert "Throughput:" in perf.stdout
+        # Admin routes are answered by nginx, whatever the replica would say.
+        for method, path in [("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/reranker/unload"),
+                             ("GET", "/v2/models/reranker/config"), ("GET", "/v2/models/stats"),
+                             ("GET", "/v2/models/reranker/stats"), ("GET", "/v2/systemsharedmemory/status"),
+                             ("POST", "/v2/cudasharedmemory/region/r/unregister"), ("GET", "/v2/trace/setting"),
+                             ("GET", "/v2/logging"), ("GET", "/v2/models/reranker/../../repository/index"),
+                             ("GET", "/v2/models/reranker%2F..%2F..%2Frepository/index")]:
+            assert raw_http_status(lb_http, method, path) == 403, (method, path)
+        # (The replicas close their own restricted APIs too: the entry point runs the hardened command.)
+        assert http_status(f"http://{replicas[0].http_url}/v2/repository/index", "POST", b"{}") == 403
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{lb_grpc}") as client:
+            assert client.is_server_ready() and client.is_model_ready("reranker")
+            assert client.get_model_metadata("reranker").name == "reranker"
+            for call in (lambda: client.get_model_config("reranker"), client.get_model_repository_index,
+                         lambda: client.unload_model("reranker"), lambda: client.get_inference_statistics("reranker"),
+                         client.get_system_shared_memory_status, client.get_log_settings):
+                with pytest.raises(InferenceServerException) as refused:
+                    call()
+                assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert all(r.process.poll() is None for r in replicas)  # nothing was unloaded
+
+        # perf_analyzer reads the model configuration: refused on the public port, served on the perf port.
+        def perf(port: int) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [str(perf_analyzer_binary()), "-m", "reranker", "-u", f"127.0.0.1:{port}", "-i", "grpc",
+                 "--input-data", str(DEPLOY / "perf-input.json"), "--concurrency-range", "2",
+                 "--measurement-interval", "1000", "--stability-percentage", "1000", "--max-trials", "10"],
+                env=perf_analyzer_environment(tmp_path / "libs"), capture_output=True, text=True, timeout=180)
+
+        refused_perf = perf(lb_grpc)
+        assert refused_perf.returncode != 0 and "model config" in refused_perf.stdout + refused_perf.stderr
+        result = perf(lb_perf)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Throughput:" in result.stdout
+
+        # The entry point's server is supervised: a dead backend process is replaced, the model reloaded.
+        server_pid = replicas[0].server_pid()
+        (victim,) = [pid for pid, model in stub_models(server_pid).items() if model == "tokenizer"]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            stubs = {model: pid for pid, model in stub_models(server_pid).items()}
+            if stubs.get("tokenizer", victim) != victim:
+                try:
+                    np.testing.assert_allclose(rerank(httpclient, replicas[0].http_url, query, documents), direct,
+                                               atol=1e-5)
+                    break
+                except InferenceServerException:
+                    pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the tokenizer was not reloaded:\n{replicas[0].output()}")
+        assert "reloading the model" in replicas[0].output() or "reloaded" in replicas[0].output()
+
+        # SIGTERM (docker stop) stops each replica, its server and every backend process.
+        pids = [r.server_pid() for r in replicas]
+        assert [r.stop() for r in replicas] == [0, 0], [r.output() for r in replicas]
+        assert not any(process_group_alive(pid) for pid in pids)
     finally:
         if balancer is not None:
             balancer.terminate()
             balancer.wait(timeout=30)
-        for server in servers:
-            server.stop()
+        for replica in replicas:
+            replica.stop()

@@ -5,14 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from triton_rerank.launcher.server import (
-    RepositorySettings,
-    ServerAddress,
-    TritonServer,
-    free_ports,
-    process_group_alive,
-    render_model_repository,
-)
+from triton_rerank.launcher.repository import RepositorySettings, render_model_repository
+from triton_rerank.launcher.server import ServerAddress, TritonServer, free_ports, process_group_alive
 
 
 @dataclass

@@ -1,0 +1,223 @@
+"""The model repository: the packaged source, its config.pbtxt files as `ModelConfig` messages,
+and the one renderer that fills in a run copy for one model and one placement.
+
+config.pbtxt is read and written with the protobuf message tritonclient ships
+(`tritonclient.grpc.model_config_pb2.ModelConfig`) and `google.protobuf.text_format`, never edited
+as text: what the renderer writes is what tritonserver parses. The rendered copies lose the source
+files' comments (they say where their commented source is); model_repository/ keeps them.
+
+The source is the package's own `model_repository/` (package data, found through
+importlib.resources, so a non-editable `pip install` works), or any directory laid out the same.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+from google.protobuf.message import Message
+from tritonclient.grpc.model_config_pb2 import ModelConfig, ModelInstanceGroup
+
+from .errors import LauncherError
+
+try:
+    from importlib.resources.abc import Traversable
+except ImportError:  # Python 3.10
+    from importlib.abc import Traversable
+
+CONFIG = "config.pbtxt"
+# The ensemble's steps whose parameters the settings fill in.
+TOKENIZER = "tokenizer"
+SCORER = "cross_encoder"
+
+
+def packaged_model_repository() -> Traversable:
+    """The model repository shipped in the package (a directory on disk for a regular install)."""
+    return importlib.resources.files("triton_rerank") / "model_repository"
+
+
+def parse_config(text: str, name: str = CONFIG) -> ModelConfig:
+    try:
+        return text_format.Parse(text, ModelConfig())
+    except text_format.ParseError as error:
+        raise LauncherError(f"{name} is not a Triton model configuration: {error}") from None
+
+
+def read_config(path: Traversable | Path) -> ModelConfig:
+    """A config.pbtxt (a file path, or a model directory holding one) as a ModelConfig."""
+    if path.name != CONFIG:
+        path = path / CONFIG
+    return parse_config(path.read_text(), str(path))
+
+
+def format_config(config: Message, header: str = "") -> str:
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + text_format.MessageToString(config)
+
+
+def write_config(config: ModelConfig, path: Path, header: str = "") -> Path:
+    """Writes `config` as text format; the result parses back to the same message."""
+    if path.name != CONFIG:
+        path = path / CONFIG
+    path.write_text(format_config(config, header))
+    return path
+
+
+def model_names(source: Traversable | Path) -> list[str]:
+    """The models of a repository: its directories that hold a config.pbtxt."""
+    return sorted(entry.name for entry in source.iterdir() if entry.is_dir() and (entry / CONFIG).is_file())
+
+
+def read_repository(source: Traversable | Path | None = None) -> dict[str, ModelConfig]:
+    """{model name: ModelConfig} of every model in `source` (default: the packaged repository)."""
+    source = packaged_model_repository() if source is None else source
+    if not source.is_dir():
+        raise LauncherError(f"{source} is not a model repository directory")
+    return {name: read_config(source / name) for name in model_names(source)}
+
+
+@dataclass
+class RepositorySettings:
+    """What a rendered repository sets; everything else stays as in the source's config.pbtxt files."""
+
+    model_path: str
+    # auto: Triton places the encoder (GPU when it sees one); cpu; cuda (every visible GPU, or
+    # those in `gpus`); cuda:N = cuda on GPU N.
+    device: str = "auto"
+    dtype: str = "auto"
+    engine: str = "packed"
+    attention_backend: str = ""
+    max_length: int = 0
+    max_batch_tokens: int = 0  # 0 = the device default (4096 on CPU, 16384 on GPU)
+    # cross_encoder instances: in all (cpu, auto), or on each GPU (cuda).
+    instances: int = 1
+    gpus: tuple[int, ...] = ()
+    num_threads: int = 0
+    # Waiting requests per model before new ones are refused (0 = as in config.pbtxt).
+    max_queue_size: int = 0
+    # The encoder's dynamic-batching wait (max_queue_delay_microseconds); None = as in config.pbtxt.
+    queue_delay_us: int | None = None
+    # More parameters, {model: {key: value}}; each key must be one the model's config.pbtxt has.
+    extra: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def placement(self) -> tuple[int | None, tuple[int, ...]]:
+        """(instance kind or None for Triton's choice, GPU ids) of the encoder's instances."""
+        device, _, index = self.device.partition(":")
+        gpus = tuple(self.gpus)
+        if device not in ("auto", "cpu", "cuda") or (index and (device != "cuda" or not index.isdigit())):
+            raise LauncherError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if index:
+            if gpus and gpus != (int(index),):
+                raise LauncherError(f"device {self.device!r} and gpus {list(gpus)} disagree")
+            gpus = (int(index),)
+        if gpus and device != "cuda":
+            raise LauncherError(f"GPU ids {list(gpus)} need device cuda, got {self.device!r}")
+        if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+            raise LauncherError(f"gpus must be distinct non-negative GPU ids, got {list(gpus)}")
+        kind = {"cpu": ModelInstanceGroup.KIND_CPU, "cuda": ModelInstanceGroup.KIND_GPU}.get(device)
+        return kind, gpus
+
+    def parameters(self) -> dict[str, dict[str, str]]:
+        """{model: {parameter: value}} this rendering sets."""
+        values = {
+            TOKENIZER: {"model_path": self.model_path, "max_length": str(self.max_length)},
+            SCORER: {
+                "model_path": self.model_path,
+                "engine": self.engine,
+                "attention_backend": self.attention_backend,
+                "dtype": self.dtype,
+                # GPU instances keep "auto": each then runs on the GPU Triton placed it on, where
+                # "cuda" would put every instance of a multi-GPU host on cuda:0.
+                "device": "cpu" if self.device == "cpu" else "auto",
+                "max_batch_tokens": str(self.max_batch_tokens),
+                "num_threads": str(self.num_threads),
+            },
+        }
+        for model, extra in self.extra.items():
+            values.setdefault(model, {}).update({key: str(value) for key, value in extra.items()})
+        return values
+
+    def check(self) -> None:
+        for name in ("max_length", "max_batch_tokens", "num_threads", "max_queue_size"):
+            if getattr(self, name) < 0:
+                raise LauncherError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.instances < 1:
+            raise LauncherError(f"instances must be at least 1, got {self.instances}")
+        if self.queue_delay_us is not None and self.queue_delay_us < 0:
+            raise LauncherError(f"queue_delay_us must be >= 0, got {self.queue_delay_us}")
+        self.placement()
+
+
+def apply_settings(configs: dict[str, ModelConfig], settings: RepositorySettings) -> dict[str, ModelConfig]:
+    """Sets `settings` on parsed configs (in place; returned for convenience). Raises LauncherError,
+    naming the model and the key, for anything the configs do not have."""
+    settings.check()
+    for model, params in settings.parameters().items():
+        if model not in configs:
+            raise LauncherError(f"the model repository has no model {model!r} (it has {', '.join(sorted(configs))})")
+        config = configs[model]
+        for key, value in params.items():
+            if key not in config.parameters:
+                raise LauncherError(f"{model}/{CONFIG} has no parameter {key!r} "
+                                    f"(it has {', '.join(sorted(config.parameters))})")
+            config.parameters[key].string_value = value
+
+    kind, gpus = settings.placement()
+    scorer = configs[SCORER]
+    group = ModelInstanceGroup(count=settings.instances, gpus=gpus)
+    if kind is not None:
+        group.kind = kind
+    del scorer.instance_group[:]
+    scorer.instance_group.append(group)
+
+    if settings.queue_delay_us is not None:
+        _dynamic_batching(scorer, SCORER).max_queue_delay_microseconds = settings.queue_delay_us
+    if settings.max_queue_size:
+        for model in (TOKENIZER, SCORER):
+            _dynamic_batching(configs[model], model).default_queue_policy.max_queue_size = settings.max_queue_size
+    return configs
+
+
+def _dynamic_batching(config: ModelConfig, model: str):
+    if not config.HasField("dynamic_batching"):
+        raise LauncherError(f"{model}/{CONFIG} has no dynamic_batching to set")
+    return config.dynamic_batching
+
+
+def render_model_repository(settings: RepositorySettings, target: Path, source: Traversable | Path | None = None) -> Path:
+    """A copy of the model repository at `target` (replaced if it exists) with `settings` filled in.
+
+    Every config is parsed, set and checked before anything is written; each rendered
+    config.pbtxt is written as text format. A model without a version directory (the ensemble,
+    whose `1/` is empty and may be missing from a wheel) gets an empty `1/`.
+    """
+    source = packaged_model_repository() if source is None else source
+    configs = apply_settings(read_repository(source), settings)
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    copy_tree(source, target)
+    for name, config in configs.items():
+        write_config(config, target / name, f"Rendered by triton-rerank from {source}/{name}/{CONFIG} "
+                                            "(the commented source).")
+        if not any(entry.is_dir() and entry.name.isdigit() for entry in (target / name).iterdir()):
+            (target / name / "1").mkdir()
+    return target
+
+
+def copy_tree(source: Traversable | Path, target: Path, skip: Iterable[str] = ("__pycache__",)) -> Path:
+    """Copies a directory given as a path or an importlib.resources Traversable (files' bytes only)."""
+    skip = frozenset(skip)
+    target.mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.name in skip:
+            continue
+        if entry.is_dir():
+            copy_tree(entry, target / entry.name, skip)
+        else:
+            (target / entry.name).write_bytes(entry.read_bytes())
+    return target

@@ -1,0 +1,172 @@
+"""The model repository: the packaged source and the one renderer, read back as ModelConfig messages."""
+
+import importlib.resources
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc.model_config_pb2 import ModelConfig, ModelInstanceGroup
+
+from triton_rerank.launcher.errors import LauncherError
+from triton_rerank.launcher.repository import (
+    RepositorySettings,
+    copy_tree,
+    packaged_model_repository,
+    read_config,
+    read_repository,
+    render_model_repository,
+)
+
+MODELS = ["cross_encoder", "reranker", "tokenizer"]
+
+
+def parse(path: Path) -> ModelConfig:
+    """What tritonserver reads: the file parsed as a Triton ModelConfig, independently of the launcher."""
+    return text_format.Parse(path.read_text(), ModelConfig())
+
+
+def params(config: ModelConfig) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def test_packaged_repository_is_the_package_data():
+    source = packaged_model_repository()
+    assert source == importlib.resources.files("triton_rerank") / "model_repository"
+    assert sorted(read_repository()) == MODELS
+    assert read_repository()["reranker"].platform == "ensemble"
+    # The source keeps its comments: only rendered copies are rewritten.
+    assert (source / "cross_encoder" / "config.pbtxt").read_text().startswith("#")
+
+
+def test_rendered_configs_parse_back_with_the_values_set(tmp_path):
+    settings = RepositorySettings(model_path='/models/a "b"', device="cuda", dtype="float16", engine="hf",
+                                  attention_backend="sdpa", max_length=512, max_batch_tokens=4096, instances=2,
+                                  gpus=(0, 3), num_threads=3, max_queue_size=7, queue_delay_us=250,
+                                  extra={"tokenizer": {"max_documents": "10"}})
+    out = render_model_repository(settings, tmp_path / "repo")
+    assert sorted(p.name for p in out.iterdir()) == MODELS
+    cross, tokenizer = parse(out / "cross_encoder" / "config.pbtxt"), parse(out / "tokenizer" / "config.pbtxt")
+    assert params(cross) == {"model_path": '/models/a "b"', "engine": "hf", "attention_backend": "sdpa",
+                             "dtype": "float16", "device": "auto", "max_batch_tokens": "4096", "num_threads": "3"}
+    assert params(tokenizer) == {"model_path": '/models/a "b"', "max_length": "512", "max_documents": "10",
+                                 "max_text_bytes": "1048576"}
+    (group,) = cross.instance_group
+    assert (group.count, group.kind, list(group.gpus)) == (2, ModelInstanceGroup.KIND_GPU, [0, 3])
+    assert cross.dynamic_batching.max_queue_delay_microseconds == 250
+    assert cross.dynamic_batching.default_queue_policy.max_queue_size == 7
+    assert tokenizer.dynamic_batching.default_queue_policy.max_queue_size == 7
+    assert tokenizer.dynamic_batching.max_queue_delay_microseconds == 0  # the tokenizer step needs no delay
+
+    # Everything not set is as in the source, field for field.
+    source = read_repository()
+    expected = source["cross_encoder"]
+    for key, value in params(cross).items():
+        expected.parameters[key].string_value = value
+    expected.instance_group[0].CopyFrom(group)
+    expected.dynamic_batching.max_queue_delay_microseconds = 250
+    expected.dynamic_batching.default_queue_policy.max_queue_size = 7
+    assert cross == expected
+    assert parse(out / "reranker" / "config.pbtxt") == source["reranker"]
+    # The model code is copied as it is.
+    for model in ("cross_encoder", "tokenizer"):
+        assert (out / model / "1" / "model.py").read_bytes() == (
+            packaged_model_repository() / model / "1" / "model.py").read_bytes()
+
+
+def test_render_replaces_the_target_and_leaves_the_source(tmp_path):
+    target = tmp_path / "repo"
+    (target / "stale").mkdir(parents=True)
+    render_model_repository(RepositorySettings(model_path="m"), target)
+    assert not (target / "stale").exists()
+    assert params(read_config(packaged_model_repository() / "cross_encoder"))["model_path"] == "BAAI/bge-reranker-v2-m3"
+
+
+@pytest.mark.parametrize(("device", "gpus", "kind", "expected_gpus", "device_parameter"), [
+    ("auto", (), ModelInstanceGroup.KIND_AUTO, [], "auto"),
+    ("cpu", (), ModelInstanceGroup.KIND_CPU, [], "cpu"),
+    # GPU instances keep the encoder's device "auto": each runs on the GPU Triton placed it on.
+    ("cuda", (), ModelInstanceGroup.KIND_GPU, [], "auto"),
+    ("cuda", (1, 0), ModelInstanceGroup.KIND_GPU, [1, 0], "auto"),
+    ("cuda:2", (), ModelInstanceGroup.KIND_GPU, [2], "auto"),
+])
+def test_instance_placement(tmp_path, device, gpus, kind, expected_gpus, device_parameter):
+    out = render_model_repository(RepositorySettings(model_path="m", device=device, gpus=gpus, instances=3),
+                                  tmp_path / "r")
+    config = parse(out / "cross_encoder" / "config.pbtxt")
+    assert [(g.count, g.kind, list(g.gpus)) for g in config.instance_group] == [(3, kind, expected_gpus)]
+    assert params(config)["device"] == device_parameter
+    # The tokenizer's own placement (CPU) is not the encoder's.
+    (tokenizer,) = parse(out / "tokenizer" / "config.pbtxt").instance_group
+    assert (tokenizer.count, tokenizer.kind) == (1, ModelInstanceGroup.KIND_CPU)
+
+
+def test_queue_settings_default_to_the_source(tmp_path):
+    out = render_model_repository(RepositorySettings(model_path="m"), tmp_path / "r")
+    source = read_repository()
+    for model in ("tokenizer", "cross_encoder"):
+        assert parse(out / model / "config.pbtxt").dynamic_batching == source[model].dynamic_batching
+
+
+def test_unknown_parameter_is_refused_naming_it(tmp_path):
+    target = tmp_path / "r"
+    with pytest.raises(LauncherError, match="cross_encoder/config.pbtxt has no parameter 'nope'"):
+        render_model_repository(RepositorySettings(model_path="m", extra={"cross_encoder": {"nope": "x"}}), target)
+    with pytest.raises(LauncherError, match="no model 'decoder'"):
+        render_model_repository(RepositorySettings(model_path="m", extra={"decoder": {"model_path": "x"}}), target)
+    assert not target.exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N"),
+    ({"device": "cuda:x"}, "device must be"),
+    ({"device": "cpu", "gpus": (0,)}, "need device cuda"),
+    ({"device": "cuda", "gpus": (1, 1)}, "distinct"),
+    ({"device": "cuda:1", "gpus": (0,)}, "disagree"),
+    ({"instances": 0}, "instances must be at least 1"),
+    ({"queue_delay_us": -1}, "queue_delay_us must be >= 0"),
+    ({"max_batch_tokens": -5}, "max_batch_tokens must be >= 0"),
+])
+def test_bad_settings_are_refused(tmp_path, settings, message):
+    with pytest.raises(LauncherError, match=message):
+        render_model_repository(RepositorySettings(model_path="m", **settings), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_settings_need_what_the_source_has(tmp_path):
+    source = copy_tree(packaged_model_repository(), tmp_path / "source")
+    config = read_config(source / "tokenizer")
+    config.ClearField("dynamic_batching")
+    (source / "tokenizer" / "config.pbtxt").write_text(text_format.MessageToString(config))
+    render_model_repository(RepositorySettings(model_path="m"), tmp_path / "ok", source=source)
+    with pytest.raises(LauncherError, match="tokenizer/config.pbtxt has no dynamic_batching"):
+        render_model_repository(RepositorySettings(model_path="m", max_queue_size=3), tmp_path / "r", source=source)
+    (source / "reranker" / "config.pbtxt").write_text("name: 'reranker'\nnot_a_field: 1\n")
+    with pytest.raises(LauncherError, match="not a Triton model configuration"):
+        render_model_repository(RepositorySettings(model_path="m"), tmp_path / "r", source=source)
+
+
+def test_the_ensemble_gets_its_version_directory(tmp_path):
+    """A wheel may leave out the ensemble's empty `1/`: the renderer creates it."""
+    source = copy_tree(packaged_model_repository(), tmp_path / "source")
+    shutil.rmtree(source / "reranker" / "1")
+    out = render_model_repository(RepositorySettings(model_path="m"), tmp_path / "r", source=source)
+    assert (out / "reranker" / "1").is_dir()
+    assert (out / "cross_encoder" / "1" / "model.py").is_file()
+
+
+def test_renders_from_a_resource_that_is_not_a_directory(tmp_path):
+    """The source is read through importlib.resources' Traversable API only (a zipped package works)."""
+    archive = tmp_path / "package.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in Path(str(packaged_model_repository())).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                zf.write(path, "triton_rerank/model_repository/" + path.relative_to(str(packaged_model_repository())).as_posix())
+    source = zipfile.Path(archive, "triton_rerank/model_repository/")
+    out = render_model_repository(RepositorySettings(model_path="zipped", device="cpu"), tmp_path / "r", source=source)
+    assert params(parse(out / "tokenizer" / "config.pbtxt"))["model_path"] == "zipped"
+    reference = render_model_repository(RepositorySettings(model_path="zipped", device="cpu"), tmp_path / "ref")
+    for model in MODELS:
+        assert parse(out / model / "config.pbtxt") == parse(reference / model / "config.pbtxt")
+    assert (out / "tokenizer" / "1" / "model.py").read_bytes() == (reference / "tokenizer" / "1" / "model.py").read_bytes()
