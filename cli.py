@@ -10,12 +10,12 @@ import argparse
 import sys
 
 from .bench import command as bench_command
-from .bench import tiny_model
+from .bench import random_model
 from .client import rerank_command
 from .gateway import command as api_command
 from .launcher import serve as serve_command
 
-COMMANDS = (serve_command, api_command, rerank_command, tiny_model, bench_command)
+COMMANDS = (serve_command, api_command, rerank_command, random_model, bench_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

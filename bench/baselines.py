@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .request_sets import Request, RequestSet
+from .workload import Request, RequestSet
 
 
 @dataclass
@@ -80,13 +80,13 @@ def hf_padded(model_dir: Path, requests: RequestSet, *, threads: int, batch_size
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from ..serving.scoring import resolve_dtype
+    from ..models.dtypes import torch_dtype
 
     torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, dtype=resolve_dtype(dtype), attn_implementation="sdpa").to(device).eval()
+        model_dir, dtype=torch_dtype(dtype), attn_implementation="sdpa").to(device).eval()
 
     @torch.inference_mode()
     def score_pairs(pairs: list[tuple[str, str]]) -> list[float]:
@@ -113,12 +113,13 @@ def packed(model_dir: Path, requests: RequestSet, *, threads: int, max_batch_tok
     import numpy as np
     import torch
 
-    from ..serving.scoring import PackedEngine, resolve_dtype, score_pairs
+    from ..models.dtypes import torch_dtype
+    from ..serving.scoring import PackedEngine, score_pairs
     from ..serving.tokenization import PairTokenizer
 
     torch.set_num_threads(threads)
     tokenizer = PairTokenizer(model_dir)
-    engine = PackedEngine(str(model_dir), resolve_dtype(dtype), torch.device(device), attention_backend or None)
+    engine = PackedEngine(str(model_dir), torch_dtype(dtype), torch.device(device), attention_backend or None)
 
     def score_all(reqs: Sequence[Request]) -> np.ndarray:
         parts = [tokenizer.encode(r.query, list(r.documents)) for r in reqs]

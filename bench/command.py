@@ -18,19 +18,22 @@ import dataclasses
 import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+from ..models.dtypes import DTYPE_NAMES
 from . import report
 from .peer import INFINITY_OPTIMUM_SETUP, INFINITY_SETUP
-from .request_sets import (
+from .served import level_count
+from .workload import (
+    DL19_FILE,
+    REPO_ROOT,
     RequestSet,
     dl19_requests,
     parse_synthetic,
+    resolve_data_dir,
     synthetic_requests,
     vocabulary_words,
 )
-from .workload import DL19_FILE, REPO_ROOT, resolve_data_dir
 
 CONTENDERS = ("hf", "packed", "triton", "infinity")
 QUICK = {"concurrency": "1,4", "requests_per_level": 6, "rounds": 2, "max_queries": 12, "warmup": 4}
@@ -89,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch threads of every contender; default the "
                    "cores this process may use")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     g.add_argument("--max-batch-tokens", type=int, default=16384, help="packed encoder token budget (server and "
                    "in-process)")
     g.add_argument("--attention-backend", default="", choices=["", "sdpa", "triton"])
@@ -143,10 +146,6 @@ def load_requests(args, data_dir: Path | None, model_dir: Path, notes: list[str]
         spec["num_requests"] = min(spec["num_requests"], args.max_queries)
     return synthetic_requests(vocabulary_words(model_dir / "tokenizer.json"), spec["num_requests"],
                               spec["docs_per_request"], spec["query_tokens"], spec["doc_tokens"])
-
-
-def level_count(args, concurrency: int) -> int:
-    return max(args.requests_per_level, args.rounds * concurrency)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -253,14 +252,13 @@ def in_process(name: str, args, model_dir: Path, requests: RequestSet, note) -> 
 
 
 def triton_variants(args):
-    from ..launcher.server import DEFAULT_MODEL_REPOSITORY
     from .perf_sweep import TritonVariant, configured_queue_delay, parse_variant
 
     threads = args.threads or report.usable_cores()
     if not args.triton_variant:
-        return [TritonVariant(configured_queue_delay(DEFAULT_MODEL_REPOSITORY), 1, threads)]
+        return [TritonVariant(configured_queue_delay(), 1, threads)]
     variants = [parse_variant(spec, threads) for spec in args.triton_variant]
-    default_delay = configured_queue_delay(DEFAULT_MODEL_REPOSITORY)
+    default_delay = configured_queue_delay()
     return [v if v.queue_delay_us is not None else dataclasses.replace(v, queue_delay_us=default_delay)
             for v in variants]
 
@@ -281,17 +279,8 @@ def infinity_settings(args, notes: list[str]):
 
 
 def run_info(args, model_dir: Path, requests: RequestSet, model: str) -> report.RunInfo:
-    import platform
-
-    import torch
-
     command = "triton-rerank bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
-    return report.RunInfo(
-        machine=f"{platform.node()} ({platform.system()} {platform.machine()})", cpu=report.cpu_model(),
-        cores=report.usable_cores(), torch=torch.__version__, model=model, dtype=args.dtype, device=args.device,
-        workload=requests.source, docs_per_request=requests.docs_per_request, commit=report.git_commit(),
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command=command,
-    )
+    return report.run_info(model, args.dtype, args.device, requests.source, requests.docs_per_request, command)
 
 
 def info_load() -> str:
@@ -321,13 +310,7 @@ def method_notes(args, requests: RequestSet) -> list[str]:
 
 def write_outputs(out: Path, rows: list[report.Row], raw: list[report.Row], info: report.RunInfo,
                   notes: list[str]) -> None:
-    report.write_csv(out / "bench.csv", rows, info)
-    report.write_csv(out / "bench_runs.csv", raw, info)
-    plot = None
-    if rows:
-        report.write_plot(out / "bench.png", rows, info)
-        plot = "bench.png"
-    (out / "bench.md").write_text(report.markdown(rows, info, plot, notes, raw))
+    report.write_bench_report(out, rows, raw, info, notes)
 
 
 def main(argv: list[str] | None = None) -> int:

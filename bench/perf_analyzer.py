@@ -14,7 +14,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..launcher.server import LauncherError, TritonInstall
+from ..launcher.errors import LauncherError
+from ..launcher.triton_install import TritonInstall
 
 
 def perf_analyzer_binary() -> Path:

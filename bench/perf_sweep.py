@@ -19,14 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..launcher.server import (
-    LauncherError,
+from ..launcher.repository import (
+    SCORER,
     RepositorySettings,
-    ServerAddress,
-    TritonServer,
-    free_ports,
+    packaged_model_repository,
+    read_config,
     render_model_repository,
 )
+from ..launcher.server import ServerAddress, TritonServer, free_ports
 from .perf_analyzer import perf_analyzer_binary, perf_analyzer_environment
 
 # perf_analyzer 2.51 `-f` CSV columns we read (times in microseconds).
@@ -121,18 +121,10 @@ def parse_variant(spec: str, default_threads: int) -> TritonVariant:
     return TritonVariant(**values)
 
 
-def set_queue_delay(config: str, microseconds: int) -> str:
-    """Sets `max_queue_delay_microseconds` of a rendered config.pbtxt (keeps everything else)."""
-    new, n = re.subn(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {microseconds}",
-                     config, count=1)
-    if n != 1:
-        raise LauncherError("config.pbtxt has no max_queue_delay_microseconds to set")
-    return new
-
-
-def configured_queue_delay(repository: Path) -> int:
-    match = re.search(r"max_queue_delay_microseconds: (\d+)", (repository / "cross_encoder" / "config.pbtxt").read_text())
-    return int(match.group(1)) if match else 0
+def configured_queue_delay(repository: Path | None = None) -> int:
+    """The encoder's `max_queue_delay_microseconds` in a repository (default: the packaged one)."""
+    source = packaged_model_repository() if repository is None else repository
+    return read_config(source / SCORER).dynamic_batching.max_queue_delay_microseconds
 
 
 @dataclass
@@ -150,13 +142,10 @@ def render_repository(spec: ServerSpec, target: Path) -> Path:
     settings = RepositorySettings(
         model_path=str(spec.model_dir), device=spec.device, dtype=spec.dtype, engine="packed",
         attention_backend=spec.attention_backend, max_batch_tokens=spec.variant.max_batch_tokens or spec.max_batch_tokens,
-        instances=spec.variant.instances, num_threads=spec.variant.num_threads, extra=spec.extra,
+        instances=spec.variant.instances, num_threads=spec.variant.num_threads,
+        queue_delay_us=spec.variant.queue_delay_us, extra=spec.extra,
     )
-    repository = render_model_repository(settings, target)
-    if spec.variant.queue_delay_us is not None:
-        path = repository / "cross_encoder" / "config.pbtxt"
-        path.write_text(set_queue_delay(path.read_text(), spec.variant.queue_delay_us))
-    return repository
+    return render_model_repository(settings, target)
 
 
 @contextmanager

@@ -1,19 +1,212 @@
-"""Benchmark output: one row per measurement, written as CSV, a markdown table and a PNG plot.
+"""The one report writer of the benchmarks: run context, atomic files, markdown tables, bench output.
 
-Every file records the run's context (machine, model, dtype, device, workload, git commit): the
-CSV in columns of every row, the markdown in its header, the PNG in its title.
+Shared by every benchmark (the serving bench here, the GPU check's results in `gpu/results.py`):
+- the run context: machine, CPU model name, cores, GPU, Python and package versions, git commit,
+  date (`run_context`); every report names the CPU model, the GPU and the commit it ran on;
+- atomic file writes (`atomic_write`, `atomic_path`): a reader, or a kill mid-write, never sees half
+  a file;
+- markdown tables (`markdown_table`, cells formatted by `fmt`).
+
+Standard library only at import time (matplotlib inside `write_plot`): the GPU check's parent
+process, which must never import torch, uses this module; versions come from package metadata.
+
+The serving bench's output is one row per measurement, written as CSV, a markdown table and a PNG
+plot (`write_bench_report`). Each file records the run's context (machine, CPU, model, dtype,
+device, workload, git commit): the CSV in columns of every row, the markdown in its header, the
+PNG in its title.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime as _dt
+import importlib.metadata
+import io
 import os
 import platform
+import shutil
 import subprocess
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from .workload import REPO_ROOT
+
+# --------------------------------------------------------------------------------------------
+# Run context
+# --------------------------------------------------------------------------------------------
+
+# Versions named in every report (from package metadata: nothing is imported).
+CONTEXT_PACKAGES = ("torch", "triton", "transformers", "tokenizers", "numpy", "tritonclient")
+
+
+def git_commit(root: Path = REPO_ROOT) -> str:
+    """Short commit hash, '-dirty' when the work tree has changes; 'unknown' outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head + ("-dirty" if dirty else "")) if head else "unknown"
+
+
+def cpu_model() -> str:
+    """'Intel(R) Xeon(R) Processor (family 6 model 207, avx512, amx)' from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields_: dict[str, str] = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields_.setdefault(key.strip(), value.strip())
+    flags = set(fields_.get("flags", "").split())
+    features = [name for name, flag in (("avx512", "avx512f"), ("amx", "amx_tile"), ("avx2", "avx2")) if flag in flags]
+    features = features[:2] if "avx512" in features else features
+    detail = ", ".join(filter(None, [f"family {fields_.get('cpu family', '?')} model {fields_.get('model', '?')}",
+                                     *features]))
+    return f"{fields_.get('model name', platform.machine())} ({detail})"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine_name() -> str:
+    """'host (Linux x86_64)'."""
+    return f"{platform.node()} ({platform.system()} {platform.machine()})"
+
+
+def gpu_name() -> str:
+    """The GPUs as nvidia-smi names them ('NVIDIA H200 x 1'), without importing torch; 'none' without one."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "none"
+    try:
+        out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=15).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (nvidia-smi failed)"
+    names = [line.strip() for line in out.splitlines() if line.strip()]
+    if not names:
+        return "none"
+    return ", ".join(f"{name} x {names.count(name)}" for name in dict.fromkeys(names))
+
+
+def package_versions(packages: Sequence[str] = CONTEXT_PACKAGES) -> dict[str, str]:
+    """Installed versions from package metadata ('-' where a package is absent); imports nothing."""
+    out = {}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class RunContext:
+    """Where and with what a benchmark ran."""
+
+    machine: str
+    cpu: str
+    cores: int
+    gpu: str
+    python: str
+    versions: dict[str, str] = field(default_factory=dict)
+    commit: str = "unknown"
+    date: str = ""
+
+    def describe(self) -> str:
+        """One line: machine; CPU and cores; GPU; python and package versions; commit; date."""
+        versions = "".join(f", {k} {v}" for k, v in self.versions.items() if v != "-")
+        return (f"{self.machine}; CPU {self.cpu}, {self.cores} cores; GPU {self.gpu}; python {self.python}"
+                f"{versions}; commit {self.commit}; {self.date}")
+
+
+def run_context(packages: Sequence[str] = CONTEXT_PACKAGES) -> RunContext:
+    """The context of this run, gathered without importing torch (a GPU check's parent must not)."""
+    return RunContext(machine=machine_name(), cpu=cpu_model(), cores=usable_cores(), gpu=gpu_name(),
+                      python=platform.python_version(), versions=package_versions(packages), commit=git_commit(),
+                      date=now_iso())
+
+
+def context_of(record: Any) -> RunContext | None:
+    """A RunContext back from its dict (as stored in a results JSON); None when absent or malformed."""
+    if not isinstance(record, dict):
+        return None
+    try:
+        return RunContext(**{f.name: record[f.name] for f in fields(RunContext) if f.name in record})
+    except TypeError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Files and markdown
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write; it replaces `path` in one step when the block ends without error."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Replace `path` in one step, so a reader (or a kill mid-write) never sees half a file."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+    return Path(path)
+
+
+def fmt(x, digits: int = 3) -> str:
+    """A table cell: "-" for None, thousands separators, 3 significant digits for extremes."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+            return f"{x:.{digits}g}"
+        return f"{x:.{digits}f}" if abs(x) < 100 else f"{x:,.1f}"
+    return str(x).replace("|", "/").replace("\n", " ")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; cells go through `fmt` (text stays as it is, minus '|' and line breaks)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The serving bench: rows, run info, CSV
+# --------------------------------------------------------------------------------------------
 
 # Contender names; "triton-*" rows are the served ensemble.
 HF = "hf-padded"
@@ -79,57 +272,36 @@ class RunInfo:
     commit: str
     date: str
     command: str = ""
+    gpu: str = ""
 
     def title(self) -> str:
         return (f"{self.model.split(' (')[0]}, {self.workload}, {self.dtype} on {self.device}\n"
-                f"{self.cpu}, {self.cores} cores, torch {self.torch}, commit {self.commit}")
+                f"{self.cpu}, {self.cores} cores{self.gpu_suffix()}, torch {self.torch}, commit {self.commit}")
+
+    def gpu_suffix(self, sep: str = ", ") -> str:
+        """'<sep>GPU <name>' when the machine has one, else ''."""
+        return f"{sep}GPU {self.gpu}" if self.gpu and self.gpu != "none" else ""
 
 
-def git_commit(root: Path = REPO_ROOT) -> str:
-    """Short commit hash, '-dirty' when the work tree has changes; 'unknown' outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return (head + ("-dirty" if dirty else "")) if head else "unknown"
-
-
-def cpu_model() -> str:
-    """'Intel(R) Xeon(R) Processor (family 6 model 207, avx512, amx)' from /proc/cpuinfo."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields_: dict[str, str] = {}
-    for line in info.splitlines():
-        key, _, value = line.partition(":")
-        fields_.setdefault(key.strip(), value.strip())
-    flags = set(fields_.get("flags", "").split())
-    features = [name for name, flag in (("avx512", "avx512f"), ("amx", "amx_tile"), ("avx2", "avx2")) if flag in flags]
-    features = features[:2] if "avx512" in features else features
-    detail = ", ".join(filter(None, [f"family {fields_.get('cpu family', '?')} model {fields_.get('model', '?')}",
-                                     *features]))
-    return f"{fields_.get('model name', platform.machine())} ({detail})"
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+def run_info(model: str, dtype: str, device: str, workload: str, docs_per_request: int, command: str = "",
+             context: RunContext | None = None) -> RunInfo:
+    """The serving bench's RunInfo: what it measured, on the machine of `context` (default: this run's)."""
+    ctx = context or run_context(("torch",))
+    return RunInfo(machine=ctx.machine, cpu=ctx.cpu, cores=ctx.cores, torch=ctx.versions.get("torch", "-"),
+                   model=model, dtype=dtype, device=device, workload=workload, docs_per_request=docs_per_request,
+                   commit=ctx.commit, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   command=command, gpu=ctx.gpu)
 
 
 def write_csv(path: Path, rows: list[Row], info: RunInfo) -> Path:
+    """One line per row, the run's context in columns of every line."""
     names = [f.name for f in fields(Row)] + [f.name for f in fields(RunInfo)]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=names)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**_rounded(asdict(row)), **asdict(info)})
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=names)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**_rounded(asdict(row)), **asdict(info)})
+    return atomic_write(path, text.getvalue())
 
 
 def _rounded(values: dict) -> dict:
@@ -237,12 +409,6 @@ def summary_rows(rows: list[Row]) -> list[list[str]]:
     return out
 
 
-def _table(header: list[str], lines: list[list[str]]) -> str:
-    text = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    text += ["| " + " | ".join(line) + " |" for line in lines]
-    return "\n".join(text)
-
-
 def per_run_targets(raw: list[Row]) -> dict[str, list[float]]:
     """Each target computed within each run alone (contenders measured minutes apart, not a run apart)."""
     out: dict[str, list[float]] = {}
@@ -258,7 +424,7 @@ def markdown(rows: list[Row], info: RunInfo, plot_name: str | None, notes: list[
         f"# triton-rerank benchmark: {info.workload}",
         "",
         f"- model: {info.model}; {info.dtype} on {info.device}",
-        f"- machine: {info.machine}; {info.cpu}; {info.cores} cores; torch {info.torch}",
+        f"- machine: {info.machine}; {info.cpu}; {info.cores} cores{info.gpu_suffix('; ')}; torch {info.torch}",
         f"- commit {info.commit}, {info.date}",
     ]
     if info.command:
@@ -266,21 +432,21 @@ def markdown(rows: list[Row], info: RunInfo, plot_name: str | None, notes: list[
     parts += ["", "## Summary", "",
               "Best throughput over the concurrency sweep (in-process: all pairs in one go); latency of one "
               f"request of 1 query x {info.docs_per_request} documents sent alone (concurrency 1).", "",
-              _table(["contender", "settings", "backend", "pairs/s", "at", "p50 ms (1 request)", "p99 ms (1 request)"],
+              markdown_table(["contender", "settings", "backend", "pairs/s", "at", "p50 ms (1 request)", "p99 ms (1 request)"],
                      summary_rows(rows))]
     goals = targets(rows)
     runs = per_run_targets(raw) if raw and len({r.run for r in raw}) > 1 else {}
     if goals:
         intro = ("From the medians over the runs; \"each run\" gives the same figure computed within each run."
                  if runs else "")
-        parts += ["", "## Targets", "", *([intro, ""] if intro else []), _table(
+        parts += ["", "## Targets", "", *([intro, ""] if intro else []), markdown_table(
             ["target", "measured", "each run", "goal", "met", "how"],
             [[t.name, f"{t.measured:.2f}" + (" ms" if "ms" in t.goal else "x"),
               ", ".join(f"{v:.2f}" for v in runs.get(t.name, [])) or "-", t.goal, "yes" if t.met else "no",
               t.detail] for t in goals])]
     sweep = [r for r in rows if r.measure == "sweep"]
     if sweep:
-        parts += ["", "## Concurrency sweep", "", _table(
+        parts += ["", "## Concurrency sweep", "", markdown_table(
             ["contender", "settings", "concurrency", "runs", "requests", "requests/s", "pairs/s", "p50 ms", "p99 ms",
              "avg ms", "overhead ms"],
             [[r.contender, r.variant, str(r.concurrency), str(r.runs), str(r.requests), f"{r.requests_per_s:.2f}",
@@ -338,6 +504,16 @@ def write_plot(path: Path, rows: list[Row], info: RunInfo) -> Path:
     ax_l.yaxis.set_minor_formatter(plain)
     fig.suptitle(info.title(), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
-    return path
+    return Path(path)
+
+
+def write_bench_report(out: Path, rows: list[Row], raw: list[Row], info: RunInfo, notes: list[str]) -> list[Path]:
+    """bench.csv (medians over runs), bench_runs.csv (each run), bench.md and, with rows, bench.png."""
+    out = Path(out)
+    written = [write_csv(out / "bench.csv", rows, info), write_csv(out / "bench_runs.csv", raw, info)]
+    plot = write_plot(out / "bench.png", rows, info) if rows else None
+    written.append(atomic_write(out / "bench.md", markdown(rows, info, plot.name if plot else None, notes, raw)))
+    return written + ([plot] if plot else [])

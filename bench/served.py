@@ -22,7 +22,12 @@ from .perf_sweep import (
     warm_up,
 )
 from .report import INFINITY, Row
-from .request_sets import RequestSet
+from .workload import RequestSet
+
+
+def level_count(args, concurrency: int) -> int:
+    """Requests sent at one concurrency level: enough for every client to send `rounds` of them."""
+    return max(args.requests_per_level, args.rounds * concurrency)
 
 
 def latency_row(contender: str, kind: str, measure: str, concurrency: int, variant: str, backend: str,
@@ -44,7 +49,6 @@ def perf_row(point: PerfPoint, protocol: str, variant: str, backend: str, count:
 def sweep_triton(args, model_dir: Path, requests: RequestSet, variant: TritonVariant, work: Path,
                  note: Callable[[str], None], bar) -> list[Row]:
     """Starts the server with `variant`, warms it up, runs perf_analyzer per protocol and level, stops it."""
-    from .command import level_count
 
     slug = variant.label().replace(" ", "_").replace("=", "")
     run_dir = work / f"triton-{slug}"
@@ -94,13 +98,14 @@ def paired_latency(args, model_dir: Path, requests: RequestSet, address, variant
     import torch
     import tritonclient.grpc as grpcclient
 
-    from ..serving.scoring import PackedEngine, resolve_dtype, score_pairs
+    from ..models.dtypes import torch_dtype
+    from ..serving.scoring import PackedEngine, score_pairs
     from ..serving.tokenization import PairTokenizer
 
     torch.set_num_threads(variant.num_threads)
     max_batch_tokens = variant.max_batch_tokens or args.max_batch_tokens
     tokenizer = PairTokenizer(model_dir)
-    engine = PackedEngine(str(model_dir), resolve_dtype(args.dtype), torch.device(args.device),
+    engine = PackedEngine(str(model_dir), torch_dtype(args.dtype), torch.device(args.device),
                           args.attention_backend or None)
 
     def local(query: str, documents: tuple[str, ...]) -> None:
@@ -133,7 +138,6 @@ def paired_latency(args, model_dir: Path, requests: RequestSet, address, variant
 
 def sweep_infinity(args, model_dir: Path, requests: RequestSet, settings, work: Path,
                    note: Callable[[str], None], bar) -> list[Row]:
-    from .command import level_count
     from .peer import (
         drive_http,
         infinity_version,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import run_context
+
 WORDS = "panda bamboo forest china bear giant eats lives mountain search engine rank score query".split()
 
 
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pgid = os.getpgid(args.server_pid) if args.server_pid else None
     report = run_soak(args.grpc_url, args.duration, args.concurrency, pgid)
-    print(json.dumps(report.as_dict(), indent=2))
+    # The load generator's machine (CPU model, cores, commit): what the numbers were measured on.
+    print(json.dumps({**report.as_dict(), "context": asdict(run_context())}, indent=2))
     return 1 if report.unexpected else 0
 
 

@@ -1,11 +1,21 @@
-"""Benchmark workloads: DL19 pairs or synthetic ones, batch plans, FLOP and parameter counts.
+"""Benchmark workloads: what every benchmark feeds its contenders, and what that work costs.
 
-Everything here is a pure function of token lengths, token ids and config dicts. Nothing heavy
-is imported (`tokenizers` only inside `load_workload`), so the GPU check's parent process, which
-must never import torch, and the unit tests use this module directly.
+- Token-level workloads (the GPU check): DL19 pairs tokenized, or synthetic ids with DL19-like
+  lengths; batch plans of the padded baselines; parameter and FLOP counts of an encoder config.
+- Requests of the serving benchmark (`triton-rerank bench`): (query, documents) lists that every
+  contender receives, from the DL19 file (one request per query, its first `docs_per_request`
+  BM25 candidates, as a search system sends its top-k) or synthetic (queries and documents of
+  whole vocabulary words, each one token for a WordPiece vocabulary such as bert-base-uncased).
 
-The packed encoder's micro-batches are not planned here: the benchmark uses the server's
-`triton_rerank.serving.scoring.plan_micro_batches`, so it measures what the server does.
+The DL19 file is ../shared/data/msmarco-dl19-bm25top100.jsonl:
+`{"qid","query","candidates":[{"docid","text",...}]}` per line.
+
+Everything here is a pure function of token lengths, token ids, texts and config dicts. Nothing
+heavy is imported (`tokenizers` only inside `load_workload`), so the GPU check's parent process,
+which must never import torch, and the unit tests use this module directly.
+
+The packed encoder's micro-batches are not planned here: the benchmarks use the server's
+`triton_rerank.serving.scoring.plan_micro_batches`, so they measure what the server does.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,3 +341,86 @@ def encoder_flops(lengths: Sequence[int], cfg: dict) -> float:
     tokens = float(sum(int(n) for n in lengths))
     sq = float(sum(int(n) * int(n) for n in lengths))
     return 2.0 * counts["non_embedding"] * tokens + layers * 4.0 * sq * h + 2.0 * counts["head"] * len(lengths)
+
+
+# --------------------------------------------------------------------------------------------
+# Requests of the serving benchmark
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One rerank request: a query and the documents to score against it."""
+
+    query: str
+    documents: tuple[str, ...]
+
+
+@dataclass
+class RequestSet:
+    """The requests every contender of one benchmark run receives, and where they came from."""
+
+    requests: list[Request]
+    source: str  # e.g. "dl19 (43 queries x top 20)" or "synthetic (q=16, d=96 tokens, 20 docs)"
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(len(r.documents) for r in self.requests)
+
+    @property
+    def docs_per_request(self) -> int:
+        return max((len(r.documents) for r in self.requests), default=0)
+
+    def as_tuples(self) -> list[tuple[str, list[str]]]:
+        return [(r.query, list(r.documents)) for r in self.requests]
+
+
+def dl19_requests(path: str | Path, docs_per_request: int = 20, max_queries: int | None = None) -> RequestSet:
+    """One request per DL19 query: the query and its first `docs_per_request` candidates."""
+    records = load_dl19(path)[: max_queries or None]
+    requests = [Request(r["query"], tuple(c["text"] for c in r["candidates"][:docs_per_request]))
+                for r in records if r["candidates"]]
+    return RequestSet(requests, f"dl19 ({len(requests)} queries x top {docs_per_request})")
+
+
+_WORD = re.compile(r"^[a-z]{3,}$")
+
+
+def vocabulary_words(tokenizer_json: str | Path) -> list[str]:
+    """Whole lowercase words of a tokenizer's vocabulary (no '##' pieces, no special tokens)."""
+    model = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))["model"]
+    vocab = model.get("vocab", {})
+    words = vocab.keys() if isinstance(vocab, dict) else (piece for piece, _ in vocab)
+    out = sorted(w.lstrip("\u2581") for w in words if _WORD.match(w.lstrip("\u2581")))
+    if not out:
+        raise ValueError(f"{tokenizer_json} has no plain words to build synthetic text from")
+    return out
+
+
+def synthetic_requests(words: list[str], num_requests: int, docs_per_request: int, query_tokens: int,
+                       doc_tokens: int, seed: int = 0) -> RequestSet:
+    """Requests of `query_tokens`-word queries and `doc_tokens`-word documents (random vocabulary words)."""
+    if min(num_requests, docs_per_request, query_tokens, doc_tokens) < 1:
+        raise ValueError("synthetic requests need positive counts and lengths")
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    requests = [Request(text(query_tokens), tuple(text(doc_tokens) for _ in range(docs_per_request)))
+                for _ in range(num_requests)]
+    return RequestSet(requests, f"synthetic ({num_requests} requests, query {query_tokens} / document "
+                                f"{doc_tokens} words, {docs_per_request} docs)")
+
+
+def parse_synthetic(spec: str) -> dict[str, int]:
+    """'q=16,d=128,n=20,r=40' -> {query_tokens, doc_tokens, docs_per_request, num_requests}."""
+    keys = {"q": "query_tokens", "d": "doc_tokens", "n": "docs_per_request", "r": "num_requests"}
+    out = {"query_tokens": 16, "doc_tokens": 96, "docs_per_request": 20, "num_requests": 40}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in keys or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"bad synthetic workload item {part!r}: use q=QUERY_TOKENS,d=DOC_TOKENS,"
+                             "n=DOCS_PER_REQUEST,r=REQUESTS with positive integers")
+        out[keys[key.strip()]] = int(value)
+    return out

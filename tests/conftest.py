@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """Random-weight tiny cross-encoders with trained tokenizers: {"xlm-roberta": dir, "bert": dir}."""
-    from triton_rerank.bench.tiny_model import ARCHES, make_test_model
+    from triton_rerank.bench.random_model import ARCHES, make_test_model
 
     root = tmp_path_factory.mktemp("models")
     return {arch: make_test_model(root / arch, arch) for arch in ARCHES}

@@ -26,9 +26,10 @@ after every stage and every few seconds while a stage runs, so a hard kill still
 pairs, Triton kernels interpreted) to exercise the code paths without a GPU.
 
 This file is the entry point: arguments, stage scheduling and deadlines, child processes.
-The rest lives in sibling modules: ``bench_workload`` (workloads, batching, FLOP counts),
-``gpu_report`` (targets, markdown, result files), ``gpu_stage_*`` (the stage bodies),
-``gpu_stage_process`` (stage processes), ``gpu_stage_recorder`` and ``gpu_timing``.
+The rest lives beside it: ``bench/workload.py`` (workloads, batching, FLOP counts),
+``bench/random_model.py`` (the random-weight model), ``bench/report.py`` (run context, atomic
+files, markdown tables), ``results`` (derived metrics, targets, the results' markdown),
+``stage_*`` (the stage bodies, their processes and recorder) and ``timing``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,7 @@ if __name__ == "__main__" and not __package__:
     runpy.run_module("triton_rerank.bench.gpu.check", run_name="__main__", alter_sys=True)
     sys.exit(0)
 
+from ..report import fmt, now_iso, run_context  # noqa: E402
 from ..workload import (  # noqa: E402
     CONFIG_FILE,
     DEFAULT_DATA_DIR,
@@ -90,20 +93,16 @@ from ..workload import (  # noqa: E402
     TOKENIZER_FILE,
     resolve_data_dir,
 )
-from .report import (  # noqa: E402
+from .results import (  # noqa: E402
     RESULTS_JSON,
     RESULTS_MD,
     TARGET_ATTENTION_VS_TORCH,
     TARGET_MFU,
     TARGET_PACKED_VS_HF,
-    error_text,
-    fmt,
-    log,
-    now_iso,
     write_results,
 )
 from .stage_process import child_env, read_stage_file, run_child_stage  # noqa: E402
-from .stage_recorder import StageRecorder  # noqa: E402
+from .stage_recorder import StageRecorder, error_text, log  # noqa: E402
 
 STAGES = ("env", "tests", "attention", "encoder")
 CHILD_STAGES = ("env", "attention", "encoder")
@@ -239,6 +238,8 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "argv": list(argv),
         "device": args.device,
         "started": now_iso(),
+        # Machine, CPU model, GPU, versions and commit, gathered without importing torch.
+        "context": asdict(run_context()),
         "budget_s": budget,
         "data_dir": str(data_dir) if data_dir else None,
         "data_dir_requested": requested_data_dir,

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...serving.scoring import resolve_dtype
+from ...models.dtypes import torch_dtype
+from ..report import fmt
 from ..workload import (
     DL19_PAIRS,
     attention_cases,
@@ -27,8 +28,7 @@ from ..workload import (
     resolve_data_dir,
     synthetic_lengths,
 )
-from .report import error_text, fmt, log
-from .stage_recorder import StageRecorder, guarded
+from .stage_recorder import StageRecorder, error_text, guarded, log
 from .timing import bench_ms
 
 XLMR_VOCAB_SIZE = 250002  # only lengths are used here; ids need not fit a model
@@ -244,7 +244,7 @@ def stage_attention(args: argparse.Namespace, rec: StageRecorder) -> None:
                     "methods": {},
                 }
                 cases_out.append(case)
-                _run_case(rec, case, lens, heads, head_dim, resolve_dtype(dtype_name), device, gen, torch_varlen)
+                _run_case(rec, case, lens, heads, head_dim, torch_dtype(dtype_name), device, gen, torch_varlen)
             except Exception as exc:  # this case only; the next one still runs
                 rec.error(where, exc)
             if device == "cuda":

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...serving.scoring import gather_pairs, padded_inputs, plan_micro_batches, resolve_dtype
+from ...models.dtypes import torch_dtype
+from ...serving.scoring import gather_pairs, padded_inputs, plan_micro_batches
+from ..random_model import random_model, save_model_dir
 from ..workload import (
     Workload,
     encoder_flops,
@@ -34,33 +36,10 @@ from ..workload import (
     resolve_data_dir,
     spread_indices,
 )
-from .report import error_text, log
-from .stage_recorder import StageRecorder, guarded
+from .stage_recorder import StageRecorder, error_text, guarded, log
 from .timing import time_passes
 
 CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
-
-
-def build_random_hf_model(cfg: dict, model_dir: Path, device: str, dtype):
-    """Random-weight HF sequence-classification model of `cfg`, initialised on `device`, saved to model_dir."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    config = AutoConfig.from_pretrained(str(model_dir))
-    torch.manual_seed(0)
-    with torch.device(device):
-        try:
-            model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
-        except TypeError:
-            config._attn_implementation = "sdpa"
-            model = AutoModelForSequenceClassification.from_config(config)
-    model = model.to(device=device, dtype=dtype).eval()
-    try:
-        model.save_pretrained(str(model_dir), safe_serialization=True)
-    except TypeError:  # an argument transformers may drop (safetensors is its default)
-        model.save_pretrained(str(model_dir))
-    return model
 
 
 def _flatten(rows: Sequence[Sequence[int]]) -> np.ndarray:
@@ -206,7 +185,7 @@ def _time_variant(
 
 def stage_encoder(args: argparse.Namespace, rec: StageRecorder) -> None:
     device = args.device
-    dtype = resolve_dtype(args.dtype)
+    dtype = torch_dtype(args.dtype)
     tiny = device != "cuda"
     data_dir = resolve_data_dir(args.data_dir)
     cfg, cfg_source = load_model_config(data_dir, tiny)
@@ -235,7 +214,8 @@ def stage_encoder(args: argparse.Namespace, rec: StageRecorder) -> None:
     tmp_root = Path(tempfile.mkdtemp(prefix="gpu_check_model_"))
     try:
         t0 = time.time()
-        hf = build_random_hf_model(cfg, tmp_root / "model", device, dtype)
+        hf = random_model(cfg, device=device, dtype=dtype, attn_implementation="sdpa")
+        save_model_dir(tmp_root / "model", hf)
         rec.data["params_total"] = sum(p.numel() for p in hf.parameters())
         rec.data["hf_attn_implementation"] = getattr(hf.config, "_attn_implementation", None)
         rec.set("build_model_s", time.time() - t0)

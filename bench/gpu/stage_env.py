@@ -13,9 +13,9 @@ import subprocess
 
 import torch
 
-from ...serving.scoring import resolve_dtype
-from .report import error_text, log
-from .stage_recorder import StageRecorder, guarded
+from ...models.dtypes import torch_dtype
+from ..report import cpu_model
+from .stage_recorder import StageRecorder, error_text, guarded, log
 from .timing import bench_ms
 
 VERSIONED_MODULES = ("triton", "transformers", "tokenizers", "safetensors", "numpy")
@@ -58,7 +58,7 @@ def _measure_matmul(rec: StageRecorder, device: str) -> None:
     rates: dict[str, float] = {}
     for name in ("bfloat16", "float16"):
         with guarded(rec, f"matmul {name}"):
-            dt = resolve_dtype(name)
+            dt = torch_dtype(name)
             a = torch.randn(n, n, device=device, dtype=dt)
             b = torch.randn(n, n, device=device, dtype=dt)
             c = torch.empty(n, n, device=device, dtype=dt)
@@ -74,7 +74,7 @@ def stage_env(args: argparse.Namespace, rec: StageRecorder) -> None:
     if args.device == "cuda":
         _record_cuda_device(rec)
     else:
-        rec.data["device_name"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        rec.data["device_name"] = f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
         rec.set("memory_gib", None)
     log(f"env: {rec.data.get('device_name')} torch {versions['torch']} triton {versions.get('triton')}")
     _measure_matmul(rec, args.device)

@@ -2,7 +2,8 @@
 
 A stage runs in a child process that may crash (a CUDA fault ends the context) or be killed
 at its deadline, so every update rewrites the stage's JSON file: the parent reads it while the
-stage runs and after it ends, and keeps whatever was gathered before a failure.
+stage runs and after it ends, and keeps whatever was gathered before a failure. `log` and
+`error_text` are how the check's processes (parent and stages) print progress and name errors.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .report import atomic_write, error_text, log
+from ..report import atomic_write
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 class StageRecorder:

@@ -13,7 +13,8 @@ from triton_rerank.bench import command as bench
 from triton_rerank.bench import peer as bench_peer
 from triton_rerank.bench import perf_sweep as bench_perf
 from triton_rerank.bench import report as bench_report
-from triton_rerank.bench import request_sets as bench_requests
+from triton_rerank.bench import served
+from triton_rerank.bench import workload as bench_workload
 from triton_rerank.bench.perf_analyzer import write_input_data
 
 # A CSV written by perf_analyzer 2.51 (`-f`) against the ensemble: no "Avg latency" column.
@@ -42,7 +43,7 @@ def test_arguments_defaults_quick_and_errors():
     quick = _parse(["--quick"])
     bench.apply_quick(quick)
     assert quick.concurrency == [1, 4] and quick.max_queries == 12 and quick.latency_repeats is None
-    assert bench.level_count(quick, 1) == 6 and bench.level_count(quick, 4) == 8
+    assert served.level_count(quick, 1) == 6 and served.level_count(quick, 4) == 8
 
     args = _parse(["--concurrency", "1,3", "--protocols", "grpc", "--contenders", "packed,triton",
                    "--triton-variant", "delay=0,instances=2,threads=1", "--triton-variant", "tok=1",
@@ -119,13 +120,24 @@ def test_metrics_give_step_times():
 
 
 def test_queue_delay_and_rendered_repository(tmp_path):
-    text = "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}\n"
-    assert "max_queue_delay_microseconds: 0\n" in bench_perf.set_queue_delay(text, 0)
+    from google.protobuf import text_format
+    from tritonclient.grpc.model_config_pb2 import ModelConfig, ModelInstanceGroup
+
+    def parse(model: str) -> ModelConfig:
+        return text_format.Parse((repo / model / "config.pbtxt").read_text(), ModelConfig())
+
     spec = bench_perf.ServerSpec(tmp_path / "model", bench_perf.TritonVariant(500, 2, 1), max_batch_tokens=4096)
     repo = bench_perf.render_repository(spec, tmp_path / "repo")
-    config = (repo / "cross_encoder" / "config.pbtxt").read_text()
-    assert bench_perf.configured_queue_delay(repo) == 500 and "count: 2, kind: KIND_CPU" in config
-    assert '"num_threads", value: { string_value: "1" }' in config and '"4096"' in config
+    config = parse("cross_encoder")
+    assert bench_perf.configured_queue_delay(repo) == 500 == config.dynamic_batching.max_queue_delay_microseconds
+    assert [(g.count, g.kind) for g in config.instance_group] == [(2, ModelInstanceGroup.KIND_CPU)]
+    assert config.parameters["num_threads"].string_value == "1"
+    assert config.parameters["max_batch_tokens"].string_value == "4096"
+    assert parse("tokenizer").dynamic_batching.max_queue_delay_microseconds == 0  # only the encoder waits
+    # No delay in the variant: the one in the packaged config.pbtxt, which is what configured_queue_delay reads.
+    spec = bench_perf.ServerSpec(tmp_path / "model", bench_perf.TritonVariant(None, 1, 1))
+    repo = bench_perf.render_repository(spec, tmp_path / "repo")
+    assert bench_perf.configured_queue_delay(repo) == bench_perf.configured_queue_delay()
 
 
 def test_workloads_and_input_data(tmp_path):
@@ -133,10 +145,10 @@ def test_workloads_and_input_data(tmp_path):
                {"qid": "2", "query": "q two", "candidates": [{"text": "only"}]}]
     path = tmp_path / "dl19.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    requests = bench_requests.dl19_requests(path, docs_per_request=20)
+    requests = bench_workload.dl19_requests(path, docs_per_request=20)
     assert [len(r.documents) for r in requests.requests] == [20, 1] and requests.num_pairs == 21
     assert requests.requests[0].documents[:2] == ("doc 0", "doc 1") and "2 queries x top 20" in requests.source
-    assert len(bench_requests.dl19_requests(path, 5, max_queries=1).requests) == 1
+    assert len(bench_workload.dl19_requests(path, 5, max_queries=1).requests) == 1
 
     data = json.loads(write_input_data(tmp_path / "input.json", requests.as_tuples()).read_text())["data"]
     assert data[0]["QUERY"] == ["q one"] and data[0]["DOCUMENTS"]["shape"] == [20]
@@ -145,15 +157,15 @@ def test_workloads_and_input_data(tmp_path):
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text(json.dumps({"model": {"vocab": {"[CLS]": 0, "##ing": 1, "panda": 2, "bear": 3, "a": 4,
                                                          "forest": 5}}}))
-    words = bench_requests.vocabulary_words(tokenizer)
+    words = bench_workload.vocabulary_words(tokenizer)
     assert words == ["bear", "forest", "panda"]
-    synthetic = bench_requests.synthetic_requests(words, 3, 4, query_tokens=2, doc_tokens=7, seed=1)
+    synthetic = bench_workload.synthetic_requests(words, 3, 4, query_tokens=2, doc_tokens=7, seed=1)
     assert synthetic.num_pairs == 12 and all(len(d.split()) == 7 for r in synthetic.requests for d in r.documents)
-    assert synthetic.requests == bench_requests.synthetic_requests(words, 3, 4, 2, 7, seed=1).requests
-    assert bench_requests.parse_synthetic("q=8,d=200,n=10") == {"query_tokens": 8, "doc_tokens": 200,
+    assert synthetic.requests == bench_workload.synthetic_requests(words, 3, 4, 2, 7, seed=1).requests
+    assert bench_workload.parse_synthetic("q=8,d=200,n=10") == {"query_tokens": 8, "doc_tokens": 200,
                                                                "docs_per_request": 10, "num_requests": 40}
     with pytest.raises(ValueError):
-        bench_requests.parse_synthetic("q=0")
+        bench_workload.parse_synthetic("q=0")
 
 
 def _rows() -> list[bench_report.Row]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from triton_rerank.bench.gpu import report as gr
+from triton_rerank.bench.gpu import results as gr
 
 
 def _full_results() -> dict:
@@ -75,3 +76,21 @@ def test_write_results_partial_and_missing_targets(tmp_path):
     assert "mfu_vs_bf16_matmul" not in data["stages"]["encoder"]["data"]["variants"]["packed_triton"]
     assert [t["name"].split(":")[0] for t in data["targets"]].count("encoder") == 1
 
+
+
+def test_markdown_names_the_machine_cpu_and_gpu(tmp_path):
+    from triton_rerank.bench.report import RunContext
+
+    results = _full_results()
+    context = RunContext("host (Linux x86_64)", "Intel(R) Xeon(R) Platinum 8480+ (family 6 model 143)", 16,
+                         "NVIDIA H200 x 1", "3.11.2", {"torch": "2.11.0", "triton": "3.6.0"}, "abc1234", "t0")
+    results["context"] = dataclasses.asdict(context)
+    jp, mp = gr.write_results(tmp_path, results)
+    md = mp.read_text()
+    assert md.startswith("# GPU check: NVIDIA H100 80GB HBM3")
+    for text in ("CPU Intel(R) Xeon(R) Platinum 8480+", "16 cores", "GPU NVIDIA H200 x 1", "torch 2.11.0",
+                 "commit abc1234"):
+        assert text in md
+    assert json.loads(jp.read_text())["context"]["cpu"] == context.cpu
+    results["context"] = {"cpu": "half a record"}  # an old or damaged record: rendered without it
+    assert "half a record" not in gr.render_markdown(results)

@@ -1,21 +1,22 @@
-"""Results of the GPU check: derived metrics, target checks, markdown, atomic file writes.
+"""Results of the GPU check: derived metrics, target checks and their markdown.
 
 The results dict is the single record of a run: the parent fills it stage by stage and
 `write_results` turns it into OUT/gpu_results.json and OUT/gpu_results.md after every change,
 so a run killed at any moment still leaves readable files. Rendering tolerates missing and
-partial stages for the same reason. Only the standard library is imported.
+partial stages for the same reason. The files are written, the run context (machine, CPU model,
+GPU, versions, commit) described and the tables drawn by the benchmarks' one report writer,
+`bench/report.py`. Only the standard library is imported.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import os
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ..report import atomic_write, context_of, fmt, markdown_table
 
 RESULTS_JSON = "gpu_results.json"
 RESULTS_MD = "gpu_results.md"
@@ -24,25 +25,6 @@ RESULTS_MD = "gpu_results.md"
 TARGET_ATTENTION_VS_TORCH = 0.8  # ours / best torch at equal work (speed ratio), fp16 DL19 pack
 TARGET_PACKED_VS_HF = 1.5  # packed-triton pairs/s / HF padded-32 pairs/s
 TARGET_MFU = 0.5  # packed-triton useful FLOP/s / measured bf16 dense matmul FLOP/s
-
-
-def log(msg: str) -> None:
-    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:2000]
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Replace `path` in one step, so a reader (or a kill mid-write) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def dig(d: Any, *keys, default=None):
@@ -114,33 +96,16 @@ def compute_derived(results: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def fmt(x, digits: int = 3) -> str:
-    """A table cell: "-" for None, thousands separators, 3 significant digits for extremes."""
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        if x != x:
-            return "nan"
-        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
-            return f"{x:.{digits}g}"
-        return f"{x:.{digits}f}" if abs(x) < 100 else f"{x:,.1f}"
-    return str(x).replace("|", "/").replace("\n", " ")
-
-
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(fmt(c) for c in row) + " |")
-    return lines
+    return markdown_table(headers, rows).split("\n")
 
 
 def _header_section(results: dict, env: dict) -> list[str]:
     card = env.get("device_name") or results.get("device", "?")
     lines = [f"# GPU check: {card}", ""]
+    context = context_of(results.get("context"))
+    if context is not None:
+        lines.append(f"Ran on {context.describe()}.")
     lines.append(
         f"Started {results.get('started', '?')}, last update {results.get('updated', '?')}, "
         f"elapsed {fmt(results.get('elapsed_s'))} s of {fmt(results.get('budget_s'))} s; "
