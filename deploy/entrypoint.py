@@ -33,6 +33,7 @@ from triton_rerank.launcher.repository import (
 )
 from triton_rerank.launcher.server import ServerAddress, StopRequested, TritonServer, stop_on_sigterm
 from triton_rerank.launcher.triton_install import SYSTEM_BACKEND_DIRECTORY, TritonInstall
+from triton_rerank.models.dtypes import DTYPE_NAMES
 from triton_rerank.serving.model_files import ModelNotFoundError, resolve_model_path
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model directory inside the container (e.g. /models) or Hugging Face id")
     p.add_argument("--device", choices=["cuda", "cpu", "auto"], default=_env("DEVICE", "cuda"),
                    help="cuda: KIND_GPU instances; cpu: KIND_CPU; auto: Triton decides")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=_env("DTYPE", "auto"),
+    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default=_env("DTYPE", "auto"),
                    help="cross-encoder precision; auto = float16 on GPU")
     p.add_argument("--engine", choices=["packed", "hf"], default=_env("ENGINE", "packed"))
     p.add_argument("--attention-backend", choices=["", "triton", "sdpa"], default=_env("ATTENTION_BACKEND", ""),

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from .settings import GatewaySettings, GatewayStartError
+from .settings import GatewaySettings
 
-__all__ = ["API_KEY_ENV", "GatewayStartError", "add_gateway_options", "gateway_settings", "register"]
+__all__ = ["API_KEY_ENV", "add_gateway_options", "gateway_settings", "register"]
 
 API_KEY_ENV = "TRITON_RERANK_API_KEY"
 

@@ -11,7 +11,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..gateway.command import GatewayStartError, add_gateway_options
+from ..gateway.command import add_gateway_options
+from ..gateway.settings import GatewayStartError
+from ..models.dtypes import DTYPE_NAMES
 from ..serving.model_files import ModelNotFoundError, resolve_model_path
 from .errors import LauncherError
 from .repository import RepositorySettings, render_model_repository
@@ -33,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--model-path", default=DEFAULT_MODEL, help="model directory or Hugging Face repo id")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the cross-encoder runs; auto = GPU when Triton sees one")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                    help="cross-encoder precision; auto = float16 on GPU, float32 on CPU")
     p.add_argument("--attention-backend", choices=["triton", "sdpa"], default=None,
                    help="attention of the packed encoder; default triton on GPU, sdpa on CPU")

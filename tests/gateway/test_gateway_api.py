@@ -271,8 +271,8 @@ def test_admission_limiter_counts_running_and_waiting():
 def test_gateway_thread_says_when_its_port_is_taken():
     import socket
 
-    from triton_rerank.gateway.command import GatewayStartError
     from triton_rerank.gateway.server import GatewayThread
+    from triton_rerank.gateway.settings import GatewayStartError
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -52,37 +52,20 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def _save_tiny(kind: str, path, seed: int = 0, **overrides):
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        CamembertConfig,
-        CamembertForSequenceClassification,
-        XLMRobertaConfig,
-        XLMRobertaForSequenceClassification,
-    )
+# Per kind: the fields the tiny config adds to TINY (special-token ids as in the real models).
+KINDS = {
+    "xlmr": {"model_type": "xlm-roberta", "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+             "max_position_embeddings": 66, "type_vocab_size": 1},
+    "camembert": {"model_type": "camembert", "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+                  "max_position_embeddings": 66, "type_vocab_size": 1},
+    "bert": {"model_type": "bert", "pad_token_id": 0, "max_position_embeddings": 64},
+}
 
-    if kind in ("xlmr", "camembert"):
-        config_class, model_class = {"xlmr": (XLMRobertaConfig, XLMRobertaForSequenceClassification),
-                                     "camembert": (CamembertConfig, CamembertForSequenceClassification)}[kind]
-        cfg = config_class(
-            **{
-                **TINY,
-                "pad_token_id": 1,
-                "bos_token_id": 0,
-                "eos_token_id": 2,
-                "max_position_embeddings": 66,
-                "type_vocab_size": 1,
-                **overrides,
-            }
-        )
-        model = model_class(cfg)
-    else:
-        cfg = BertConfig(**{**TINY, "pad_token_id": 0, "max_position_embeddings": 64, **overrides})
-        model = BertForSequenceClassification(cfg)
-    _randomize(model, seed)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+
+def _save_tiny(kind: str, path, seed: int = 0):
+    from triton_rerank.bench.random_model import build_random_model
+
+    return build_random_model(path, {**TINY, **KINDS[kind]}, init=lambda m: _randomize(m, seed))
 
 
 @pytest.fixture(scope="module")
