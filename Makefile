@@ -26,8 +26,10 @@ demo: setup
 	$(BIN)/triton-rerank make-test-model build/demo-model --arch xlm-roberta
 	$(BIN)/triton-rerank serve --model-path build/demo-model $(SERVE_ARGS)
 
+# ruff, and the architecture: import-linter's contracts in pyproject.toml (layers, no import circles).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: setup lint
 	$(BIN)/python -m pytest -q
