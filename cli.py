@@ -7,7 +7,6 @@ the same way, with ``register(subparsers)``.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .bench import command as bench_command
 from .bench import random_model
@@ -32,7 +31,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,6 @@ from .peer import INFINITY_OPTIMUM_SETUP, INFINITY_SETUP
 from .served import level_count
 from .workload import (
     DL19_FILE,
-    REPO_ROOT,
     RequestSet,
     dl19_requests,
     parse_synthetic,
@@ -164,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     data_dir = resolve_data_dir(args.data_dir)
     model_dir = Path(args.model_dir) if args.model_dir else build_bench_model(
-        REPO_ROOT / "build" / "bench-model-minilm-l6", data_dir)
+        Path("build") / "bench-model-minilm-l6", data_dir)
     requests = load_requests(args, data_dir, model_dir, notes)
     info = run_info(args, model_dir, requests, describe_model(model_dir))
     variants = triton_variants(args)
@@ -188,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     notes.append(f"whole run {time.monotonic() - started:.0f} s; load average at start {load}")
     notes += method_notes(args, requests)
     rows = report.aggregate(raw)
-    write_outputs(out, rows, raw, info, notes)
+    report.write_bench_report(out, rows, raw, info, notes)
     print(report.markdown(rows, info, None, None))
     print(f"wrote {out / 'bench.csv'}, {out / 'bench_runs.csv'}, {out / 'bench.md'}, {out / 'bench.png'}")
     return 0 if rows else 1
@@ -306,19 +305,3 @@ def method_notes(args, requests: RequestSet) -> list[str]:
         *([f"{args.repeat} runs, interleaved; each figure is the median over the runs (bench_runs.csv has each "
            "run)"] if args.repeat > 1 else []),
     ]
-
-
-def write_outputs(out: Path, rows: list[report.Row], raw: list[report.Row], info: report.RunInfo,
-                  notes: list[str]) -> None:
-    report.write_bench_report(out, rows, raw, info, notes)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="triton-rerank")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

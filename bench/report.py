@@ -333,7 +333,7 @@ def _one(rows: list[Row], contender: str, measure: str) -> Row | None:
 
 
 def targets(rows: list[Row]) -> list[Target]:
-    """The issue's CPU targets, for each served Triton contender (protocol and settings variant)."""
+    """The project's CPU targets, for each served Triton contender (protocol and settings variant)."""
     hf, packed = _one(rows, HF, "offline"), _one(rows, PACKED, "offline")
     packed_latency = _one(rows, PACKED, "latency")
     infinity = _best(rows, INFINITY)

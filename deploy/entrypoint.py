@@ -31,12 +31,12 @@ from triton_rerank.launcher.repository import (
     packaged_model_repository,
     render_model_repository,
 )
+from triton_rerank.launcher.serve import DEFAULT_MODEL
 from triton_rerank.launcher.server import ServerAddress, StopRequested, TritonServer, stop_on_sigterm
 from triton_rerank.launcher.triton_install import SYSTEM_BACKEND_DIRECTORY, TritonInstall
 from triton_rerank.models.dtypes import DTYPE_NAMES
 from triton_rerank.serving.model_files import ModelNotFoundError, resolve_model_path
 
-DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 # --tritonserver value that means the server bundled in the nvidia-pytriton wheel (tests, no image).
 BUNDLED = "bundled"
 

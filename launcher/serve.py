@@ -11,13 +11,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..gateway.command import add_gateway_options
+from ..gateway.command import add_gateway_options, gateway_settings
 from ..gateway.settings import GatewayStartError
 from ..models.dtypes import DTYPE_NAMES
 from ..serving.model_files import ModelNotFoundError, resolve_model_path
 from .errors import LauncherError
 from .repository import RepositorySettings, render_model_repository
-from .server import ServerAddress, StopRequested, TritonServer, stop_on_sigterm
+from .server import ServerAddress, StopRequested, TritonServer, loopback, stop_on_sigterm
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 
@@ -118,7 +118,6 @@ def run(args) -> int:
 
 def _gateway(args, address: ServerAddress):
     """The HTTP gateway, in a thread of this process: stopping `serve` cannot leave it running."""
-    from ..gateway.command import gateway_settings
     from ..gateway.server import GatewayThread
 
     # Access logs would flood the console of an interactive `serve`; warnings and errors still show.
@@ -129,15 +128,15 @@ def _gateway(args, address: ServerAddress):
 
 def ready_banner(address: ServerAddress, gateway=None) -> str:
     """Where everything listens, and a command to try (SGLang's example when the gateway runs)."""
-    http = f"http://{_reachable(address.host)}:{address.http_port}"
+    http = f"http://{loopback(address.host)}:{address.http_port}"
     lines = ["triton-rerank is ready:"]
     if gateway is not None:
-        api = f"http://{_reachable(gateway.host)}:{gateway.port}"
+        api = f"http://{loopback(gateway.host)}:{gateway.port}"
         lines.append(f"  rerank API  {api}  (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank; docs {api}/docs)")
     lines += [
         f"  HTTP        {http}  (KServe v2; model 'reranker')",
-        f"  gRPC        {_reachable(address.host)}:{address.grpc_port}",
-        f"  metrics     http://{_reachable(address.host)}:{address.metrics_port}/metrics",
+        f"  gRPC        {loopback(address.host)}:{address.grpc_port}",
+        f"  metrics     http://{loopback(address.host)}:{address.metrics_port}/metrics",
         "try:",
     ]
     if gateway is not None:
@@ -151,8 +150,3 @@ def ready_banner(address: ServerAddress, gateway=None) -> str:
             "'{\"QUERY\": \"what is panda?\", \"DOCUMENTS\": [\"hi\", \"The giant panda is a bear native to China.\"]}'")
     lines.append("Ctrl-C stops the server.")
     return "\n".join(lines)
-
-
-def _reachable(host: str) -> str:
-    # A wildcard bind is reached through loopback from this machine.
-    return host if host not in ("0.0.0.0", "::") else "127.0.0.1"

@@ -1,6 +1,6 @@
 """One-shot GPU check: environment, kernel tests, attention and encoder benchmarks.
 
-Run it once on a lent GPU machine (minutes are scarce) and read ``OUT/gpu_results.md``::
+Run it once on a GPU machine (it fits a few minutes) and read ``OUT/gpu_results.md``::
 
     python3 -P bench/gpu/check.py --out OUT --data-dir .gpu-data
     python -m triton_rerank.bench.gpu.check --out OUT          # when the package is installed
@@ -84,6 +84,7 @@ if __name__ == "__main__" and not __package__:
     runpy.run_module("triton_rerank.bench.gpu.check", run_name="__main__", alter_sys=True)
     sys.exit(0)
 
+from ...models.dtypes import DTYPE_NAMES  # noqa: E402
 from ..report import fmt, now_iso, run_context  # noqa: E402
 from ..workload import (  # noqa: E402
     CONFIG_FILE,
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default="float16",
-        choices=("float16", "bfloat16", "float32"),
+        choices=DTYPE_NAMES,
         help="dtype of the encoder benchmark (default float16; forced to float32 with --device cpu)",
     )
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default) or cpu smoke mode")

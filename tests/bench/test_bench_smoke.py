@@ -13,7 +13,7 @@ import pytest
 def test_bench_mini_run(tiny_model_dirs, tmp_path):
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "triton_rerank.bench.command", "bench", "--quick",
+        sys.executable, "-m", "triton_rerank", "bench", "--quick",
         "--model-dir", str(tiny_model_dirs["bert"]), "--out", str(out), "--work-dir", str(tmp_path / "work"),
         "--workload", "synthetic", "--synthetic", "q=4,d=12,r=4", "--docs-per-request", "5",
         "--concurrency", "1,2", "--protocols", "grpc", "--repeat", "2", "--requests-per-level", "4", "--latency-repeats", "2",

@@ -1,6 +1,6 @@
 """The GPU deployment: docker-compose.yml and deploy/ (image, entry point, load balancer, perf input).
 
-Neither CI nor these machines run a Docker engine or a GPU, so the deployment is checked without
+CI runs without a Docker engine or a GPU, so the deployment is checked without
 them: the compose file by parsing and by `docker-compose config -q` (Debian's docker-compose 1.29
 validates against the Compose Specification schema without an engine), nginx.conf by `nginx -t`,
 the image's entry point by rendering the packaged model repository exactly as the container does

@@ -139,7 +139,7 @@ def test_is_ready(xlmr):
 
 
 def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "triton_rerank.cli", "rerank", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "triton_rerank", "rerank", *args], input=stdin,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -67,7 +67,7 @@ class Gateway:
 
 def start_gateway(triton_grpc_url: str, log: Path, *extra: str, env: dict | None = None) -> Gateway:
     (port,) = free_ports(1)
-    command = [sys.executable, "-m", "triton_rerank.cli", "api", "--triton-url", triton_grpc_url,
+    command = [sys.executable, "-m", "triton_rerank", "api", "--triton-url", triton_grpc_url,
                "--port", str(port), "--log-level", "warning", *extra]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

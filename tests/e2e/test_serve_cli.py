@@ -40,7 +40,7 @@ def localize(code: str, http: int, grpc: int, api: int) -> str:
 def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_path):
     http, grpc, metrics, api = free_ports(4)
     command = [
-        sys.executable, "-m", "triton_rerank.cli", "serve", "--model-path", str(tiny_model_dirs["bert"]),
+        sys.executable, "-m", "triton_rerank", "serve", "--model-path", str(tiny_model_dirs["bert"]),
         "--device", "cpu", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
         "--api-port", str(api), "--run-dir", str(tmp_path / "run"),
     ]
@@ -101,7 +101,7 @@ def test_serve_without_api_prints_the_generate_curl():
 
 def test_serve_with_missing_model_says_how_to_fix(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "triton_rerank.cli", "serve", "--model-path", str(tmp_path / "nope")],
+        [sys.executable, "-m", "triton_rerank", "serve", "--model-path", str(tmp_path / "nope")],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
@@ -110,7 +110,7 @@ def test_serve_with_missing_model_says_how_to_fix(tmp_path):
 
 def test_serve_with_directory_without_config(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "triton_rerank.cli", "serve", "--model-path", str(tmp_path)],
+        [sys.executable, "-m", "triton_rerank", "serve", "--model-path", str(tmp_path)],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2 and "has no config.json" in result.stderr
@@ -119,7 +119,7 @@ def test_serve_with_directory_without_config(tmp_path):
 @pytest.mark.parametrize("command", [["--help"], ["serve", "--help"], ["api", "--help"], ["rerank", "--help"],
                                      ["make-test-model", "--help"]])
 def test_help_explains(command):
-    result = subprocess.run([sys.executable, "-m", "triton_rerank.cli", *command], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "triton_rerank", *command], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "usage: triton-rerank" in result.stdout
 
@@ -127,7 +127,7 @@ def test_help_explains(command):
 def test_make_test_model_writes_a_loadable_model(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    result = subprocess.run([sys.executable, "-m", "triton_rerank.cli", "make-test-model",
+    result = subprocess.run([sys.executable, "-m", "triton_rerank", "make-test-model",
                              str(tmp_path / "m"), "--arch", "bert"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "m").iterdir()}

@@ -9,7 +9,12 @@ from torch import nn
 
 from triton_rerank.bench.random_model import make_test_model
 from triton_rerank.models.checkpoint import assign_weights, read_state_dict, select_tensors
-from triton_rerank.models.cross_encoder import load_cross_encoder
+from triton_rerank.models.cross_encoder import (
+    EncoderConfig,
+    PackedCrossEncoder,
+    convert_hf_state_dict,
+    hf_name_map,
+)
 
 ALIGNMENT = 64  # bytes; torch's CPU allocator aligns every allocation to this
 
@@ -31,16 +36,21 @@ def test_views_at_odd_offsets_become_owned_aligned_copies():
 
 
 def test_loaded_parameters_never_alias_the_file(tmp_path):
-    # Whatever offsets the file gives its tensors, the model's own are aligned and contiguous.
+    # Whatever offsets the file gives its tensors, the model's own are aligned, contiguous copies.
     d = make_test_model(tmp_path / "m", "xlm-roberta")
     state = load_file(d / "model.safetensors")
     state["roberta.embeddings.position_ids"] = torch.arange(3)[None]  # shifts every offset after the header
     save_file(state, d / "model.safetensors")
-    file_ptrs = {t.untyped_storage().data_ptr() for t in read_state_dict(d).values()}
-    model = load_cross_encoder(d)
+    cfg = EncoderConfig.from_json(d / "config.json")
+    hf = read_state_dict(d)  # kept alive, so its buffers' addresses cannot be reused by the copies
+    with torch.device("meta"):
+        model = PackedCrossEncoder(cfg)
+    assign_weights(model, convert_hf_state_dict(cfg, hf), dtype=torch.float32, device=torch.device("cpu"),
+                   source_names=hf_name_map(cfg))
+    file_storages = {t.untyped_storage().data_ptr() for t in hf.values()}
     for name, p in model.state_dict().items():
-        assert p.data_ptr() % ALIGNMENT == 0, name
-        assert p.untyped_storage().data_ptr() not in file_ptrs, name
+        assert p.data_ptr() % ALIGNMENT == 0 and p.is_contiguous(), name
+        assert p.untyped_storage().data_ptr() not in file_storages, name
 
 
 def test_select_tensors_names_what_is_missing_and_unexpected():

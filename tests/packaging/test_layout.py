@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
-import tomllib
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[2]
 NOT_IN_WHEEL = {"tests", ".venv", "build", "results", "deploy"}
