@@ -594,7 +594,13 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
         for _ in range(4):
             np.testing.assert_allclose(rerank(httpclient, f"127.0.0.1:{lb_http}", query, documents), direct, atol=1e-5)
             np.testing.assert_allclose(rerank(grpcclient, f"127.0.0.1:{lb_grpc}", query, documents), direct, atol=1e-5)
-        served = [inference_count(r.http_url) - b for r, b in zip(replicas, before, strict=True)]
+        # Triton counts a request in its statistics just after answering it: wait for the last count.
+        deadline = time.monotonic() + 10
+        while True:
+            served = [inference_count(r.http_url) - b for r, b in zip(replicas, before, strict=True)]
+            if sum(served) >= 8 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert sum(served) == 8 and min(served) >= 1, served
         lb = f"http://127.0.0.1:{lb_http}"
         body = json.dumps({"QUERY": query, "DOCUMENTS": documents}).encode()
