@@ -33,6 +33,9 @@ CONFIG = "config.pbtxt"
 # The ensemble's steps whose parameters the settings fill in.
 TOKENIZER = "tokenizer"
 SCORER = "cross_encoder"
+# Where a rendered step finds a local model: a link in its version directory, so that the config
+# (readable by any client at /v2/models/<step>/config) names no host path.
+MODEL_LINK = "1/hf_model"
 
 
 def packaged_model_repository() -> Traversable:
@@ -92,6 +95,8 @@ class RepositorySettings:
     engine: str = "packed"
     attention_backend: str = ""
     max_length: int = 0
+    # Documents (pairs) per request, enforced by the tokenizer step and again by the scoring step.
+    max_documents: int = 1000
     max_batch_tokens: int = 0  # 0 = the device default (4096 on CPU, 16384 on GPU)
     # cross_encoder instances: in all (cpu, auto), or on each GPU (cuda).
     instances: int = 1
@@ -124,7 +129,8 @@ class RepositorySettings:
     def parameters(self) -> dict[str, dict[str, str]]:
         """{model: {parameter: value}} this rendering sets."""
         values = {
-            TOKENIZER: {"model_path": self.model_path, "max_length": str(self.max_length)},
+            TOKENIZER: {"model_path": self.model_path, "max_length": str(self.max_length),
+                        "max_documents": str(self.max_documents)},
             SCORER: {
                 "model_path": self.model_path,
                 "engine": self.engine,
@@ -135,6 +141,8 @@ class RepositorySettings:
                 "device": "cpu" if self.device == "cpu" else "auto",
                 "max_batch_tokens": str(self.max_batch_tokens),
                 "num_threads": str(self.num_threads),
+                "max_documents": str(self.max_documents),
+                "max_length": str(self.max_length),
             },
         }
         for model, extra in self.extra.items():
@@ -145,6 +153,8 @@ class RepositorySettings:
         for name in ("max_length", "max_batch_tokens", "num_threads", "max_queue_size"):
             if getattr(self, name) < 0:
                 raise LauncherError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_documents < 1:
+            raise LauncherError(f"max_documents must be at least 1, got {self.max_documents}")
         if self.instances < 1:
             raise LauncherError(f"instances must be at least 1, got {self.instances}")
         if self.queue_delay_us is not None and self.queue_delay_us < 0:
@@ -201,12 +211,31 @@ def render_model_repository(settings: RepositorySettings, target: Path, source: 
     if target.exists():
         shutil.rmtree(target)
     copy_tree(source, target)
+    link_local_models(configs, target)
     for name, config in configs.items():
         write_config(config, target / name, f"Rendered by triton-rerank from {source}/{name}/{CONFIG} "
                                             "(the commented source).")
         if not any(entry.is_dir() and entry.name.isdigit() for entry in (target / name).iterdir()):
             (target / name / "1").mkdir()
     return target
+
+
+def link_local_models(configs: dict[str, ModelConfig], target: Path) -> None:
+    """Points each step whose model_path is a local directory at a link inside the repository.
+
+    A Hub id stays as it is (it names no host path). The steps resolve a relative model_path
+    against their own model directory (serving/model_files.py).
+    """
+    for name, config in configs.items():
+        if "model_path" not in config.parameters:
+            continue
+        local = Path(config.parameters["model_path"].string_value).expanduser()
+        if not local.is_dir():
+            continue
+        link = target / name / MODEL_LINK
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(local.resolve(), target_is_directory=True)
+        config.parameters["model_path"].string_value = MODEL_LINK
 
 
 def copy_tree(source: Traversable | Path, target: Path, skip: Iterable[str] = ("__pycache__",)) -> Path:

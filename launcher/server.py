@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
 
+from ..serving.step_signature import KEY_ENV
 from .errors import LauncherError
 from .supervisor import StubSupervisor
 from .triton_install import TritonInstall, prepare_backends, server_environment
@@ -114,6 +115,9 @@ class TritonServer:
         self.gpu_metrics = gpu_metrics
         self.process: subprocess.Popen | None = None
         self._admin_key = secrets.token_hex(16)
+        # Signs what the tokenizer step hands the scoring step (serving/step_signature.py); known
+        # only to this server's processes.
+        self._step_key = secrets.token_hex(32)
         self._log = None
         self.supervise = supervise
         self.supervisor: StubSupervisor | None = None
@@ -121,6 +125,11 @@ class TritonServer:
     @property
     def admin_header(self) -> tuple[str, str]:
         return ADMIN_HEADER, self._admin_key
+
+    @property
+    def step_key(self) -> bytes:
+        """The key of this server's step signatures (for tests that play an internal step)."""
+        return bytes.fromhex(self._step_key)
 
     def command(self, redact: bool = False) -> list[str]:
         """The command line start() runs; with `redact`, the admin key replaced (to print or log it)."""
@@ -135,10 +144,12 @@ class TritonServer:
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             output = self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
+        env = server_environment(self.install)
+        env[KEY_ENV] = self._step_key
         # A session of its own, so stopping signals the server and every stub it spawned.
         try:
             self.process = subprocess.Popen(
-                command, env=server_environment(self.install), stdout=output, stderr=subprocess.STDOUT,
+                command, env=env, stdout=output, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
         except OSError as error:

@@ -13,13 +13,19 @@ class ModelNotFoundError(RuntimeError):
     pass
 
 
-def resolve_model_path(path_or_id: str, *, progress: bool = True) -> Path:
+def resolve_model_path(path_or_id: str, *, progress: bool = True, base: Path | None = None) -> Path:
     """A local directory holding config.json, or the local snapshot of a Hub repo id.
+
+    A relative path that names a directory under `base` is taken from there: rendered model
+    repositories link the model's files into each step's directory (`1/hf_model`) so that its
+    config, which any client may read, names no host path.
 
     The download shows huggingface_hub's progress bars and fetches only what serving needs
     (safetensors weights, config, tokenizer).
     """
     local = Path(path_or_id).expanduser()
+    if base is not None and not local.is_absolute() and (Path(base) / local).is_dir():
+        local = Path(base) / local
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelNotFoundError(

@@ -30,6 +30,14 @@ class RequestLimits:
     # pathological string cannot stall the tokenizer instance for long.
     max_text_bytes: int = 1 << 20
 
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> RequestLimits:
+        """The limits set in the tokenizer's config.pbtxt parameters (empty or 0 = the default)."""
+        return cls(
+            max_documents=int(params.get("max_documents") or cls.max_documents),
+            max_text_bytes=int(params.get("max_text_bytes") or cls.max_text_bytes),
+        )
+
 
 KNOWN_PARAMETERS = {"truncate"}
 

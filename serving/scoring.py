@@ -14,19 +14,21 @@ Engines:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..models.dtypes import torch_dtype
+from .packed_inputs import PackedInputLimits, PackedRequest
 
 # Token budget of one forward when config.pbtxt says 0: small micro-batches stay in a CPU's caches
 # (measured 25-30% faster than 16384 on 2 cores); a GPU needs large ones to fill its SMs.
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
-
 
 
 def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[np.ndarray]:
@@ -144,9 +146,15 @@ class EncoderSettings:
     device: torch.device = torch.device("cpu")
     max_batch_tokens: int = 16384
     num_threads: int = 0
+    # Per-request limits (the tokenizer step's): pairs, and tokens of one pair (0 = the model's).
+    max_documents: int = 1000
+    max_length: int = 0
 
     @classmethod
-    def from_parameters(cls, params: dict, instance_kind: str = "CPU", device_id: int = 0) -> EncoderSettings:
+    def from_parameters(cls, params: dict, instance_kind: str = "CPU", device_id: int = 0,
+                        model_dir: Path | None = None) -> EncoderSettings:
+        """Settings from config.pbtxt parameters; a relative model_path is looked up in `model_dir`
+        (the Triton model's directory) first."""
         from .model_files import resolve_model_path
 
         device = params.get("device", "auto") or "auto"
@@ -164,14 +172,21 @@ class EncoderSettings:
         if max_batch_tokens == 0:
             max_batch_tokens = DEFAULT_BATCH_TOKENS[device.type]
         return cls(
-            model_path=str(resolve_model_path(params["model_path"], progress=False)),
+            model_path=str(resolve_model_path(params["model_path"], progress=False, base=model_dir)),
             engine=params.get("engine", "packed") or "packed",
             attention_backend=params.get("attention_backend") or None,
             dtype=torch_dtype(dtype),
             device=device,
             max_batch_tokens=max_batch_tokens,
             num_threads=int(params.get("num_threads") or 0),
+            max_documents=int(params.get("max_documents") or cls.max_documents),
+            max_length=int(params.get("max_length") or 0),
         )
+
+    def input_limits(self) -> PackedInputLimits:
+        """What one request may carry: the model's vocabulary, type and position tables, and the limits."""
+        config = json.loads((Path(self.model_path) / "config.json").read_text())
+        return PackedInputLimits.from_model_config(config, max_pairs=self.max_documents, max_length=self.max_length)
 
 
 def build_engine(settings: EncoderSettings):
@@ -204,6 +219,23 @@ def score_pairs(
         if observe is not None:
             observe(int(batch.input_ids.numel()), time.perf_counter() - started)
     return scores
+
+
+def score_requests(
+    engine, requests: list[PackedRequest], max_batch_tokens: int,
+    observe: Callable[[int, float], None] | None = None,
+) -> list[np.ndarray]:
+    """Scores of each request's pairs: all pairs of all requests packed and scored together.
+
+    Requests must have passed `check_packed_request`: one whose lengths did not sum to its ids
+    would shift the pairs of every request after it.
+    """
+    input_ids, token_type_ids, lengths = (
+        np.concatenate(parts) for parts in
+        zip(*((r.input_ids, r.token_type_ids, r.lengths) for r in requests), strict=True)
+    )
+    scores = score_pairs(engine, input_ids, token_type_ids, lengths, max_batch_tokens, observe=observe)
+    return np.split(scores, np.cumsum([len(r.lengths) for r in requests])[:-1])
 
 
 def non_finite_error(scores: np.ndarray, dtype: torch.dtype) -> str | None:

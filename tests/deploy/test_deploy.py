@@ -292,8 +292,11 @@ def test_entrypoint_renders_the_repository_the_tests_serve(tmp_path):
         (model_config_pb2.ModelInstanceGroup.KIND_GPU, 2, [0, 1])]
     params = {k: v.string_value for k, v in cross.parameters.items()}
     # "auto": each GPU instance runs on the GPU Triton gave it ("cuda" would be cuda:0 for all).
-    assert params["device"] == "auto" and params["dtype"] == "bfloat16" and params["model_path"] == str(model)
-    assert configs["tokenizer"].parameters["model_path"].string_value == str(model)
+    assert params["device"] == "auto" and params["dtype"] == "bfloat16"
+    # The model is linked into each step, so that configs clients can read name no host path.
+    for step in ("tokenizer", "cross_encoder"):
+        link = configs[step].parameters["model_path"].string_value
+        assert not Path(link).is_absolute() and (image / step / link).resolve() == model.resolve()
     assert configs["reranker"].platform == "ensemble"
 
 
@@ -371,8 +374,8 @@ def test_entrypoint_names_a_missing_model_and_keeps_the_source(tmp_path):
     result = entrypoint("--target", str(tmp_path / "repo"), "--model-path", str(fake_model(tmp_path)),
                         env={"MODEL_REPOSITORY_SOURCE": str(source)})
     assert result.returncode == 0, result.stderr
-    assert parse_config(tmp_path / "repo" / "tokenizer" / "config.pbtxt").parameters["model_path"].string_value == str(
-        fake_model(tmp_path))
+    link = parse_config(tmp_path / "repo" / "tokenizer" / "config.pbtxt").parameters["model_path"].string_value
+    assert (tmp_path / "repo" / "tokenizer" / link).resolve() == fake_model(tmp_path).resolve()
 
 
 # --- the load balancer --------------------------------------------------------------------------

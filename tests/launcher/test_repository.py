@@ -44,14 +44,15 @@ def test_rendered_configs_parse_back_with_the_values_set(tmp_path):
     settings = RepositorySettings(model_path='/models/a "b"', device="cuda", dtype="float16", engine="hf",
                                   attention_backend="sdpa", max_length=512, max_batch_tokens=4096, instances=2,
                                   gpus=(0, 3), num_threads=3, max_queue_size=7, queue_delay_us=250,
-                                  extra={"tokenizer": {"max_documents": "10"}})
+                                  max_documents=10, extra={"tokenizer": {"max_text_bytes": "2048"}})
     out = render_model_repository(settings, tmp_path / "repo")
     assert sorted(p.name for p in out.iterdir()) == MODELS
     cross, tokenizer = parse(out / "cross_encoder" / "config.pbtxt"), parse(out / "tokenizer" / "config.pbtxt")
     assert params(cross) == {"model_path": '/models/a "b"', "engine": "hf", "attention_backend": "sdpa",
-                             "dtype": "float16", "device": "auto", "max_batch_tokens": "4096", "num_threads": "3"}
-    assert params(tokenizer) == {"model_path": '/models/a "b"', "max_length": "512", "max_documents": "10",
-                                 "max_text_bytes": "1048576"}
+                             "dtype": "float16", "device": "auto", "max_batch_tokens": "4096", "num_threads": "3",
+                             "max_documents": "10", "max_length": "512"}
+    assert params(tokenizer).items() >= {"model_path": '/models/a "b"', "max_length": "512", "max_documents": "10",
+                                         "max_text_bytes": "2048"}.items()
     (group,) = cross.instance_group
     assert (group.count, group.kind, list(group.gpus)) == (2, ModelInstanceGroup.KIND_GPU, [0, 3])
     assert cross.dynamic_batching.max_queue_delay_microseconds == 250
@@ -127,6 +128,7 @@ def test_unknown_parameter_is_refused_naming_it(tmp_path):
     ({"instances": 0}, "instances must be at least 1"),
     ({"queue_delay_us": -1}, "queue_delay_us must be >= 0"),
     ({"max_batch_tokens": -5}, "max_batch_tokens must be >= 0"),
+    ({"max_documents": 0}, "max_documents must be at least 1"),
 ])
 def test_bad_settings_are_refused(tmp_path, settings, message):
     with pytest.raises(LauncherError, match=message):
@@ -170,3 +172,30 @@ def test_renders_from_a_resource_that_is_not_a_directory(tmp_path):
     for model in MODELS:
         assert parse(out / model / "config.pbtxt") == parse(reference / model / "config.pbtxt")
     assert (out / "tokenizer" / "1" / "model.py").read_bytes() == (reference / "tokenizer" / "1" / "model.py").read_bytes()
+
+
+def test_a_local_model_is_linked_so_configs_name_no_host_path(tmp_path):
+    model_dir = tmp_path / "secret-host-dir" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    out = render_model_repository(RepositorySettings(model_path=str(model_dir)), tmp_path / "repo")
+    for step in ("tokenizer", "cross_encoder"):
+        config_text = (out / step / "config.pbtxt").read_text()
+        assert "secret-host-dir" not in config_text
+        value = params(parse(out / step / "config.pbtxt"))["model_path"]
+        assert not Path(value).is_absolute()
+        assert (out / step / value).resolve() == model_dir.resolve()
+    # A Hub id is no host path: it stays as it is.
+    hub = render_model_repository(RepositorySettings(model_path="BAAI/bge-reranker-v2-m3"), tmp_path / "hub")
+    assert params(parse(hub / "cross_encoder" / "config.pbtxt"))["model_path"] == "BAAI/bge-reranker-v2-m3"
+
+
+def test_the_scoring_step_gets_the_tokenizers_request_limits(tmp_path):
+    out = render_model_repository(RepositorySettings(model_path="m", max_documents=7, max_length=64), tmp_path / "r")
+    cross, tokenizer = (params(parse(out / step / "config.pbtxt")) for step in ("cross_encoder", "tokenizer"))
+    assert cross["max_documents"] == tokenizer["max_documents"] == "7"
+    assert cross["max_length"] == tokenizer["max_length"] == "64"
+    # And the packaged defaults agree too.
+    source = read_repository()
+    assert (source["cross_encoder"].parameters["max_documents"].string_value
+            == source["tokenizer"].parameters["max_documents"].string_value)

@@ -1,15 +1,19 @@
 """Micro-batch planning and scatter-back of scores."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from triton_rerank.serving.packed_inputs import PackedRequest
 from triton_rerank.serving.scoring import (
     EncoderSettings,
     gather_pairs,
     padded_inputs,
     plan_micro_batches,
     score_pairs,
+    score_requests,
 )
 
 
@@ -59,6 +63,36 @@ def test_score_pairs_scatters_back_in_input_order():
     scores = score_pairs(first_token_engine, ids, np.zeros_like(ids), lengths, max_batch_tokens=6)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     np.testing.assert_array_equal(scores, starts.astype(np.float32))
+
+
+def test_score_requests_packs_all_requests_and_answers_each_its_own():
+    def first_token_engine(batch):
+        return batch.input_ids[batch.cu_seqlens[:-1].long()].float()
+
+    def request(ids, lengths):
+        ids = np.asarray(ids, dtype=np.int32)
+        return PackedRequest(ids, np.zeros_like(ids), np.asarray(lengths, dtype=np.int32))
+
+    requests = [request([7, 1, 8, 2, 2], [1, 4]), request([9], [1]), request([4, 4, 5, 6, 6, 6], [2, 1, 3])]
+    scores = score_requests(first_token_engine, requests, max_batch_tokens=4)
+    assert [s.tolist() for s in scores] == [[7.0, 1.0], [9.0], [4.0, 5.0, 6.0]]
+
+
+def test_settings_read_the_per_request_limits_and_the_model_tables(tiny_model_dirs):
+    import json
+
+    params = {"model_path": str(tiny_model_dirs["bert"]), "max_documents": "12", "max_length": "20"}
+    limits = EncoderSettings.from_parameters(params).input_limits()
+    config = json.loads((tiny_model_dirs["bert"] / "config.json").read_text())
+    assert (limits.max_pairs, limits.max_length) == (12, 20)
+    assert (limits.vocab_size, limits.type_vocab_size) == (config["vocab_size"], config["type_vocab_size"])
+
+
+def test_a_relative_model_path_is_found_in_the_model_directory(tiny_model_dirs, tmp_path):
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "hf_model").symlink_to(tiny_model_dirs["bert"])
+    settings = EncoderSettings.from_parameters({"model_path": "1/hf_model"}, model_dir=tmp_path)
+    assert Path(settings.model_path).resolve() == Path(tiny_model_dirs["bert"]).resolve()
 
 
 def test_settings_resolve_auto_device_and_dtype(tiny_model_dirs):

@@ -2,39 +2,58 @@
 
 import json
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_rerank.serving.metrics import ScoringMetrics
-from triton_rerank.serving.scoring import EncoderSettings, build_engine, non_finite_error, score_pairs
+from triton_rerank.serving.packed_inputs import PackedInputError, check_packed_request
+from triton_rerank.serving.scoring import EncoderSettings, build_engine, non_finite_error, score_requests
+from triton_rerank.serving.step_signature import KEY_ENV, SignatureError, check_signature, step_key
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.settings = EncoderSettings.from_parameters(
-            params, instance_kind=args["model_instance_kind"], device_id=int(args["model_instance_device_id"])
+            params, instance_kind=args["model_instance_kind"], device_id=int(args["model_instance_device_id"]),
+            model_dir=args["model_repository"],
         )
+        self.limits = self.settings.input_limits()
+        self.key = step_key()
+        if self.key is None:
+            pb_utils.Logger.log_warn(f"{KEY_ENV} is not set: cross_encoder accepts inputs the tokenizer step did "
+                                     "not sign (each request is still checked); `triton-rerank serve` sets it")
         self.engine = build_engine(self.settings)
         self.metrics = ScoringMetrics(pb_utils, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
-        # Pack every pair of every request together, score, and split back per request.
-        inputs = [
-            [pb_utils.get_input_tensor_by_name(r, name).as_numpy().reshape(-1)
-             for name in ("INPUT_IDS", "TOKEN_TYPE_IDS", "SEQ_LENGTHS")]
-            for r in requests
-        ]
-        input_ids, token_type_ids, lengths = (np.concatenate(parts) for parts in zip(*inputs, strict=True))
-        scores = score_pairs(self.engine, input_ids, token_type_ids, lengths, self.settings.max_batch_tokens,
-                             observe=self.metrics.observe_micro_batch)
-        self.metrics.observe_pairs(len(lengths))
-        splits = np.cumsum([len(per_request[2]) for per_request in inputs])[:-1]
-        return [self._response(part) for part in np.split(scores, splits)]
+        # Each request is checked alone; only those that pass are packed and scored together, so a
+        # bad one is answered with its own error and cannot shift or fail its neighbours.
+        responses, accepted, packed = [None] * len(requests), [], []
+        for i, request in enumerate(requests):
+            try:
+                packed.append(self._read(request))
+                accepted.append(i)
+            except (PackedInputError, SignatureError) as error:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+        if packed:
+            scores = score_requests(self.engine, packed, self.settings.max_batch_tokens,
+                                    observe=self.metrics.observe_micro_batch)
+            self.metrics.observe_pairs(sum(len(p.lengths) for p in packed))
+            for i, part in zip(accepted, scores, strict=True):
+                responses[i] = self._response(part)
+        return responses
+
+    def _read(self, request):
+        ids, types, lengths, signature = (pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                                          for name in ("INPUT_IDS", "TOKEN_TYPE_IDS", "SEQ_LENGTHS", "SIGNATURE"))
+        pairs = check_packed_request(ids, types, lengths, self.limits)
+        check_signature(self.key, signature, pairs.input_ids, pairs.token_type_ids, pairs.lengths)
+        return pairs
 
     def _response(self, scores):
         # A NaN or inf is never returned as a score.
         error = non_finite_error(scores, self.settings.dtype)
         if error is not None:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INTERNAL))
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("SCORES", scores[np.newaxis])])
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("SCORES", scores[None])])

@@ -12,18 +12,17 @@ from triton_rerank.serving.request_options import (
     read_options,
     read_query_and_documents,
 )
+from triton_rerank.serving.step_signature import sign_pairs, step_key
 from triton_rerank.serving.tokenization import PairTokenizationError, PairTokenizer
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-        model_dir = resolve_model_path(params["model_path"], progress=False)
+        model_dir = resolve_model_path(params["model_path"], progress=False, base=args["model_repository"])
         self.tokenizer = PairTokenizer(model_dir, max_length=int(params.get("max_length") or 0))
-        self.limits = RequestLimits(
-            max_documents=int(params.get("max_documents") or RequestLimits.max_documents),
-            max_text_bytes=int(params.get("max_text_bytes") or RequestLimits.max_text_bytes),
-        )
+        self.limits = RequestLimits.from_parameters(params)
+        self.key = step_key()
 
     def execute(self, requests):
         return [self._encode(request) for request in requests]
@@ -45,4 +44,6 @@ class TritonPythonModel:
             pb_utils.Tensor("INPUT_IDS", packed.input_ids[np.newaxis]),
             pb_utils.Tensor("TOKEN_TYPE_IDS", packed.token_type_ids[np.newaxis]),
             pb_utils.Tensor("SEQ_LENGTHS", packed.lengths[np.newaxis]),
+            pb_utils.Tensor("SIGNATURE", sign_pairs(self.key, packed.input_ids, packed.token_type_ids,
+                                                    packed.lengths)[np.newaxis]),
         ])
