@@ -1,11 +1,15 @@
-"""A bounded load/soak run against a running server: mixed good and bad requests, memory watched.
+"""A bounded load/soak run against a running server: good, bad and hostile requests, memory watched.
 
     python -m triton_rerank.bench.soak --grpc-url 127.0.0.1:8001 --duration 600 --concurrency 8
 
-Every good request must come back with one finite score per document, every bad one with
-INVALID_ARG, overload with UNAVAILABLE; anything else counts as unexpected. Resident memory of
-the server's process group (tritonserver and its backend stubs) is sampled after a warm-up
-and at the end. Loopback use only: the loop is bounded in time and stops by itself.
+Good requests come from a fixed pool whose scores are first measured one at a time, alone; under
+load each answer must match its reference (scores batched with other requests may differ in the
+last bits, hence a tolerance). Bad requests (empty, broken UTF-8, blank query, too many
+documents) must get INVALID_ARG; hostile ones, calls straight to the internal `cross_encoder` step
+with inputs the tokenizer never produced, INVALID_ARG too; a few requests carry documents of a
+megabyte each and must still be answered. Overload may answer UNAVAILABLE; anything else counts
+as unexpected. Resident memory of the server's process group (tritonserver and its backend stubs)
+is sampled after a warm-up and at the end. Loopback use only: the loop stops by itself.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class SoakReport:
 
     @property
     def unexpected(self) -> int:
-        return sum(n for k, n in self.outcomes.items() if k not in ("ok", "invalid_refused", "overload_refused"))
+        return sum(n for k, n in self.outcomes.items() if k not in EXPECTED)
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -65,41 +69,92 @@ class SoakReport:
         return data
 
 
-def _request(rng: random.Random) -> tuple[str, list[bytes], bool]:
-    """(query, documents, is_valid): mostly real requests, some broken on purpose."""
-    query = " ".join(rng.choices(WORDS, k=rng.randint(1, 8)))
-    documents = [" ".join(rng.choices(WORDS, k=rng.randint(1, 120))).encode() for _ in range(rng.randint(1, 40))]
-    kind = rng.random()
-    if kind < 0.05:
-        return query, [], False
-    if kind < 0.10:
-        return query, documents + [b"\xff\xfe broken utf-8"], False
-    if kind < 0.12:
-        return "   ", documents, False
-    return query, documents, True
+# Scores under load against the same request alone: batching changes float summation order only.
+SCORE_RTOL = SCORE_ATOL = 1e-4
+EXPECTED = ("ok", "invalid_refused", "hostile_refused", "overload_refused")
 
 
-def _one(client, grpcclient, rng: random.Random) -> str:
-    from tritonclient.utils import InferenceServerException
+def honest_pool(seed: int, size: int = 48) -> list[tuple[str, list[bytes]]]:
+    """Fixed good requests (query, documents), measured alone first and checked under load."""
+    rng = random.Random(seed)
+    return [(" ".join(rng.choices(WORDS, k=rng.randint(1, 8))),
+             [" ".join(rng.choices(WORDS, k=rng.randint(1, 120))).encode() for _ in range(rng.randint(1, 40))])
+            for _ in range(size)]
 
-    query, documents, valid = _request(rng)
+
+def _bad_request(rng: random.Random, pool) -> tuple[str, list[bytes]]:
+    query, documents = rng.choice(pool)
+    return rng.choice([
+        (query, []),
+        (query, documents + [b"\xff\xfe broken utf-8"]),
+        ("   ", documents),
+        (query, [b"panda"] * 1001),
+    ])
+
+
+def _hostile_inputs(grpcclient, rng: random.Random) -> list:
+    """Inputs for a direct call of the internal scoring step that its checks must refuse."""
+    total = rng.randint(2, 400)
+    lengths = rng.choice([[1], [total + 5], [total, -3], [1] * 2000, [total]])  # the last: unsigned
+    arrays = {"INPUT_IDS": np.array([rng.randint(-5, 10**6) for _ in range(total)], dtype=np.int32),
+              "TOKEN_TYPE_IDS": np.zeros(total, dtype=np.int32), "SEQ_LENGTHS": np.array(lengths, dtype=np.int32),
+              "SIGNATURE": np.zeros(32, dtype=np.uint8)}
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, [1, array.size], "UINT8" if name == "SIGNATURE" else "INT32")
+        tensor.set_data_from_numpy(array[None])
+        inputs.append(tensor)
+    return inputs
+
+
+def _ensemble_inputs(grpcclient, query: str, documents: list[bytes]) -> list:
     # Raw inputs rather than triton_io.make_inputs: some documents are invalid UTF-8 on purpose.
     q = grpcclient.InferInput("QUERY", [1], "BYTES")
     q.set_data_from_numpy(np.array([query.encode()], dtype=object))
     d = grpcclient.InferInput("DOCUMENTS", [len(documents)], "BYTES")
     d.set_data_from_numpy(np.array(documents, dtype=object))
+    return [q, d]
+
+
+def reference_scores(client, grpcclient, pool) -> list[np.ndarray]:
+    """Each pool request's scores, sent one at a time with nothing else in flight."""
+    return [client.infer("reranker", _ensemble_inputs(grpcclient, q, docs)).as_numpy("SCORES").reshape(-1)
+            for q, docs in pool]
+
+
+def _one(client, grpcclient, rng: random.Random, pool, references) -> str:
+    from tritonclient.utils import InferenceServerException
+
+    kind = rng.random()
+    model, refused, expected = "reranker", None, None
+    if kind < 0.10:
+        inputs, refused = _ensemble_inputs(grpcclient, *_bad_request(rng, pool)), "invalid_refused"
+    elif kind < 0.15:
+        model, inputs, refused = "cross_encoder", _hostile_inputs(grpcclient, rng), "hostile_refused"
+    elif kind < 0.16:
+        # Megabyte documents: the tokenizer cuts them to what the window keeps, so they are answered.
+        query, documents = rng.choice(pool)
+        big = documents[0] * (2**20 // len(documents[0]))
+        inputs = _ensemble_inputs(grpcclient, query, [big, big])
+    else:
+        index = rng.randrange(len(pool))
+        inputs, expected = _ensemble_inputs(grpcclient, *pool[index]), references[index]
     try:
-        scores = client.infer("reranker", [q, d], client_timeout=120).as_numpy("SCORES").reshape(-1)
+        scores = client.infer(model, inputs, client_timeout=120).as_numpy("SCORES").reshape(-1)
     except InferenceServerException as error:
         status = str(error.status())
         if status.endswith("INVALID_ARGUMENT"):
-            return "invalid_refused" if not valid else "valid_refused"
+            return refused or "valid_refused"
         if status.endswith("UNAVAILABLE"):
             return "overload_refused"
         return f"error:{status}"
-    if not valid:
-        return "invalid_accepted"
-    return "ok" if scores.shape == (len(documents),) and np.isfinite(scores).all() else "wrong_result"
+    if refused:
+        return "invalid_accepted" if refused == "invalid_refused" else "hostile_accepted"
+    if not np.isfinite(scores).all() or (expected is not None and scores.shape != expected.shape):
+        return "wrong_result"
+    if expected is not None and not np.allclose(scores, expected, rtol=SCORE_RTOL, atol=SCORE_ATOL):
+        return "wrong_score"
+    return "ok"
 
 
 def run_soak(grpc_url: str, duration: float, concurrency: int, server_pgid: int | None = None,
@@ -108,6 +163,9 @@ def run_soak(grpc_url: str, duration: float, concurrency: int, server_pgid: int 
 
     report = SoakReport()
     lock = threading.Lock()
+    pool = honest_pool(seed)
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        references = reference_scores(client, grpcclient, pool)
     started = time.monotonic()
     stop_at = started + warmup + duration
 
@@ -115,7 +173,7 @@ def run_soak(grpc_url: str, duration: float, concurrency: int, server_pgid: int 
         rng = random.Random(seed * 1000 + index)
         with grpcclient.InferenceServerClient(grpc_url) as client:
             while time.monotonic() < stop_at:
-                outcome = _one(client, grpcclient, rng)
+                outcome = _one(client, grpcclient, rng, pool, references)
                 with lock:
                     report.requests += 1
                     report.outcomes[outcome] += 1

@@ -1,4 +1,4 @@
-"""A bounded soak (under a minute): mixed good and bad requests; nothing unexpected, memory flat."""
+"""A bounded soak (under a minute): good, bad and hostile requests; every good answer right, memory flat."""
 
 import json
 
@@ -13,7 +13,9 @@ def test_soak_has_no_unexpected_outcome_and_bounded_memory(tiny_model_dirs, star
     (tmp_path / "soak.json").write_text(json.dumps(report.as_dict(), indent=2))
     print(json.dumps(report.as_dict()))
     assert report.unexpected == 0, report.outcomes
+    # "unexpected" includes a good request answered with scores other than its own alone.
     assert report.outcomes["ok"] > 50 and report.outcomes["invalid_refused"] > 0
+    assert report.outcomes["hostile_refused"] > 0
     growth = report.rss_at_end - report.rss_after_warmup
     assert report.rss_after_warmup > 0
     # Allocator noise is a few MB; a leak of request data would grow with the ~thousand requests.
