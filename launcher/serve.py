@@ -76,6 +76,8 @@ def run(args) -> int:
         model_path=str(model_dir), device=args.device, dtype=args.dtype, engine=args.engine,
         attention_backend=args.attention_backend or "", max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens, instances=args.instances, num_threads=args.num_threads,
+        # One limit for every door: the gateway's, the tokenizer step's and the scoring step's.
+        max_documents=args.max_documents,
     )
     address = ServerAddress(args.host, args.http_port, args.grpc_port, args.metrics_port)
     try:

@@ -42,7 +42,7 @@ def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_pa
     command = [
         sys.executable, "-m", "triton_rerank", "serve", "--model-path", str(tiny_model_dirs["bert"]),
         "--device", "cpu", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-        "--api-port", str(api), "--run-dir", str(tmp_path / "run"),
+        "--api-port", str(api), "--run-dir", str(tmp_path / "run"), "--max-documents", "40",
     ]
     serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
@@ -75,6 +75,14 @@ def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_pa
         if shutil.which("curl"):
             result = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
             assert result.returncode == 0 and [i["index"] for i in json.loads(result.stdout)], result.stdout
+
+        # --max-documents is one limit for every door: the gateway and both steps of the ensemble.
+        for step in ("tokenizer", "cross_encoder"):
+            config = (tmp_path / "run" / "model_repository" / step / "config.pbtxt").read_text()
+            assert re.search(r'key: "max_documents"\s+value \{\s+string_value: "40"', config), config
+        too_many = {"QUERY": "q", "DOCUMENTS": ["d"] * 41}
+        response = requests.post(f"http://127.0.0.1:{http}/v2/models/reranker/generate", json=too_many, timeout=60)
+        assert response.status_code == 400 and "at most 40" in response.text, response.text
 
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
