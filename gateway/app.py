@@ -5,6 +5,7 @@
 A FastAPI app (uvicorn serves it) holding one tritonclient.grpc.aio connection. The modules:
 
     dialects/      one module per dialect: its bodies and its thin route (DIALECTS lists them)
+    kserve.py      KServe v2 infer/generate of the ensemble, validated (kserve_protocol.py: the bodies)
     dialect.py     what a dialect builds on: its router (API key, tag, error responses), present()
     ensemble.py    the one ensemble call behind the limits, counted in the metrics; the ranking
     protocol.py    the request fields the dialects share (checked text, top_n)
@@ -22,7 +23,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ..client.rerank_client import AsyncRerankClient
-from . import service
+from . import kserve, service
 from .dialect import Dialect
 from .dialects import DIALECTS
 from .ensemble import GatewayState, Scorer
@@ -59,11 +60,13 @@ def create_app(settings: GatewaySettings, scorer: Scorer | None = None,
         lifespan=lifespan,
     )
     app.state.gateway = state
-    routers = [dialect.router for dialect in dialects] + [service.router]
+    # The KServe routes are not a dialect (kserve.py says why) but are set up like one.
+    fronts = [*dialects, kserve.front]
+    routers = [front.router for front in fronts] + [kserve.other_models, service.router]
     for router in routers:
         app.include_router(router)
     routes = [route for router in routers for route in router.routes]
-    shapes = ErrorShapes({path: dialect.error_shape for dialect in dialects for path in dialect.paths})
+    shapes = ErrorShapes({path: front.error_shape for front in fronts for path in front.paths})
     operations = [f"{method} {route.path}" for route in routes for method in sorted(route.methods)]
     install_error_handlers(app, shapes, [*operations, f"GET {app.docs_url}"])
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, shapes=shapes)

@@ -389,14 +389,18 @@ def nginx_binary() -> str:
 
 
 def local_nginx_config(run_dir: Path, http: list[int], grpc: list[int],
-                       listen: tuple[int, int, int] = (8000, 8001, 8003)) -> Path:
-    """deploy/nginx.conf with what only a test machine needs changed: the compose host name `triton`
-    becomes local replicas' ports, it listens on loopback ports, and keeps its temporary files in run_dir."""
+                       listen: tuple[int, int, int] = (8000, 8001, 8003), gateway: int = 30000) -> Path:
+    """deploy/nginx.conf with what only a test machine needs changed: the compose host names `triton`
+    and `api` become local replicas' and the gateway's ports (without `resolve`, which nginx < 1.27.3
+    lacks and loopback addresses do not need), it listens on loopback ports, and keeps its temporary
+    files in run_dir."""
     text = (DEPLOY / "nginx.conf").read_text()
     assert text.count("server triton:8000 ") == 1 and text.count("server triton:8001 ") == 1
     for port_in_compose, ports in ((8000, http), (8001, grpc)):
         text = re.sub(rf"server triton:{port_in_compose} ([^;]*);",
                       lambda m, ports=ports: " ".join(f"server 127.0.0.1:{p} {m.group(1)};" for p in ports), text)
+    text, count = re.subn(r"server api:30000 ([^;]*) resolve;", rf"server 127.0.0.1:{gateway} \1;", text)
+    assert count == 1
     for original, new in zip(("listen 8000;", "listen 8001 http2;", "listen 8003 http2;"), listen, strict=True):
         assert text.count(original) == 1
         text = text.replace(original, original.replace(original.split()[1].rstrip(";"), f"127.0.0.1:{new}"))
@@ -425,12 +429,16 @@ def test_nginx_lets_through_only_inference_health_and_metadata():
                                             "ServerMetadata", "ModelMetadata"]
     assert set(methods.findall(perf_grpc)) == set(methods.findall(public_grpc)) | {"ModelConfig", "ModelStatistics"}
     assert public_grpc.count("return 403;") == perf_grpc.count("return 403;") == 1
-    routes = dict(re.findall(r'^\s+"~(\^[^"]+)"\s+(\w+);$', text, re.MULTILINE))
-    assert sorted(routes.values()) == ["health", "inference", "model_metadata", "model_ready", "server_metadata"]
-    patterns = [re.compile(p) for p in routes]
+    routes = [(re.compile(p), name) for p, name in re.findall(r'^\s+"~(\^[^"]+)"\s+(\w+);$', text, re.MULTILINE)]
+    assert sorted(name for _, name in routes) == ["gateway", "health", "inference", "model_metadata", "model_ready",
+                                                  "server_metadata"]
+
+    def route(request: str) -> str | None:
+        """The route of a request line: the first regex that matches, as nginx's map picks it."""
+        return next((name for pattern, name in routes if pattern.search(request)), None)
 
     def allowed(request: str) -> bool:
-        return any(p.search(request) for p in patterns)
+        return route(request) is not None
 
     for request in ["GET /v2/health/live", "GET /v2/health/ready", "GET /v2", "GET /v2/models/reranker",
                     "GET /v2/models/reranker/versions/1", "GET /v2/models/reranker/ready",
@@ -448,6 +456,42 @@ def test_nginx_lets_through_only_inference_health_and_metadata():
                     "POST /v2/models/reranker/ready", "GET /v2/models/reranker/infer",
                     "POST /v2/models/reranker/generate_stream"]:
         assert not allowed(request), request
+    # HTTP inference of the ensemble goes to the gateway (which answers 4xx where Triton answers 500);
+    # other models' inference and everything else that is let through, to the replicas.
+    for request in ["POST /v2/models/reranker/infer", "POST /v2/models/reranker/versions/1/infer",
+                    "POST /v2/models/reranker/generate", "POST /v2/models/reranker/versions/1/generate",
+                    "POST /v2/models/reranker/infer?x=1", "POST /v2/models/reranker/versions/2/infer"]:
+        assert route(request) == "gateway", request
+    for request in ["POST /v2/models/tokenizer/infer", "POST /v2/models/rerankers/infer",
+                    "POST /v2/models/reranker2/versions/1/infer", "POST /v2/models/cross_encoder/generate"]:
+        assert route(request) == "inference", request
+    assert route("GET /v2/models/reranker") == "model_metadata"
+    upstreams = dict(re.findall(r"^\s+(\w+) (\w+_http);$", text.split("map $triton_http_route $http_upstream")[1],
+                                re.MULTILINE))
+    assert upstreams == {"default": "triton_http", "gateway": "gateway_http"}
+    assert "proxy_pass http://$http_upstream;" in text
+
+
+def test_nginx_bounds_bodies_and_headers_and_finds_the_gateway(compose):
+    """The load balancer refuses what the gateway would (same body limit), in KServe's error shape, and
+    reaches the compose service `api` on the port its command line gives."""
+    from triton_rerank.gateway.settings import GatewaySettings
+
+    text = (DEPLOY / "nginx.conf").read_text()
+    http_block = text.split("server {")[0]
+    size = re.search(r"^\s+client_max_body_size (\d+)m;$", http_block, re.MULTILINE)
+    assert size and int(size.group(1)) * 1024 * 1024 == GatewaySettings().max_body_bytes
+    assert re.search(r"^\s+large_client_header_buffers 4 8k;$", http_block, re.MULTILINE)
+    assert "client_max_body_size" not in text.split("server {", 1)[1]  # one limit for every port
+    assert text.count("error_page 413 @too_large;") == 3  # each port answers it in its protocol's shape
+    assert "return 413 '{\"error\":" in text and text.count("add_header grpc-status 8 always;") == 2
+    api = compose["services"]["api"]
+    assert "--max-body-bytes" not in api["command"]  # the gateway keeps its default, nginx's limit
+    port = api["command"][api["command"].index("--port") + 1]
+    assert re.search(rf"^\s+server api:{port} [^;]* resolve;$", text, re.MULTILINE)
+    # `resolve` looks the gateway up while running: it starts after the load balancer (depends_on).
+    assert re.search(r"^\s+resolver 127\.0\.0\.11 ", http_block, re.MULTILINE)
+    assert "lb" in api["depends_on"] and "api" not in compose["services"]["lb"].get("depends_on", {})
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -485,6 +529,15 @@ def http_status(url: str, method: str = "GET", body: bytes | None = None) -> int
         return error.code
     except OSError:  # nothing listens (yet)
         return 0
+
+
+def http_answer(url: str, body: bytes) -> tuple[int, dict]:
+    """Status and JSON body of a POST."""
+    try:
+        with urlopen(Request(url, data=body, method="POST"), timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def raw_http_status(port: int, method: str, path: str) -> int:
@@ -558,20 +611,25 @@ class Replica:
 @pytest.mark.server
 def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs, tmp_path):
     """Two replicas, each the image's entry point running the bundled tritonserver supervised (CPU),
-    behind deploy/nginx.conf: HTTP, gRPC, the generate extension and perf_analyzer (with
-    deploy/perf-input.json) pass through the load balancer and both replicas get requests; admin
-    routes (repository, shared memory, trace, logging, model config, statistics) are refused by
-    nginx; a replica whose backend process dies is repaired by its supervisor; SIGTERM stops every
-    replica with its server and backend processes."""
+    behind deploy/nginx.conf, with the gateway behind it as in docker-compose.yml (a gRPC client of
+    the load balancer): HTTP, gRPC, the generate extension and perf_analyzer (with
+    deploy/perf-input.json) pass through the load balancer and both replicas get requests; the
+    ensemble's HTTP inference is answered by the gateway (4xx, not Triton's 500, for a malformed
+    KServe request); a body over 16 MiB is refused by nginx; admin routes (repository, shared memory,
+    trace, logging, model config, statistics) are refused by nginx; a replica whose backend process
+    dies is repaired by its supervisor; SIGTERM stops every replica with its server and backend
+    processes."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
     from triton_rerank.bench.perf_analyzer import perf_analyzer_binary, perf_analyzer_environment
+    from triton_rerank.gateway.server import GatewayThread
+    from triton_rerank.gateway.settings import GatewaySettings
 
     nginx = nginx_binary()
     replicas: list[Replica] = []
-    balancer = None
+    balancer = gateway = None
     try:
         for i in range(2):
             run_dir = tmp_path / f"replica-{i}"
@@ -579,9 +637,12 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
             replicas.append(Replica(tiny_model_dirs["xlm-roberta"], run_dir))
         for replica in replicas:
             replica.wait_ready()
-        lb_http, lb_grpc, lb_perf = free_ports(3)
+        lb_http, lb_grpc, lb_perf, api = free_ports(4)
+        # As the compose service "api": the gateway reaches Triton through the load balancer's gRPC port.
+        gateway = GatewayThread(GatewaySettings(triton_url=f"127.0.0.1:{lb_grpc}", port=api,
+                                                log_level="warning")).start()
         config = local_nginx_config(tmp_path, [r.http for r in replicas], [r.grpc for r in replicas],
-                                    listen=(lb_http, lb_grpc, lb_perf))
+                                    listen=(lb_http, lb_grpc, lb_perf), gateway=api)
         balancer = subprocess.Popen(
             [nginx, "-c", str(config), "-p", str(tmp_path), "-e", "stderr",
              "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"],
@@ -612,6 +673,24 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
         for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/reranker",
                      "/v2/models/reranker/versions/1", "/v2/models/reranker/ready"):
             assert http_status(lb + path) == 200, path
+
+        # A malformed KServe request: Triton's HTTP frontend answers 500, the load balancer's front 400.
+        negative_shape = json.dumps({"inputs": [
+            {"name": "QUERY", "datatype": "BYTES", "shape": [1], "data": [query]},
+            {"name": "DOCUMENTS", "datatype": "BYTES", "shape": [-1], "data": documents}]}).encode()
+        assert http_status(f"http://{replicas[0].http_url}/v2/models/reranker/infer", "POST", negative_shape) == 500
+        status, answer = http_answer(f"{lb}/v2/models/reranker/infer", negative_shape)
+        assert status == 400 and "shape[0]: Input should be greater than or equal to 0" in answer["error"]
+        status, answer = http_answer(f"{lb}/v2/models/reranker/generate", b'{"QUERY": "q", "DOCUMENTS": [1]}')
+        assert status == 400 and "DOCUMENTS[0]: Input should be a valid string" in answer["error"]
+        # A body over 16 MiB is refused by nginx in KServe's error shape, before the gateway or Triton.
+        oversize = json.dumps({"QUERY": query, "DOCUMENTS": ["x" * (16 * 1024 * 1024)]}).encode()
+        status, answer = http_answer(f"{lb}/v2/models/reranker/generate", oversize)
+        assert status == 413 and "larger than 16 MiB" in answer["error"]
+        with pytest.raises(InferenceServerException) as too_large:
+            rerank(grpcclient, f"127.0.0.1:{lb_grpc}", query, ["x" * (16 * 1024 * 1024)])
+        assert too_large.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "larger than 16 MiB" in too_large.value.message()
 
         # Admin routes are answered by nginx, whatever the replica would say.
         for method, path in [("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/reranker/unload"),
@@ -675,5 +754,7 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
         if balancer is not None:
             balancer.terminate()
             balancer.wait(timeout=30)
+        if gateway is not None:
+            gateway.stop()
         for replica in replicas:
             replica.stop()
