@@ -29,14 +29,21 @@ class RequestLimits:
     # Far above a model's max input (8192 XLM-R tokens are ~40 KB of text), low enough that a
     # pathological string cannot stall the tokenizer instance for long.
     max_text_bytes: int = 1 << 20
+    # All strings of one request together: room for 1000 documents of 8 KB, or 200 that each
+    # fill an 8192-token window (about 40 KB). It bounds what one request can cost where
+    # documents cannot be cut short before tokenizing (text without spaces is tokenized whole:
+    # seconds of CPU and about 1 GB of memory for 8 MB).
+    max_request_bytes: int = 8 << 20
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> RequestLimits:
         """The limits set in the tokenizer's config.pbtxt parameters (empty or 0 = the default)."""
-        return cls(
-            max_documents=int(params.get("max_documents") or cls.max_documents),
-            max_text_bytes=int(params.get("max_text_bytes") or cls.max_text_bytes),
-        )
+
+        def read(key: str) -> int:
+            return int(params.get(key) or 0) or getattr(cls, key)
+
+        return cls(max_documents=read("max_documents"), max_text_bytes=read("max_text_bytes"),
+                   max_request_bytes=read("max_request_bytes"))
 
 
 KNOWN_PARAMETERS = {"truncate"}
@@ -59,15 +66,37 @@ def read_options(parameters_json: str | None) -> RequestOptions:
     return RequestOptions(truncate=_as_bool("truncate", params.get("truncate", True)))
 
 
-def _decode(name: str, index: int, item, limits: RequestLimits) -> str:
+def _byte_size(item) -> int:
+    """UTF-8 bytes of a string tensor element (0 for what `_decode` refuses anyway)."""
+    if isinstance(item, bytes | np.bytes_):
+        return len(item)
+    return len(item.encode("utf-8", "surrogatepass")) if isinstance(item, str) else 0
+
+
+def _check_sizes(queries, documents, limits: RequestLimits) -> None:
+    """The per-string and per-request byte limits, checked before any string is decoded."""
+    total = 0
+    for name, items in (("QUERY", queries), ("DOCUMENTS", documents)):
+        for index, item in enumerate(items):
+            size = _byte_size(item)
+            if size > limits.max_text_bytes:
+                raise RequestError(f"{name}[{index}] is {size} bytes; this server takes at most "
+                                   f"{limits.max_text_bytes} bytes per string")
+            total += size
+    if total > limits.max_request_bytes:
+        raise RequestError(
+            f"QUERY and DOCUMENTS hold {total} bytes of text together; this server takes at most "
+            f"{limits.max_request_bytes} bytes per request (max_request_bytes): split the documents over "
+            "several requests, or send only the start of very long documents (the model reads at most "
+            "its max input of tokens of each pair)"
+        )
+
+
+def _decode(name: str, index: int, item) -> str:
     if isinstance(item, str):
         item = item.encode("utf-8")
     if not isinstance(item, bytes | np.bytes_):
         raise RequestError(f"{name}[{index}] must be a string (TYPE_STRING / BYTES), got {type(item).__name__}")
-    if len(item) > limits.max_text_bytes:
-        raise RequestError(
-            f"{name}[{index}] is {len(item)} bytes; this server takes at most {limits.max_text_bytes} bytes per string"
-        )
     try:
         text = bytes(item).decode("utf-8")
     except UnicodeDecodeError as error:
@@ -88,16 +117,17 @@ def read_query_and_documents(query_tensor, documents_tensor,
     queries = query_tensor.as_numpy().reshape(-1)
     if queries.size != 1:
         raise RequestError(f"QUERY must hold exactly one string, got {queries.size}")
-    query = _decode("QUERY", 0, queries[0], limits)
-    if not query.strip():
-        raise RequestError("QUERY is empty: send the search query to rank the documents against")
     raw_documents = documents_tensor.as_numpy().reshape(-1)
     if raw_documents.size > limits.max_documents:
         raise RequestError(
             f"DOCUMENTS holds {raw_documents.size} strings; this server takes at most {limits.max_documents} "
             "per request: split the list over several requests (the Python client does this for you)"
         )
-    documents = [_decode("DOCUMENTS", i, d, limits) for i, d in enumerate(raw_documents)]
+    _check_sizes(queries, raw_documents, limits)
+    query = _decode("QUERY", 0, queries[0])
+    if not query.strip():
+        raise RequestError("QUERY is empty: send the search query to rank the documents against")
+    documents = [_decode("DOCUMENTS", i, d) for i, d in enumerate(raw_documents)]
     if not documents:
         raise RequestError("DOCUMENTS is empty: send at least one document")
     return query, documents

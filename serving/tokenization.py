@@ -6,11 +6,37 @@ pair's length, and token types (all zeros for XLM-R, 0/1 segments for BERT).
 
 Only `tokenizers` and numpy are imported here: the tokenizer instance runs in its own Triton
 stub process and must not pay for torch or CUDA.
+
+Long documents are cut before they are tokenized. A pair keeps at most
+`room = max_length - special tokens - query tokens` document tokens, so only a prefix of the
+document can matter; tokenizing a 1 MiB string whole costs about a second of CPU and hundreds
+of MB for a few hundred kept tokens. The cut is exact (same ids, token types and lengths as
+tokenizing the whole document and truncating it):
+
+- It falls before an ASCII space that follows a word character (`_CUT_POINT`). The tokenizers
+  accepted by `prefix_cuts_are_exact` treat text in a way that the text after such a space
+  cannot change the words before it: their normalizers work character by character (or on
+  Unicode normalization segments and grapheme clusters, which a space ends), their
+  pre-tokenizers split at spaces or with regexes none of whose matches runs from a non-space
+  into a space (and then the normalizers leave the word character a non-space), and their
+  models encode each word alone. No added token contains whitespace, so none spans the cut.
+- Only the tokens of words *before* the prefix's last word are trusted: whatever the text after
+  the cut could still change (a run of spaces merging, a combining mark, a grapheme cluster)
+  stays inside that last word. When these trusted tokens number more than `room`, the whole
+  document's first `room + 1` tokens are these, so the whole document would be truncated to
+  exactly the tokens the prefix is truncated to.
+- Otherwise the prefix grows (at least doubling) and is tried again, up to tokenizing the whole
+  document, which is also what happens when no cut point follows the budget (text without
+  spaces) and for tokenizers this module cannot vouch for.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +64,150 @@ class PackedPairs:
     lengths: np.ndarray
 
 
+# Where a document may be cut: before an ASCII space that follows a word character. A space is
+# a boundary for every accepted normalizer (it starts a new Unicode normalization segment and
+# grapheme cluster) and pre-tokenizer; a word character before it keeps the cut off runs of
+# whitespace and punctuation that regex pre-tokenizers glue to newlines.
+_CUT_POINT = re.compile(r"(?<=\w) ")
+
+# Normalizers that map text piece by piece, where a space always starts a new piece: single
+# characters, Unicode normalization segments, grapheme clusters (Precompiled), or the whole
+# text for the ends-only ones (Strip, Prepend).
+_LOCAL_NORMALIZERS = frozenset({
+    "BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "Nmt", "Precompiled", "Prepend", "Strip",
+    "StripAccents",
+})
+# Of those, the ones that never turn a word character into whitespace or nothing, which regex
+# pre-tokenizers need (BertNormalizer pads CJK characters with spaces; a charsmap may map
+# anything). The cases and compatibility forms of a word character end in a non-space.
+_WORD_KEEPING_NORMALIZERS = frozenset({"Lowercase", "NFC", "NFD", "NFKC", "NFKD", "Prepend", "Strip", "StripAccents"})
+# Pre-tokenizers that split at characters of a kind (spaces, punctuation, digits, ▁), so
+# that a split depends only on the characters around it.
+_LOCAL_PRE_TOKENIZERS = frozenset({
+    "BertPreTokenizer", "ByteLevel", "CharDelimiterSplit", "Digits", "Metaspace", "Punctuation", "Whitespace",
+    "WhitespaceSplit",
+})
+# Split regexes of the GPT-2 family (GPT-2, which ByteLevel uses when use_regex is on; cl100k
+# and Qwen2; Llama 3): each alternative matches only whitespace, or no whitespace, or one
+# optional space or symbol at its start and no space after it, so no match runs from a
+# non-space into a space, and the words before a space do not depend on what follows it.
+_KNOWN_SPLIT_REGEXES = frozenset({
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+})
+# Replace patterns that act on one character at a time, or on runs of spaces (the "collapse
+# repeated spaces" step of SentencePiece tokenizers).
+_ONE_CHARACTER_CLASS = re.compile(r"\[(?:\\.|[^\]\\])+\]")
+_SPACE_RUN = re.compile(r"(?: |\\s)(?:\+|\{\d+,\d*\})")
+_WORD_MODELS = frozenset({"BPE", "Unigram", "WordLevel", "WordPiece"})
+
+
+@functools.cache
+def _word_characters() -> str:
+    """Every character `\\w` matches (what may stand before a cut), in one string."""
+    return "".join(ch for ch in map(chr, range(sys.maxunicode + 1)) if ch.isalnum() or ch == "_")
+
+
+def _component_is_local(spec: dict | None, allowed: frozenset[str], children: str, keep_words: bool) -> bool:
+    if spec is None:
+        return True
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_component_is_local(child, allowed, children, keep_words) for child in spec.get(children, []))
+    if kind == "Replace":
+        return _replace_is_local(spec, keep_words)
+    if kind == "Split":
+        return _split_is_local(spec)
+    return kind in allowed
+
+
+def _replace_is_local(spec: dict, keep_words: bool) -> bool:
+    pattern = spec.get("pattern", {})
+    if "String" in pattern:
+        literal = pattern["String"]
+        # A literal without whitespace cannot match across the space at the cut.
+        if not literal or any(ch.isspace() for ch in literal):
+            return False
+        return not keep_words or not any(ch.isalnum() or ch == "_" for ch in literal)
+    regex = pattern.get("Regex", "")
+    if _SPACE_RUN.fullmatch(regex):
+        return True
+    if not _ONE_CHARACTER_CLASS.fullmatch(regex):
+        return False
+    try:
+        one_character = re.compile(regex)
+    except re.error:
+        return False
+    # One character at a time; the space at the cut must stay a space and, for regex
+    # pre-tokenizers, the word character before it a word character.
+    return one_character.fullmatch(" ") is None and not (keep_words and one_character.search(_word_characters()))
+
+
+def _split_is_local(spec: dict) -> bool:
+    pattern = spec.get("pattern", {})
+    if spec.get("invert"):
+        return False
+    if "String" in pattern:
+        return len(pattern["String"]) == 1
+    return spec.get("behavior") == "Isolated" and pattern.get("Regex") in _KNOWN_SPLIT_REGEXES
+
+
+def _splits_with_a_regex(spec: dict | None) -> bool:
+    if spec is None:
+        return False
+    if spec.get("type") == "Sequence":
+        return any(_splits_with_a_regex(child) for child in spec.get("pretokenizers", []))
+    return ((spec.get("type") == "Split" and "Regex" in spec.get("pattern", {}))
+            or (spec.get("type") == "ByteLevel" and spec.get("use_regex", True)))
+
+
+def prefix_cuts_are_exact(tokenizer: Tokenizer) -> bool:
+    """Whether a document cut at a `_CUT_POINT` keeps every token before its last word.
+
+    True only for pipelines made of the parts this module knows (see the module docstring);
+    anything else, and BPE with dropout (not deterministic), keeps documents whole.
+    """
+    normalizer = json.loads(tokenizer.normalizer.__getstate__()) if tokenizer.normalizer else None
+    pre_tokenizer = json.loads(tokenizer.pre_tokenizer.__getstate__()) if tokenizer.pre_tokenizer else None
+    model = type(tokenizer.model).__name__
+    if model not in _WORD_MODELS or (model == "BPE" and tokenizer.model.dropout):
+        return False
+    if any(ch.isspace() for token in tokenizer.get_added_tokens_decoder().values() for ch in token.content):
+        return False
+    # A regex pre-tokenizer's words before a space are safe only while the character before the
+    # cut is still a non-space once normalized.
+    keep_words = _splits_with_a_regex(pre_tokenizer)
+    normalizers = _WORD_KEEPING_NORMALIZERS if keep_words else _LOCAL_NORMALIZERS
+    return (_component_is_local(normalizer, normalizers, "normalizers", keep_words)
+            and _component_is_local(pre_tokenizer, _LOCAL_PRE_TOKENIZERS, "pretokenizers", False))
+
+
+def _cut_point(text: str, budget: int) -> int:
+    """The first cut point at or after `budget`, else the last one before it; 0 when there is none.
+
+    Looking back helps a document whose text past the budget has no space (a long run of code,
+    CJK, a blob) when its start alone holds enough tokens.
+    """
+    point = _CUT_POINT.search(text, budget)
+    if point is not None:
+        return point.start()
+    cut = text.rfind(" ", 0, budget)
+    while cut > 0 and not _CUT_POINT.match(text, cut):
+        cut = text.rfind(" ", 0, cut)
+    return max(cut, 0)
+
+
+def _tokens_before_last_word(word_ids: list[int | None]) -> int:
+    """Tokens of an encoding that belong to words other than its last one."""
+    if not word_ids or word_ids[-1] is None:
+        return 0
+    last, end = word_ids[-1], len(word_ids)
+    while end and word_ids[end - 1] == last:
+        end -= 1
+    return end
+
+
 class PairTokenizer:
     """Encodes (query, document) pairs with the model's own fast tokenizer (`tokenizer.json`).
 
@@ -45,6 +215,10 @@ class PairTokenizer:
     (`<s> q </s></s> d </s>` for XLM-R, `[CLS] q [SEP] d [SEP]` for BERT). Truncation removes
     document tokens first and keeps the query whole.
     """
+
+    # First guess of the characters that hold one document token: English averages about 4
+    # (XLM-R, BERT, Qwen), CJK about 1.5; twice that makes one try enough for ordinary text.
+    chars_per_token = 8
 
     def __init__(self, model_dir: str | Path, max_length: int | None = None):
         model_dir = Path(model_dir)
@@ -63,6 +237,7 @@ class PairTokenizer:
         self._tokenizer.no_truncation()
         # Special tokens the pair template adds around (query, document).
         self.num_special_tokens = self._tokenizer.num_special_tokens_to_add(is_pair=True)
+        self.cuts_documents = prefix_cuts_are_exact(self._tokenizer)
 
     def encode(self, query: str, documents: list[str], truncate: bool = True) -> PackedPairs:
         if not documents:
@@ -74,26 +249,75 @@ class PairTokenizer:
                 f"the query has {query_tokens} tokens; with the special tokens it leaves no room for a "
                 f"document within the model's max input of {self.max_length} tokens: shorten the query"
             )
-        # One batched call (Rust, parallel) for all pairs; truncation is applied per pair below
-        # by re-encoding only the pairs that are too long, which are rare.
-        encodings = self._tokenizer.encode_batch([(query, doc) for doc in documents])
-        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int32, count=len(encodings))
-        too_long = np.flatnonzero(lengths > self.max_length)
-        if too_long.size:
-            if not truncate:
-                i = int(too_long[0])
-                raise PairTokenizationError(
-                    f"document {i} makes a pair of {int(lengths[i])} tokens, more than the model's max input "
-                    f"of {self.max_length}; shorten it or send truncate=true"
-                )
+        texts, counted = self._cut(documents, room) if self.cuts_documents else (list(documents), {})
+        if truncate:
+            # One batched call (Rust, parallel) for all pairs. Truncation leaves a pair that fits
+            # as it is, so each document is tokenized once whether or not it is too long.
             self._tokenizer.enable_truncation(self.max_length, strategy="only_second")
             try:
-                clipped = self._tokenizer.encode_batch([(query, documents[i]) for i in too_long])
+                encodings = self._tokenizer.encode_batch([(query, text) for text in texts])
             finally:
                 self._tokenizer.no_truncation()
-            for i, encoding in zip(too_long, clipped, strict=True):
+        else:
+            # Cut documents are known to be too long: a refusal, naming the first too-long one.
+            whole = [i for i in range(len(texts)) if i not in counted]
+            encodings = [None] * len(texts)
+            for i, encoding in zip(whole, self._tokenizer.encode_batch([(query, texts[i]) for i in whole]),
+                                   strict=True):
                 encodings[i] = encoding
-                lengths[i] = len(encoding)
+            too_long = [i for i in whole if len(encodings[i]) > self.max_length] + list(counted)
+            if too_long:
+                raise PairTokenizationError(self._too_long_message(min(too_long), encodings, counted, texts,
+                                                                   query_tokens))
+        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int32, count=len(encodings))
         input_ids = np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
         token_type_ids = np.concatenate([np.asarray(e.type_ids, dtype=np.int32) for e in encodings])
         return PackedPairs(input_ids=input_ids, token_type_ids=token_type_ids, lengths=lengths)
+
+    def _too_long_message(self, i: int, encodings: list, counted: dict[int, int], texts: list[str],
+                          query_tokens: int) -> str:
+        if i in counted:
+            # Counting stopped once the pair was known to be too long: a lower bound.
+            tokens = query_tokens + self.num_special_tokens + counted[i]
+            size = f"{tokens} tokens or more (counted on its first {len(texts[i])} characters)"
+        else:
+            size = f"{len(encodings[i])} tokens"
+        return (f"document {i} makes a pair of {size}, more than the model's max input of {self.max_length}; "
+                "shorten it or send truncate=true")
+
+    def _cut(self, documents: list[str], room: int) -> tuple[list[str], dict[int, int]]:
+        """The texts to tokenize, and {index: document tokens counted} for those cut.
+
+        A document is replaced by a prefix only when the prefix shows more than `room` trusted
+        tokens (see the module docstring); the others stay whole.
+        """
+        texts = list(documents)
+        counted: dict[int, int] = {}
+        first = room * self.chars_per_token
+        # A prefix and its pair encoding cost about twice the prefix: not worth it for a
+        # document less than twice as long as the first guess.
+        budgets = {i: first for i, doc in enumerate(documents) if len(doc) > 2 * first}
+        tried: dict[int, int] = {}
+        while budgets:
+            cuts = {}
+            for i, budget in budgets.items():
+                cut = _cut_point(documents[i], budget)
+                # No cut point, or none past the last one tried: the document stays whole.
+                if cut > tried.get(i, 0):
+                    cuts[i] = tried[i] = cut
+            probes = self._tokenizer.encode_batch([documents[i][:cut] for i, cut in cuts.items()],
+                                                  add_special_tokens=False)
+            budgets = {}
+            for (i, cut), probe in zip(cuts.items(), probes, strict=True):
+                trusted = _tokens_before_last_word(probe.word_ids)
+                if trusted > room:
+                    texts[i], counted[i] = documents[i][:cut], trusted
+                    continue
+                # Grow to where this prefix's token density says room + 1 tokens end, with a
+                # margin, and at least double; stop when tokenizing the whole document once costs
+                # about as much as another prefix and its pair.
+                wanted = math.ceil(cut * 1.25 * (room + 1) / trusted) if trusted else 0
+                budget = max(2 * cut, wanted)
+                if 2 * budget <= len(documents[i]):
+                    budgets[i] = budget
+        return texts, counted

@@ -98,9 +98,10 @@ def test_instance_placement(tmp_path, device, gpus, kind, expected_gpus, device_
     config = parse(out / "cross_encoder" / "config.pbtxt")
     assert [(g.count, g.kind, list(g.gpus)) for g in config.instance_group] == [(3, kind, expected_gpus)]
     assert params(config)["device"] == device_parameter
-    # The tokenizer's own placement (CPU) is not the encoder's.
+    # The tokenizer's own placement (CPU, as in its source) is not the encoder's.
     (tokenizer,) = parse(out / "tokenizer" / "config.pbtxt").instance_group
-    assert (tokenizer.count, tokenizer.kind) == (1, ModelInstanceGroup.KIND_CPU)
+    assert tokenizer == read_repository()["tokenizer"].instance_group[0]
+    assert tokenizer.kind == ModelInstanceGroup.KIND_CPU
 
 
 def test_queue_settings_default_to_the_source(tmp_path):

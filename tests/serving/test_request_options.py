@@ -59,3 +59,28 @@ def test_limits_and_nul():
     with pytest.raises(RequestError, match=r"QUERY\[0\] contains a NUL character"):
         read_query_and_documents(FakeTensor([b"a\x00b"]), FakeTensor([b"d"]), limits)
     assert read_query_and_documents(FakeTensor([b"q"]), FakeTensor([b"", b"x" * 10]), limits)[1] == ["", "x" * 10]
+
+
+def test_request_bytes_limit_counts_every_string_before_decoding():
+    from triton_rerank.serving.request_options import RequestLimits
+
+    limits = RequestLimits(max_text_bytes=10, max_request_bytes=25)
+    # 1 + 3 x 8 = 25 bytes: at the limit.
+    assert len(read_query_and_documents(FakeTensor([b"q"]), FakeTensor([b"x" * 8] * 3), limits)[1]) == 3
+    # 26 bytes: refused, naming the total, the limit and what to do; no string is decoded first
+    # (the invalid UTF-8 would otherwise be the error).
+    with pytest.raises(RequestError, match=r"hold 26 bytes of text together; this server takes at most 25 bytes "
+                                           r"per request \(max_request_bytes\): split the documents"):
+        read_query_and_documents(FakeTensor([b"qq"]), FakeTensor([b"x" * 8, b"x" * 8, b"\xff" * 8]), limits)
+    # A single string over the per-string limit gets the more precise message.
+    with pytest.raises(RequestError, match=r"DOCUMENTS\[0\] is 30 bytes; this server takes at most 10 bytes per string"):
+        read_query_and_documents(FakeTensor([b"q"]), FakeTensor([b"x" * 30]), limits)
+
+
+def test_limits_come_from_the_config_parameters():
+    from triton_rerank.serving.request_options import RequestLimits
+
+    limits = RequestLimits.from_parameters({"max_documents": "5", "max_request_bytes": "4096"})
+    assert (limits.max_documents, limits.max_text_bytes, limits.max_request_bytes) == (5, 1 << 20, 4096)
+    # Empty or 0 means the default (8 MiB).
+    assert RequestLimits.from_parameters({"max_request_bytes": "0"}).max_request_bytes == 8 << 20
