@@ -11,7 +11,8 @@ A FastAPI app (uvicorn serves it) holding one tritonclient.grpc.aio connection. 
     protocol.py    the request fields the dialects share (checked text, top_n)
     service.py     GET /health, /v1/models, /metrics
     errors.py      GatewayError, the error body shapes and FastAPI's handlers
-    limits.py      refusals before any work: body size, load, API key
+    limits.py      refusals before any work: body size, held bytes, slow or chunk-flooding bodies, Host, load,
+                   API key; the uvicorn connection that counts chunks and times request heads
     metrics.py     Prometheus metrics; settings.py the settings; command.py and server.py the CLI
 """
 
@@ -28,7 +29,7 @@ from .dialect import Dialect
 from .dialects import DIALECTS
 from .ensemble import GatewayState, Scorer
 from .errors import ErrorShapes, install_error_handlers
-from .limits import AdmissionLimiter, BodySizeLimit
+from .limits import AdmissionLimiter, AllowedHosts, BodyBudget, BodyLimits
 from .metrics import GatewayMetrics, MetricsMiddleware
 from .settings import GatewaySettings
 
@@ -45,6 +46,8 @@ def create_app(settings: GatewaySettings, scorer: Scorer | None = None,
         scorer = AsyncRerankClient(settings.triton_url, "grpc", retries=0, max_documents_per_request=None,
                                    timeout=settings.request_timeout)
     metrics = GatewayMetrics()
+    budget = BodyBudget(settings.max_buffered_bytes)
+    metrics.buffered_bytes.set_function(lambda: budget.used)
     state = GatewayState(settings, scorer, AdmissionLimiter(settings.max_concurrency, settings.max_queue), metrics)
 
     @asynccontextmanager
@@ -69,7 +72,10 @@ def create_app(settings: GatewaySettings, scorer: Scorer | None = None,
     shapes = ErrorShapes({path: front.error_shape for front in fronts for path in front.paths})
     operations = [f"{method} {route.path}" for route in routes for method in sorted(route.methods)]
     install_error_handlers(app, shapes, [*operations, f"GET {app.docs_url}"])
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, shapes=shapes)
+    app.add_middleware(BodyLimits, max_body_bytes=settings.max_body_bytes, shapes=shapes, budget=budget,
+                       body_timeout=settings.body_timeout)
+    # Outside BodyLimits: a request to a wrong host is refused before a byte of its body is read.
+    app.add_middleware(AllowedHosts, allowed_hosts=settings.allowed_hosts, shapes=shapes)
     # Added last: outermost, so it sees every status.
     app.add_middleware(MetricsMiddleware, metrics=metrics,
                        routes=[route.path for route in routes] + [app.openapi_url, app.docs_url])

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from .settings import GatewaySettings
+from .settings import BUFFERED_BODIES, GatewaySettings, GatewayStartError, default_allowed_hosts
 
 __all__ = ["API_KEY_ENV", "add_gateway_options", "gateway_settings", "register"]
 
@@ -26,6 +27,29 @@ def add_gateway_options(p) -> None:
     p.add_argument("--max-documents", type=int, default=1000, help="documents per request; more is refused (413)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                    help="request body size; more is refused (413)")
+    p.add_argument("--max-buffered-bytes", type=int, default=None,
+                   help="request bodies held at once over all connections (each until its request is answered); "
+                   f"a body that would pass it is refused (503, Retry-After). Default {BUFFERED_BODIES} times "
+                   "--max-body-bytes (64 MiB). The process holds a few times this (parsed documents, gRPC messages)")
+    p.add_argument("--max-body-chunks", type=int, default=65536,
+                   help="chunks of one chunked (Transfer-Encoding) body, as tritonserver allows; more is refused (400)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send a whole request body; slower is refused (408)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds from a request's first byte to the end of its headers; slower: connection closed")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds a connection may stay without a request (new, or after an answer) before it is "
+                   "closed; behind a load balancer that keeps connections open, set it above the balancer's idle "
+                   "timeout (nginx upstream keepalive_timeout: 60 s)")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections (idle ones included) or requests at once; beyond it every request "
+                   "is refused (503, plain text, from uvicorn)")
+    p.add_argument("--max-header-bytes", type=int, default=16 * 1024,
+                   help="request line and headers of one request; more is refused (400, plain text, from uvicorn)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header values answered ('example.com', '*.example.com', '*' for "
+                   "any); others are refused (400). Default: the bound address and localhost, 127.0.0.1, [::1]; "
+                   "any host when bound to 0.0.0.0 or ::")
     p.add_argument("--max-concurrency", type=int, default=64, help="requests forwarded to Triton at once")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a slot; beyond that the answer is 429 with Retry-After")
@@ -52,17 +76,31 @@ def register(subparsers) -> None:
     def run(args) -> int:
         from .server import run_gateway
 
-        return run_gateway(gateway_settings(args, args.triton_url, args.host, args.port, args.log_level,
-                                            default_model_name="reranker"))
+        try:
+            settings = gateway_settings(args, args.triton_url, args.host, args.port, args.log_level,
+                                        default_model_name="reranker")
+        except GatewayStartError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return run_gateway(settings)
 
     p.set_defaults(func=run)
 
 
 def gateway_settings(args, triton_url: str, host: str, port: int, log_level: str,
                      default_model_name: str) -> GatewaySettings:
+    """The settings the options give; GatewayStartError (naming the options) when they do not fit together."""
+    if args.allowed_hosts is None:
+        allowed_hosts = default_allowed_hosts(host)
+    else:
+        allowed_hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
     return GatewaySettings(
         triton_url=triton_url, host=host, port=port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         served_model_name=args.served_model_name or default_model_name, max_documents=args.max_documents,
-        max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes, max_buffered_bytes=args.max_buffered_bytes,
+        max_body_chunks=args.max_body_chunks, body_timeout=args.body_timeout, header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
+        max_header_bytes=args.max_header_bytes, allowed_hosts=allowed_hosts,
+        max_concurrency=args.max_concurrency, max_queue=args.max_queue,
         request_timeout=args.request_timeout, log_level=log_level,
     )

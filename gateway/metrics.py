@@ -10,11 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# nginx's status for a request whose client went away before it was answered: no answer was sent.
+CLIENT_CLOSED = 499
+
 _ERROR_KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                413: "payload_too_large", 422: "validation", 429: "overloaded", 502: "backend",
-                503: "unavailable", 504: "timeout"}
+                408: "request_timeout", 413: "payload_too_large", 422: "validation", 429: "overloaded",
+                CLIENT_CLOSED: "client_closed", 502: "backend", 503: "unavailable", 504: "timeout"}
 
 
 class GatewayMetrics:
@@ -34,6 +38,9 @@ class GatewayMetrics:
                               registry=self.registry)
         self.in_flight = Gauge("triton_rerank_gateway_in_flight_requests", "requests being answered",
                                registry=self.registry)
+        self.buffered_bytes = Gauge("triton_rerank_gateway_buffered_request_bytes",
+                                    "bytes of request bodies held, over all connections (--max-buffered-bytes)",
+                                    registry=self.registry)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -44,7 +51,14 @@ class GatewayMetrics:
 
 
 class MetricsMiddleware:
-    """ASGI middleware that times every HTTP request and counts it with its final status."""
+    """ASGI middleware that times every HTTP request and counts it with its final status.
+
+    A request whose client left before it was answered is counted as 499 "client_closed" (nginx's
+    status for it), not as the 500 an unanswered request would otherwise be, nor as the status of an
+    answer nobody received: the gateway did not fail, its client gave up (often a client timeout
+    while Triton was busy). Noticed when the app reads http.disconnect (the client left while
+    sending), or when the answer starts and the server already knows the connection is gone.
+    """
 
     def __init__(self, app, metrics: GatewayMetrics, routes: Iterable[str]):
         self.app = app
@@ -56,18 +70,40 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         route = scope["path"] if scope["path"] in self.routes else "other"
-        status = 500  # if the app raises before answering, Starlette's error middleware sends a 500
+        status = None
+        client_left = False
         started = time.perf_counter()
 
+        async def receive_and_note_disconnect():
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "http.disconnect" and status is None:
+                client_left = True
+            return message
+
         async def send_and_note_status(message):
-            nonlocal status
+            nonlocal status, client_left
             if message["type"] == "http.response.start":
                 status = message["status"]
+                client_left = client_left or await _already_disconnected(receive)
             await send(message)
 
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_and_note_status)
+            await self.app(scope, receive_and_note_disconnect, send_and_note_status)
         finally:
             self.metrics.in_flight.dec()
+            if client_left:
+                status = CLIENT_CLOSED
+            elif status is None:  # the app raised: Starlette's error middleware answers 500
+                status = 500
             self.metrics.observe(route, status, time.perf_counter() - started)
+
+
+async def _already_disconnected(receive) -> bool:
+    """Whether the server already has http.disconnect for the request, without waiting (as Starlette's
+    Request.is_disconnected asks). Once the answer starts, whatever else receive() holds is not needed."""
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # a receive() that would wait is cancelled at once
+        return (await receive())["type"] == "http.disconnect"
+    return False

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
 import uvicorn
 
 from .app import create_app
+from .ensemble import Scorer
+from .limits import LimitedH11Protocol
 from .settings import GatewaySettings, GatewayStartError
 
 
-def uvicorn_server(settings: GatewaySettings) -> uvicorn.Server:
+def uvicorn_server(settings: GatewaySettings, scorer: Scorer | None = None) -> uvicorn.Server:
+    """uvicorn serving the gateway app (create_app's `scorer`: a gRPC client of settings.triton_url by default)."""
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        create_app(settings, scorer), host=settings.host, port=settings.port, log_level=settings.log_level,
         # Idle keep-alive connections must not hold a shutdown for long.
         timeout_graceful_shutdown=10,
+        # h11 even where httptools is installed: LimitedH11Protocol counts body chunks and times request
+        # heads, which uvicorn has no option for (limits.py).
+        http=functools.partial(LimitedH11Protocol, max_body_chunks=settings.max_body_chunks,
+                               header_timeout=settings.header_timeout),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.keep_alive_timeout,
+        # Beyond this many connections (idle ones too) or requests, uvicorn answers 503 at once.
+        limit_concurrency=settings.max_connections,
     )
     return uvicorn.Server(config)
 
@@ -36,9 +48,9 @@ class GatewayThread:
     uvicorn installs no signal handlers outside the main thread; the owner stops it with stop().
     """
 
-    def __init__(self, settings: GatewaySettings):
+    def __init__(self, settings: GatewaySettings, scorer: Scorer | None = None):
         self.settings = settings
-        self.server = uvicorn_server(settings)
+        self.server = uvicorn_server(settings, scorer)
         self._thread = threading.Thread(target=self._run, name="triton-rerank-gateway", daemon=True)
 
     def _run(self) -> None:
