@@ -63,6 +63,8 @@ def create_app(settings: GatewaySettings, scorer: Scorer | None = None,
         lifespan=lifespan,
     )
     app.state.gateway = state
+    # Routes that inflate a compressed body count the inflated bytes against the same budget.
+    app.state.body_budget = budget
     # The KServe routes are not a dialect (kserve.py says why) but are set up like one.
     fronts = [*dialects, kserve.front]
     routers = [front.router for front in fronts] + [kserve.other_models, service.router]

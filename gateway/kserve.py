@@ -18,6 +18,8 @@ describes them, and the binary form has no JSON schema. Other models' infer path
 from __future__ import annotations
 
 import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +28,7 @@ from pydantic import BaseModel
 from ..client.triton_io import MODEL_NAME
 from .dialect import Dialect
 from .ensemble import GatewayState
-from .errors import GatewayError
+from .errors import RETRY_AFTER_SECONDS, GatewayError
 from .kserve_protocol import (
     HEADER_LENGTH,
     MODEL_VERSION,
@@ -60,9 +62,10 @@ _VERSION = f"{_MODEL}/versions/{MODEL_VERSION}"
 async def infer(request: Request):
     """KServe v2 inference: SCORES [1, N] FP32 and TOKEN_COUNTS [1, N] INT32, as JSON data or binary."""
     gateway: GatewayState = request.app.state.gateway
-    body = await _decoded_body(request, gateway.settings.max_body_bytes)
-    call = _read(lambda: read_infer_request(body, request.headers.get(HEADER_LENGTH), gateway.settings.max_documents))
-    payload, header_length = infer_response(call, await _score(request, call))
+    async with _decoded_body(request, gateway.settings.max_body_bytes) as body:
+        call = _read(lambda: read_infer_request(body, request.headers.get(HEADER_LENGTH),
+                                                gateway.settings.max_documents))
+        payload, header_length = infer_response(call, await _score(request, call))
     if header_length is None:
         return Response(payload, media_type="application/json")
     return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
@@ -73,9 +76,9 @@ async def infer(request: Request):
 async def generate(request: Request):
     """Triton's generate extension: {"QUERY": "...", "DOCUMENTS": [...]} -> {"SCORES": [...], ...}."""
     gateway: GatewayState = request.app.state.gateway
-    body = await _decoded_body(request, gateway.settings.max_body_bytes)
-    call = _read(lambda: read_generate_request(body))
-    return JSONResponse(generate_response(await _score(request, call)))
+    async with _decoded_body(request, gateway.settings.max_body_bytes) as body:
+        call = _read(lambda: read_generate_request(body))
+        return JSONResponse(generate_response(await _score(request, call)))
 
 
 def _read(parse) -> RerankCall:
@@ -95,12 +98,32 @@ async def _score(request: Request, call: RerankCall):
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-async def _decoded_body(request: Request, limit: int) -> bytes:
-    """The body, decompressed when it is sent gzip or deflate; never more than `limit` bytes of it."""
+@asynccontextmanager
+async def _decoded_body(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body, decompressed when it is sent gzip or deflate; never more than `limit` bytes of it.
+
+    The inflated bytes are held against the gateway's shared body budget (--max-buffered-bytes)
+    until the request is answered: a small compressed body must not get around that cap.
+    """
     body = await request.body()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "identity":
-        return body
+        yield body
+        return
+    data = _inflate(body, encoding, limit)
+    budget = getattr(request.app.state, "body_budget", None)
+    if budget is not None and not budget.take(len(data)):
+        raise GatewayError(503, f"overloaded: the gateway holds {budget.used} bytes of request bodies, near its "
+                           f"limit of {budget.limit} (--max-buffered-bytes); retry shortly", "overloaded",
+                           {"Retry-After": RETRY_AFTER_SECONDS})
+    try:
+        yield data
+    finally:
+        if budget is not None:
+            budget.give_back(len(data))
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding not in _WBITS:
         raise GatewayError(415, f"Content-Encoding {encoding!r} is not supported: send the body uncompressed, "
                            "gzip or deflate", "unsupported_media_type")

@@ -275,6 +275,21 @@ def test_compressed_bodies_that_are_refused(body, headers, status, expected):
     assert fake.calls == []
 
 
+def test_inflated_bodies_count_against_the_shared_body_budget():
+    # 20 KB compressed to a few hundred bytes: within the body limit, but its inflated size is not
+    # within what the gateway may hold at once.
+    padded = VALID_HEADER + b" " * 20_000  # JSON allows trailing whitespace
+    client, fake = client_for(max_body_bytes=30_000, max_buffered_bytes=30_000)
+    assert post_raw(client, INFER, gzip.compress(padded), {"Content-Encoding": "gzip"}).status_code == 200
+    client.app.state.body_budget.take(15_000)  # another request's body, held meanwhile
+    response = post_raw(client, INFER, gzip.compress(padded), {"Content-Encoding": "gzip"})
+    assert response.status_code == 503 and "--max-buffered-bytes" in response.json()["error"], response.text
+    assert response.headers["Retry-After"]
+    client.app.state.body_budget.give_back(15_000)
+    assert client.app.state.body_budget.used == 0  # what the refused and the answered request held is back
+    assert len(fake.calls) == 1
+
+
 def test_generate_extension_answers_as_triton_does():
     client, fake = client_for()
     two = client.post(GENERATE, json={"QUERY": "q", "DOCUMENTS": ["hi", "panda"], "truncate": False}).json()
