@@ -42,3 +42,18 @@ def test_installed_server_uses_its_own_backends(tmp_path, monkeypatch):
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     with pytest.raises(LauncherError, match="not the tritonserver of the nvidia-pytriton wheel"):
         _ = install.stub
+
+
+def test_server_environment_sets_allocator_defaults_the_caller_can_override(monkeypatch):
+    install = TritonInstall.find()
+    defaults = {"MALLOC_ARENA_MAX": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16",
+                "MALLOC_CONF": "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"}
+    for name in defaults:
+        monkeypatch.delenv(name, raising=False)
+    env = server_environment(install)
+    assert {name: env[name] for name in defaults} == defaults
+    chosen = {"MALLOC_ARENA_MAX": "4", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "MALLOC_CONF": "narenas:2"}
+    for name, value in chosen.items():
+        monkeypatch.setenv(name, value)
+    env = server_environment(install)
+    assert {name: env[name] for name in defaults} == chosen
