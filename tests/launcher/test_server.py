@@ -32,6 +32,7 @@ def test_command_is_hardened():
         "--model-control-mode": "explicit", "--load-model": "*",
         "--http-restricted-api": restricted, "--grpc-restricted-protocol": restricted,
         "--exit-on-error": "true", "--strict-readiness": "true", "--exit-timeout-secs": "15",
+        "--grpc-infer-allocation-pool-size": "0",
         "--http-address": "10.0.0.1", "--http-port": "1", "--grpc-address": "10.0.0.1", "--grpc-port": "2",
         "--metrics-address": "10.0.0.1", "--metrics-port": "3", "--allow-gpu-metrics": "false",
         "--log-verbose": "1",
