@@ -34,6 +34,11 @@ WORDS = "panda bamboo forest china bear giant eats lives mountain search engine 
 
 def group_rss_bytes(pgid: int) -> int:
     """Resident memory of every process in a process group (Linux /proc)."""
+    return group_memory_bytes(pgid, "VmRSS")
+
+
+def group_memory_bytes(pgid: int, field: str) -> int:
+    """One /proc/<pid>/status memory field (VmRSS, RssAnon, RssShmem) summed over a process group."""
     total = 0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -42,7 +47,7 @@ def group_rss_bytes(pgid: int) -> int:
             if os.getpgid(int(proc.name)) != pgid:
                 continue
             for line in (proc / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     total += int(line.split()[1]) * 1024
         except (OSError, ValueError):
             continue

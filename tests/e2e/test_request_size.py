@@ -8,9 +8,7 @@ that keeps the size it grew to, since it never shrinks: that high mark is paid o
 instance, and repeating the requests must not add to it.
 """
 
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from triton_rerank.bench.soak import group_rss_bytes
+from triton_rerank.bench.soak import group_memory_bytes, group_rss_bytes
 from triton_rerank.serving.request_options import RequestLimits
 
 MiB = 1 << 20
@@ -31,23 +29,6 @@ SLACK = 160 * MiB
 SETTLED = 16 * MiB
 QUERY = b"what is panda?"
 DOCUMENTS = [b"hi", b"The giant panda is a bear native to south central China."]
-
-
-def group_memory(pgid: int, field: str) -> int:
-    """One /proc/<pid>/status memory field (RssAnon, RssShmem) summed over a process group."""
-    total = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(proc.name)) != pgid:
-                continue
-            for line in (proc / "status").read_text().splitlines():
-                if line.startswith(f"{field}:"):
-                    total += int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            continue
-    return total
 
 
 def inputs(module, documents):
@@ -100,14 +81,14 @@ def test_oversized_requests_are_refused_and_memory_comes_back(start_extra_server
     for _ in range(3):
         expected = scores(server.http_url)
     time.sleep(1)
-    anon_baseline, shared_baseline = group_memory(pgid, "RssAnon"), group_memory(pgid, "RssShmem")
+    anon_baseline, shared_baseline = group_memory_bytes(pgid, "RssAnon"), group_memory_bytes(pgid, "RssShmem")
     rss_baseline = group_rss_bytes(pgid)
 
     limit = str(RequestLimits().max_text_bytes)
     document = b"panda " * (OVERSIZED // 6)
     message = refuse_http(server.http_url, document)
     assert f"{len(document)} bytes" in message and limit in message, message
-    anon = settle(lambda: group_memory(pgid, "RssAnon"), anon_baseline + SETTLED)
+    anon = settle(lambda: group_memory_bytes(pgid, "RssAnon"), anon_baseline + SETTLED)
     assert anon <= anon_baseline + SLACK, f"after HTTP: private memory {anon_baseline / MiB:.0f} -> {anon / MiB:.0f} MiB"
 
     message = refuse_http(server.http_url, document)
@@ -117,8 +98,8 @@ def test_oversized_requests_are_refused_and_memory_comes_back(start_extra_server
         assert f"{len(document)} bytes" in message and limit in message, message
 
     np.testing.assert_array_equal(scores(server.http_url), expected)
-    anon = settle(lambda: group_memory(pgid, "RssAnon"), anon_baseline + SETTLED)
-    shared, rss = group_memory(pgid, "RssShmem"), group_rss_bytes(pgid)
+    anon = settle(lambda: group_memory_bytes(pgid, "RssAnon"), anon_baseline + SETTLED)
+    shared, rss = group_memory_bytes(pgid, "RssShmem"), group_rss_bytes(pgid)
     report = (f"private {anon_baseline / MiB:.0f} -> {anon / MiB:.0f} MiB, shared {shared_baseline / MiB:.0f} -> "
               f"{shared / MiB:.0f} MiB, all {rss_baseline / MiB:.0f} -> {rss / MiB:.0f} MiB")
     assert anon <= anon_baseline + SLACK, report
