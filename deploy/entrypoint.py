@@ -6,9 +6,12 @@ The repository is the package's own model_repository/ (package data of the insta
 triton-rerank), rendered by the renderer `triton-rerank serve` and the tests use; the server runs
 with the launcher's one hardened command line (models loaded at start, repository/shared-memory/
 trace/logging APIs closed behind a random admin header, exit on a model that fails to load, strict
-readiness), under the stub supervisor (a model whose backend process dies is reloaded), and
-SIGTERM/SIGINT stop it and every backend process. The model is resolved first (a local directory,
-or a Hugging Face id downloaded once into HF_HOME), so the backend stubs all read one local snapshot.
+readiness), under the stub supervisor (a model whose backend process dies is reloaded), restarted
+in the container when it exits on its own (the loop `triton-rerank serve` runs, bounded by
+MAX_RESTARTS within RESTART_WINDOW seconds; past that the entry point exits with an error and the
+container's restart policy takes over), and SIGTERM/SIGINT stop it and every backend process.
+The model is resolved first (a local directory, or a Hugging Face id downloaded once into
+HF_HOME), so the backend stubs all read one local snapshot.
 
 Every setting comes from an environment variable (what docker-compose.yml passes) or the flag of
 the same name; anything after `--` goes to tritonserver as is (it may not change the flags the
@@ -31,6 +34,7 @@ from triton_rerank.launcher.repository import (
     packaged_model_repository,
     render_model_repository,
 )
+from triton_rerank.launcher.restart import RestartPolicy, ServerKeeper, add_restart_options, restart_policy
 from triton_rerank.launcher.serve import DEFAULT_MODEL
 from triton_rerank.launcher.server import ServerAddress, StopRequested, TritonServer, stop_on_sigterm
 from triton_rerank.launcher.triton_install import SYSTEM_BACKEND_DIRECTORY, TritonInstall
@@ -143,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the server's backends (unused with --tritonserver bundled)")
     p.add_argument("--ready-timeout", type=float, default=_env("READY_TIMEOUT", "1200"),
                    help="seconds to wait until every model is loaded")
+    add_restart_options(p, max_restarts=_env("MAX_RESTARTS", str(RestartPolicy.max_restarts)),
+                        window=_env("RESTART_WINDOW", str(RestartPolicy.window)),
+                        backoff=_env("RESTART_BACKOFF", str(RestartPolicy.backoff)))
     p.add_argument("--triton-args", default=_env("TRITON_ARGS", ""),
                    help="extra tritonserver arguments, one shell-quoted string (e.g. --log-verbose=1)")
     p.add_argument("--render-only", action="store_true",
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{action.dest.upper()}={getattr(args, action.dest)!r}: choose from {list(action.choices)}")
     try:
         # Everything that can be checked before the model is downloaded, first.
+        policy = restart_policy(args)
         settings_from(args, args.model_path)
         check_target(args)
         repository = Path(args.target).resolve()
@@ -177,20 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     print(shlex.join(command), flush=True)
     if args.render_only:
         return 0
-    return run(server, args.ready_timeout)
+    return run(server, args.ready_timeout, policy)
 
 
-def run(server: TritonServer, ready_timeout: float) -> int:
-    """Starts the server, waits until it is ready, then until it exits or SIGTERM/SIGINT stop it."""
+def run(server: TritonServer, ready_timeout: float, policy: RestartPolicy) -> int:
+    """Starts the server and waits until it is ready; then restarts it whenever it exits on its own,
+    as the policy allows, until SIGTERM/SIGINT stop it (0) or the policy gives up (1)."""
     stop_on_sigterm()
     try:
         server.start()
         server.wait_ready(ready_timeout)
         print(f"tritonserver is ready (HTTP {server.address.http_url}, gRPC {server.address.grpc_url}, "
               f"metrics {server.address.host}:{server.address.metrics_port})", flush=True)
-        return_code = server.process.wait()
-        print(f"tritonserver exited with code {return_code}", file=sys.stderr, flush=True)
-        return return_code or 1
+        return ServerKeeper(server, policy, ready_timeout).run()
     except LauncherError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1

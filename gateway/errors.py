@@ -8,6 +8,7 @@ own (TEI's /rerank: `{"error", "error_type"}`, declared in dialects/tei.py).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from typing import Literal, Protocol
 
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..client.errors import (
     InvalidRequestError,
     RerankError,
+    RerankServerError,
     RerankTimeoutError,
     ServerUnavailableError,
 )
@@ -27,6 +29,14 @@ from ..client.errors import (
 log = logging.getLogger("triton_rerank.gateway")
 
 RETRY_AFTER_SECONDS = "1"
+
+# Triton 2.51 does not restart a Python-backend process (stub) that died: the requests it held, and
+# those sent to it until the launcher's supervisor has reloaded its model (seconds), fail with
+# INTERNAL "Stub process '<instance>' is not healthy." (in an ensemble: "in ensemble 'reranker',
+# ..."; some paths of the backend say "Stub process is not healthy."). Sent again a moment later,
+# the same request succeeds: for the caller that is an outage to wait out (503), not a fault of
+# the model (502).
+_STUB_DIED = re.compile(r"\bStub process (?:'[^']*' )?is not healthy\.?$")
 
 
 class GatewayError(Exception):
@@ -68,7 +78,7 @@ ERROR_STATUSES = {
     413: "too many documents, or the body is too large",
     422: "the body does not match the schema (types, empty query or documents)",
     429: "overloaded: too many requests running and waiting",
-    503: "Triton is unreachable or not ready",
+    503: "Triton is unreachable, not ready, or restarting (a backend process or the server)",
 }
 
 
@@ -96,9 +106,15 @@ def from_client_error(error: RerankError) -> GatewayError:
         # Triton's INVALID_ARG (HTTP 400 on Triton's own endpoint) with Triton's message.
         return GatewayError(400, str(error), "invalid_request")
     if isinstance(error, ServerUnavailableError):
+        # Triton is unreachable (not started yet, restarting after it ended) or refused the load.
         return GatewayError(503, str(error), "unavailable", {"Retry-After": RETRY_AFTER_SECONDS})
+    if isinstance(error, RerankServerError) and _STUB_DIED.search(str(error)):
+        return GatewayError(503, f"a backend process of Triton ended and is being restarted; retry the request "
+                            f"({error})", "unavailable", {"Retry-After": RETRY_AFTER_SECONDS})
     if isinstance(error, RerankTimeoutError):
         return GatewayError(504, str(error), "timeout")
+    # Anything else Triton failed (an error raised by a model, a missing model): retrying the same
+    # request would fail the same way.
     return GatewayError(502, str(error), "backend")
 
 

@@ -17,6 +17,7 @@ from ..models.dtypes import DTYPE_NAMES
 from ..serving.model_files import ModelNotFoundError, resolve_model_path
 from .errors import LauncherError
 from .repository import RepositorySettings, render_model_repository
+from .restart import ServerKeeper, add_restart_options, restart_policy
 from .server import ServerAddress, StopRequested, TritonServer, loopback, stop_on_sigterm
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
@@ -29,6 +30,8 @@ def register(subparsers) -> None:
         description="Resolve the model (local directory or Hugging Face id), render a run copy of the model "
         "repository with its parameters, start the bundled tritonserver and wait until it is ready, then start "
         "the HTTP gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank) on --api-port unless --no-api. "
+        "A tritonserver that exits on its own is restarted (bounded: --max-restarts, --restart-window); "
+        "meanwhile the gateway answers 503 with Retry-After. "
         "Ctrl-C or SIGTERM stops the gateway, the server and every backend process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -55,6 +58,7 @@ def register(subparsers) -> None:
                    "default a temporary directory removed at exit")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the server")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    add_restart_options(p.add_argument_group("restarts of tritonserver after it exits on its own"))
     g = p.add_argument_group("HTTP gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank)")
     g.add_argument("--api-port", type=int, default=30000, help="port of the gateway")
     g.add_argument("--api-host", default=None, help="address the gateway binds; default --host")
@@ -67,6 +71,11 @@ def run(args) -> int:
     try:
         model_dir = resolve_model_path(args.model_path, progress=True)
     except ModelNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        policy = restart_policy(args)
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     temporary = args.run_dir is None
@@ -99,10 +108,9 @@ def run(args) -> int:
             gateway = _gateway(args, address)
             gateway.start()
         print(ready_banner(address, gateway.settings if gateway else None), flush=True)
-        return_code = server.process.wait()
-        print(f"tritonserver exited with code {return_code}; last lines of its log:\n{server.log_tail()}",
-              file=sys.stderr)
-        return return_code or 1
+        # From here on, until Ctrl-C or SIGTERM: the gateway keeps answering (503 while Triton is
+        # down) and the server is restarted whenever it ends; the keeper returns when it gives up.
+        return ServerKeeper(server, policy, args.ready_timeout).run()
     except (LauncherError, GatewayStartError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""A running tritonserver: its one hardened command line, start, readiness, supervision and stop.
+"""A running tritonserver: its one hardened command line, start, readiness, supervision, restart and stop.
 
 `server_command` is the only place that builds a tritonserver command line: `triton-rerank serve`,
 the docker entry point, the benchmarks and the tests all run what it returns.
@@ -53,6 +53,10 @@ def loopback(host: str) -> str:
 RESTRICTED_APIS = ("shared-memory", "model-repository", "trace", "logging")
 ADMIN_HEADER = "triton-rerank-admin"
 REDACTED_KEY = "<admin-key>"
+# The Python backend names its shared-memory regions (/dev/shm) with this prefix and a UUID; each
+# server gets a prefix of its own, so that what a killed server left there can be found and removed.
+SHM_PREFIX_CONFIG = "python,shm-region-prefix-name"
+SHM_DIRECTORY = Path("/dev/shm")
 # Flags server_command sets that extra arguments may not set again (the last one would win).
 OWNED_FLAGS = frozenset({
     "--model-repository", "--model-store", "--backend-directory", "--model-control-mode", "--load-model",
@@ -63,19 +67,24 @@ OWNED_FLAGS = frozenset({
 
 
 def server_command(server: str | Path, model_repository: Path, backend_directory: Path, address: ServerAddress,
-                   admin_key: str, *, gpu_metrics: bool = False, extra_args: Sequence[str] = ()) -> list[str]:
+                   admin_key: str, *, gpu_metrics: bool = False, shm_prefix: str | None = None,
+                   extra_args: Sequence[str] = ()) -> list[str]:
     """The tritonserver command line.
 
     Every model is loaded at start (explicit model control, `--load-model=*`); the repository,
     shared-memory, trace and logging APIs answer only to the header `triton-rerank-admin:
     <admin_key>` (the supervisor uses it to reload a model whose backend process died); a model
     that fails to load stops the server, and it is ready only when every model is. Every listener
-    binds `address.host`. `extra_args` come last and may not set the flags above.
+    binds `address.host`. With `shm_prefix`, the Python backend's shared-memory regions are named
+    with it. `extra_args` come last and may not set the flags above.
     """
     for arg in extra_args:
         flag = arg.split("=", 1)[0]
         if flag in OWNED_FLAGS:
             raise LauncherError(f"{flag} is set by triton-rerank and cannot be passed to tritonserver")
+        if shm_prefix is not None and arg.startswith(f"--backend-config={SHM_PREFIX_CONFIG}="):
+            raise LauncherError(f"--backend-config={SHM_PREFIX_CONFIG} is set by triton-rerank and cannot be "
+                                "passed to tritonserver")
     a = address
     restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin_key}"
     return [
@@ -96,6 +105,7 @@ def server_command(server: str | Path, model_repository: Path, backend_directory
         f"--grpc-address={a.host}", f"--grpc-port={a.grpc_port}",
         f"--metrics-address={a.host}", f"--metrics-port={a.metrics_port}",
         f"--allow-gpu-metrics={'true' if gpu_metrics else 'false'}",
+        *([f"--backend-config={SHM_PREFIX_CONFIG}={shm_prefix}"] if shm_prefix is not None else []),
         *extra_args,
     ]
 
@@ -105,6 +115,8 @@ class TritonServer:
 
     `install` defaults to the server bundled in the nvidia-pytriton wheel. The log goes to
     `log_file` (default run_dir/tritonserver.log), or to this process's stdout with `log_file="-"`.
+    The secrets (admin key, step key) and the shared-memory prefix are this object's: every start,
+    restarts included, runs the same command with the same environment.
     """
 
     def __init__(self, model_repository: Path, run_dir: Path, address: ServerAddress,
@@ -122,6 +134,7 @@ class TritonServer:
         # Signs what the tokenizer step hands the scoring step (serving/step_signature.py); known
         # only to this server's processes.
         self._step_key = secrets.token_hex(32)
+        self.shm_prefix = f"triton_rerank_{secrets.token_hex(8)}_"
         self._log = None
         self.supervise = supervise
         self.supervisor: StubSupervisor | None = None
@@ -139,7 +152,7 @@ class TritonServer:
         """The command line start() runs; with `redact`, the admin key replaced (to print or log it)."""
         return server_command(self.install.server, self.model_repository, self.install.backend_path(self.run_dir),
                               self.address, REDACTED_KEY if redact else self._admin_key,
-                              gpu_metrics=self.gpu_metrics, extra_args=self.extra_args)
+                              gpu_metrics=self.gpu_metrics, shm_prefix=self.shm_prefix, extra_args=self.extra_args)
 
     def start(self) -> TritonServer:
         command = self.command()
@@ -160,6 +173,13 @@ class TritonServer:
             self._close_log()
             raise LauncherError(f"cannot start {self.install.server}: {error}") from None
         return self
+
+    def restart(self) -> TritonServer:
+        """Starts the server again after its process ended (or stops it first): the same command line,
+        ports, run directory, log file (appended to) and secrets, so that clients and the stub
+        supervisor find it where it was. wait_ready() then supervises the new process's stubs."""
+        self.stop()
+        return self.start()
 
     def is_ready(self) -> bool:
         try:
@@ -213,6 +233,10 @@ class TritonServer:
         deadline = time.monotonic() + 10
         while process_group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
+        # A server that exited cleanly removed its shared-memory regions; a killed one (a crash, or the
+        # SIGKILL above) could not, and each restart would leave more in /dev/shm (64 MB in a default
+        # Docker container) until a start fails for lack of it.
+        remove_shared_memory(self.shm_prefix)
         self._close_log()
         self.process = None
 
@@ -246,6 +270,18 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def remove_shared_memory(prefix: str) -> list[str]:
+    """Removes the shared-memory regions whose names start with prefix; returns their names."""
+    removed = []
+    for region in SHM_DIRECTORY.glob(f"{prefix}*"):
+        try:
+            region.unlink()
+        except OSError:
+            continue  # removed meanwhile, or not ours to remove
+        removed.append(region.name)
+    return removed
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

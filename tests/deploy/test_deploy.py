@@ -264,6 +264,11 @@ def printed_command(result: subprocess.CompletedProcess) -> list[str]:
     return shlex.split(result.stdout.strip().splitlines()[-1])
 
 
+def shm_prefix_of(command: list[str]) -> str:
+    (prefix,) = [arg.split("=", 2)[2] for arg in command if arg.startswith("--backend-config=python,shm-region-prefix-name=")]
+    return prefix
+
+
 def parse_config(path: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
@@ -308,21 +313,27 @@ def test_entrypoint_runs_the_launchers_hardened_command(tmp_path):
     assert result.returncode == 0, result.stderr
     command = printed_command(result)
     image = (tmp_path / "image").resolve()
+    # Each server names its shared-memory regions with a random prefix of its own (removed after a crash).
+    prefix = shm_prefix_of(command)
+    assert prefix.startswith("triton_rerank_")
     assert command == server_command("tritonserver", image, Path("/opt/tritonserver/backends"),
-                                     ServerAddress("0.0.0.0", 8000, 8001, 8002), REDACTED_KEY, gpu_metrics=True)
+                                     ServerAddress("0.0.0.0", 8000, 8001, 8002), REDACTED_KEY, gpu_metrics=True,
+                                     shm_prefix=prefix)
     assert {"--model-control-mode=explicit", "--load-model=*", "--exit-on-error=true",
             "--strict-readiness=true"} <= set(command)
     assert f"--http-restricted-api=shared-memory,model-repository,trace,logging:triton-rerank-admin={REDACTED_KEY}" in command
     # `triton-rerank serve` runs the same flags, with the bundled server, its backends, on its host.
-    serve = server_command("/bundled/tritonserver", image, tmp_path / "backends", ServerAddress(), REDACTED_KEY)
+    serve = server_command("/bundled/tritonserver", image, tmp_path / "backends", ServerAddress(), REDACTED_KEY,
+                           shm_prefix="p_")
     assert [arg.split("=")[0] for arg in command[1:]] == [arg.split("=")[0] for arg in serve[1:]]
     # The settings the environment may change; the entry point's own ports and binary.
     env = {"TRITONSERVER": "/usr/local/bin/tritonserver", "TRITON_BACKEND_DIRECTORY": "/srv/backends",
            "TRITON_HTTP_PORT": "9000", "TRITON_HOST": "10.1.2.3", "DEVICE": "cpu"}
     result = entrypoint("--model-path", str(fake_model(tmp_path)), "--target", str(tmp_path / "image"), env=env)
-    assert printed_command(result) == server_command(
+    command = printed_command(result)
+    assert command == server_command(
         "/usr/local/bin/tritonserver", image, Path("/srv/backends"), ServerAddress("10.1.2.3", 9000, 8001, 8002),
-        REDACTED_KEY, gpu_metrics=False)
+        REDACTED_KEY, gpu_metrics=False, shm_prefix=shm_prefix_of(command))
 
 
 @pytest.mark.parametrize(("device", "gpus", "kind", "expected_gpus"), [
@@ -354,6 +365,8 @@ def test_entrypoint_instance_placement_from_the_environment(tmp_path, device, gp
     # Extra arguments may add to the hardened command line, not undo it.
     ([], {"TRITON_ARGS": "--model-control-mode=poll"}, "--model-control-mode is set by triton-rerank"),
     (["--", "--http-restricted-api=trace:a=b"], {}, "--http-restricted-api is set by triton-rerank"),
+    ([], {"MAX_RESTARTS": "-1"}, "the number of restarts must be 0 or more"),
+    (["--restart-window", "0"], {}, "the restart window must be more than 0 seconds"),
 ])
 def test_entrypoint_refuses_bad_settings(tmp_path, args, env, message):
     result = entrypoint("--model-path", str(fake_model(tmp_path)), "--target", str(tmp_path / "repo"), *args,
@@ -618,7 +631,7 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
     KServe request); a body over 16 MiB is refused by nginx; admin routes (repository, shared memory,
     trace, logging, model config, statistics) are refused by nginx; a replica whose backend process
     dies is repaired by its supervisor; SIGTERM stops every replica with its server and backend
-    processes."""
+    processes; a replica whose tritonserver dies is restarted by its entry point."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
@@ -748,6 +761,19 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
         else:
             raise AssertionError(f"the tokenizer was not reloaded:\n{replicas[0].output()}")
         assert "reloading the model" in replicas[0].output() or "reloaded" in replicas[0].output()
+
+        # The entry point restarts a server that dies (the loop `triton-rerank serve` runs), same ports.
+        dead = replicas[1].server_pid()
+        os.kill(dead, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while "tritonserver is ready again" not in replicas[1].output():
+            assert time.monotonic() < deadline, replicas[1].output()
+            time.sleep(0.25)
+        replicas[1].wait_ready()
+        assert replicas[1].server_pid() != dead
+        assert f"tritonserver (pid {dead}) was killed by SIGKILL (signal 9)" in replicas[1].log.read_text(errors="replace")
+        np.testing.assert_allclose(rerank(grpcclient, f"127.0.0.1:{replicas[1].grpc}", query, documents), direct,
+                                   atol=1e-5)
 
         # SIGTERM (docker stop) stops each replica, its server and every backend process.
         pids = [r.server_pid() for r in replicas]

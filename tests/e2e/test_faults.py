@@ -1,4 +1,5 @@
-"""A backend process killed under load: the supervisor reloads its model and service resumes."""
+"""A backend process killed under load, twice: the supervisor reloads its model each time and service
+resumes; the gateway answers 503 with Retry-After meanwhile, never 502."""
 
 import os
 import signal
@@ -7,9 +8,15 @@ import time
 
 import numpy as np
 import pytest
+import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from triton_rerank.client.errors import RerankServerError, ServerUnavailableError
+from triton_rerank.gateway.errors import from_client_error
+from triton_rerank.gateway.server import GatewayThread
+from triton_rerank.gateway.settings import GatewaySettings
+from triton_rerank.launcher.server import free_ports
 from triton_rerank.launcher.supervisor import stub_models
 
 QUERY = "what do pandas eat"
@@ -30,7 +37,10 @@ def test_killed_stub_is_replaced_under_load(tiny_model_dirs, start_extra_server,
     running = start_extra_server(tiny_model_dirs["xlm-roberta"], "xlm-roberta")
     expected = reference_scores(running.model_dir, QUERY, DOCUMENTS)
     server = running.server
-    outcomes = []
+    (api,) = free_ports(1)
+    gateway = GatewayThread(GatewaySettings(triton_url=running.grpc_url, port=api, log_level="warning")).start()
+    outcomes = []  # straight to Triton: its own errors while the stub is dead
+    answers = []  # through the gateway: (status, Retry-After, message)
     stop = threading.Event()
 
     def load():
@@ -42,23 +52,89 @@ def test_killed_stub_is_replaced_under_load(tiny_model_dirs, start_extra_server,
                 outcomes.append(error.message())
             time.sleep(0.02)
 
-    worker = threading.Thread(target=load)
-    worker.start()
+    def load_gateway():
+        session = requests.Session()
+        body = {"query": QUERY, "documents": DOCUMENTS, "return_documents": False}
+        while not stop.is_set():
+            try:
+                response = session.post(f"http://127.0.0.1:{api}/v1/rerank", json=body, timeout=60)
+                message = "" if response.status_code == 200 else response.json()["message"]
+                answers.append((response.status_code, response.headers.get("retry-after"), message))
+            except requests.RequestException as error:
+                answers.append((repr(error), None, ""))
+            time.sleep(0.02)
+
+    workers = [threading.Thread(target=load), threading.Thread(target=load_gateway)]
+    for worker in workers:
+        worker.start()
     try:
         time.sleep(1.0)
-        # One of the victim's instances (the tokenizer runs several): a dead one takes its model down.
-        pid = min(pid for pid, model in stub_models(server.process.pid).items() if model == victim)
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while server.supervisor.reloads.get(victim, 0) < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert server.supervisor.reloads.get(victim) == 1, "the dead model was not reloaded"
-        served_before = outcomes.count("ok")
-        time.sleep(2.0)
+        # Twice: Triton reloads a model only when its files changed; the second death must be repaired too.
+        killed: list[int] = []
+        replaced: set[int] = set()
+        for death in (1, 2):
+            # One stub of the model (it may run several instances); not one of a model already replaced,
+            # whose other instances Triton may keep a while after the reload.
+            stubs = {pid for pid, model in stub_models(server.process.pid).items() if model == victim}
+            pid = min(stubs - replaced)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            replaced |= stubs
+            deadline = time.monotonic() + 120
+            while server.supervisor.reloads.get(victim, 0) < death and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert server.supervisor.reloads.get(victim) == death, "the dead model was not reloaded"
+            served_before = outcomes.count("ok")
+            time.sleep(2.0)
+        # One reload per death: the replaced model's other instances ending is no death to repair.
+        assert server.supervisor.reloads == {victim: 2}
     finally:
         stop.set()
-        worker.join()
+        for worker in workers:
+            worker.join()
+        gateway.stop()
     assert outcomes.count("ok") > served_before, "no request succeeded after the reload"
     assert outcomes[-1] == "ok"
-    assert pid not in stub_models(server.process.pid)
+    assert not set(killed) & set(stub_models(server.process.pid))
     np.testing.assert_allclose(infer(running.grpc_url), expected, atol=1e-4)
+    # The gateway's callers saw the dead stub as a pause to wait out (503, retry), not a model fault (502).
+    assert {status for status, _, _ in answers} <= {200, 503}, [a for a in answers if a[0] != 200]
+    refused = [a for a in answers if a[0] == 503]
+    assert refused, "no request through the gateway met the dead stub"
+    assert all(retry_after == "1" and "is being restarted" in message for _, retry_after, message in refused), refused
+    assert answers[-1][0] == 200
+
+
+STUB_DIED = [
+    # What Triton 2.51 answers while a step's stub is dead: through the ensemble, and from the step itself.
+    "in ensemble 'reranker', Stub process 'cross_encoder_0_0' is not healthy.",
+    "Failed to process the request(s) for model instance 'tokenizer_0_1', message: Stub process 'tokenizer_0_1' "
+    "is not healthy.",
+    "Stub process is not healthy.",
+]
+
+
+@pytest.mark.parametrize("message", STUB_DIED)
+def test_a_dead_stub_is_503_with_retry_after(message):
+    error = from_client_error(RerankServerError(
+        f"Triton at 127.0.0.1:8001 (grpc) failed the request (StatusCode.INTERNAL): {message}", "StatusCode.INTERNAL"))
+    assert (error.status, error.kind, error.headers) == (503, "unavailable", {"Retry-After": "1"})
+    assert message in error.message
+
+
+@pytest.mark.parametrize("message", [
+    "in ensemble 'reranker', Failed to process the request(s) for model instance 'cross_encoder_0_0', "
+    "message: RuntimeError: CUDA error: an illegal memory access was encountered",
+    "Request for unknown model: 'reranker' is not found",
+    # Only Triton's whole message counts, not the same words inside another.
+    "in ensemble 'reranker', ValueError: Stub process 'x' is not healthy. was in the document",
+])
+def test_other_triton_failures_stay_502(message):
+    error = from_client_error(RerankServerError(f"Triton failed the request (StatusCode.INTERNAL): {message}",
+                                                "StatusCode.INTERNAL"))
+    assert (error.status, error.kind, error.headers) == (502, "backend", {})
+
+
+def test_an_unreachable_triton_is_503_with_retry_after():
+    error = from_client_error(ServerUnavailableError("cannot reach Triton at 127.0.0.1:8001 (grpc): refused"))
+    assert (error.status, error.headers) == (503, {"Retry-After": "1"})

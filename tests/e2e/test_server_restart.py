@@ -1,0 +1,217 @@
+"""`triton-rerank serve` outlives its tritonserver: a server that dies (SIGKILL, or the SIGSEGV one
+chunked HTTP request causes in tritonserver 2.51) is restarted with the same command line and
+environment, and meanwhile the gateway answers every route 200 or 503 with Retry-After, never
+502 and never a dropped connection."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from triton_rerank.launcher.server import SHM_DIRECTORY, free_ports, process_group_alive
+
+QUERY = "what do pandas eat"
+DOCUMENTS = ["bamboo", "the giant panda eats bamboo shoots and leaves", "a search engine", "pandas sleep a lot"]
+
+# Every kind of route the gateway has: the three dialects, KServe's generate, and the health check.
+ROUTES = [
+    ("POST", "/v1/rerank", {"query": QUERY, "documents": DOCUMENTS, "return_documents": False}),
+    ("POST", "/rerank", {"query": QUERY, "texts": DOCUMENTS, "raw_scores": True}),
+    ("POST", "/v2/rerank", {"query": QUERY, "documents": DOCUMENTS}),
+    ("POST", "/v2/models/reranker/generate", {"QUERY": QUERY, "DOCUMENTS": DOCUMENTS}),
+    ("GET", "/health", None),
+]
+
+
+class Serve:
+    """`triton-rerank serve` as a subprocess, its output collected line by line."""
+
+    def __init__(self, model_dir: Path, run_dir: Path):
+        self.run_dir = run_dir
+        self.http, grpc, metrics, self.api = free_ports(4)
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "triton_rerank", "serve", "--model-path", str(model_dir), "--device", "cpu",
+             "--http-port", str(self.http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+             "--api-port", str(self.api), "--run-dir", str(run_dir), "--restart-backoff", "0.2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 120.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while self.output.count(text) < count:
+            assert self.process.poll() is None, f"serve exited:\n{self.output}"
+            assert time.monotonic() < deadline, f"no {text!r} in serve's output:\n{self.output}"
+            time.sleep(0.1)
+
+    def server_pid(self) -> int:
+        """The tritonserver serve runs now (its child whose program is bin/tritonserver)."""
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                    if (proc / "cmdline").read_bytes().split(b"\0")[0].endswith(b"bin/tritonserver"):
+                        return int(proc.name)
+            except (OSError, IndexError, ValueError):
+                continue
+        raise AssertionError(f"no tritonserver under serve:\n{self.output}")
+
+    def scores(self) -> list[float]:
+        response = requests.post(f"http://127.0.0.1:{self.api}/v1/rerank", json=ROUTES[0][2], timeout=60)
+        assert response.status_code == 200, response.text
+        return [item["score"] for item in sorted(response.json(), key=lambda item: item["index"])]
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{self.api}/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+
+class Load:
+    """Two clients sending every route in turn, each answer recorded as (path, status, Retry-After)."""
+
+    def __init__(self, api: int):
+        self.api = api
+        self.answers: list[tuple[str, int | str, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(2)]
+
+    def _run(self, offset: int) -> None:
+        session = requests.Session()
+        i = offset
+        while not self._stop.is_set():
+            method, path, body = ROUTES[i % len(ROUTES)]
+            i += 1
+            try:
+                response = session.request(method, f"http://127.0.0.1:{self.api}{path}", json=body, timeout=60)
+                self.answers.append((path, response.status_code, response.headers.get("retry-after")))
+            except requests.RequestException as error:  # the gateway itself failed to answer
+                self.answers.append((path, repr(error), None))
+            time.sleep(0.01)
+
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def statuses(self, since: int = 0) -> set:
+        return {status for _, status, _ in self.answers[since:]}
+
+
+def chunked_crash_request(port: int, chunks: int = 1_000_000) -> None:
+    """The request that crashes tritonserver 2.51: one body of a million one-byte chunks."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.sendall(b"POST /v2/models/reranker/generate HTTP/1.1\r\nHost: triton\r\n"
+                           b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        burst = b"1\r\nx\r\n" * 10_000
+        try:
+            for _ in range(chunks // 10_000):
+                connection.sendall(burst)
+            connection.sendall(b"0\r\n\r\n")
+            connection.recv(1)
+        except OSError:
+            pass  # the server died under the request
+
+
+def environment(pid: int) -> dict[bytes, bytes]:
+    return dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
+
+
+def regions(prefix: str) -> set[str]:
+    return {path.name for path in SHM_DIRECTORY.glob(f"{prefix}*")}
+
+
+def test_serve_restarts_a_dead_tritonserver_and_the_gateway_answers_503_meanwhile(tiny_model_dirs, tmp_path):
+    serve = Serve(tiny_model_dirs["xlm-roberta"], tmp_path / "run")
+    try:
+        serve.wait_for("Ctrl-C stops", timeout=180)
+        expected = serve.scores()
+        first = serve.server_pid()
+        command = Path(f"/proc/{first}/cmdline").read_bytes()
+        env = environment(first)
+        prefix = re.search(rb"shm-region-prefix-name=([^\0]+)", command).group(1).decode()
+        first_regions = regions(prefix)
+        assert first_regions, "the Python backend made no shared-memory regions with the server's prefix"
+
+        with Load(serve.api) as load:
+            time.sleep(1.0)
+            # 1. SIGKILL: restarted with the very same command line and environment (ports, secrets).
+            before_kill = len(load.answers)
+            os.kill(first, signal.SIGKILL)
+            serve.wait_for("tritonserver is ready again")
+            second = serve.server_pid()
+            assert second != first
+            assert Path(f"/proc/{second}/cmdline").read_bytes() == command
+            assert environment(second) == env
+            # What the killed server left in /dev/shm was removed before the new one started.
+            assert not first_regions & regions(prefix)
+            deadline = time.monotonic() + 30
+            while not serve.healthy():
+                assert time.monotonic() < deadline, "the gateway did not see Triton come back"
+                time.sleep(0.2)
+            after_first = len(load.answers)
+            time.sleep(1.0)
+            assert load.statuses(after_first) == {200}, load.answers[after_first:]
+
+            # 2. The request that crashes tritonserver 2.51 (SIGSEGV), straight to Triton's HTTP port.
+            chunked_crash_request(serve.http)
+            serve.wait_for("tritonserver is ready again", count=2)
+            assert serve.server_pid() not in (first, second)
+            deadline = time.monotonic() + 30
+            while not serve.healthy():
+                assert time.monotonic() < deadline, "the gateway did not see Triton come back"
+                time.sleep(0.2)
+            after_second = len(load.answers)
+            time.sleep(1.0)
+            assert load.statuses(after_second) == {200}, load.answers[after_second:]
+
+        outages = load.answers[before_kill:]
+        # Never a 502, never a dropped connection: 200, or 503 with Retry-After while Triton is away.
+        assert load.statuses(before_kill) <= {200, 503}, [a for a in outages if a[1] not in (200, 503)]
+        refused = [a for a in outages if a[1] == 503]
+        assert refused, "no request saw the outage"
+        assert all(retry_after == "1" for _, _, retry_after in refused), refused
+        # Every route went through it: each answered 503 meanwhile, and 200 once Triton was back.
+        assert {path for path, _, _ in refused} == {path for _, path, _ in ROUTES}, refused
+        np.testing.assert_allclose(serve.scores(), expected, atol=1e-5)
+
+        output = serve.output
+        assert f"tritonserver (pid {first}) was killed by SIGKILL (signal 9)" in output, output
+        assert f"tritonserver (pid {second}) was killed by SIGSEGV (signal 11)" in output, output
+        assert "restarting tritonserver in 0.2 s (restart 1 of at most 5 restarts in 600 s)" in output, output
+        assert "restarting tritonserver in 0.4 s (restart 2 of at most 5 restarts in 600 s)" in output, output
+        # The stub supervisor followed each new server rather than trying to reload models of the dead one.
+        assert "reloading" not in output, output
+
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(timeout=60) == 0
+    finally:
+        if serve.process.poll() is None:
+            os.killpg(serve.process.pid, signal.SIGKILL)
+            serve.process.wait()
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout
+    assert leftovers.strip() == "", f"processes left behind: {leftovers}"
+    assert not process_group_alive(serve.process.pid)
+    assert not regions(prefix), "shared-memory regions left behind"
