@@ -6,6 +6,7 @@ A FastAPI app (uvicorn serves it) holding one tritonclient.grpc.aio connection. 
 
     dialects/      one module per dialect: its bodies and its thin route (DIALECTS lists them)
     kserve.py      KServe v2 infer/generate of the ensemble, validated (kserve_protocol.py: the bodies)
+    kserve_metadata.py  KServe v2 health and metadata, asked of Triton's HTTP frontend (when its address is set)
     dialect.py     what a dialect builds on: its router (API key, tag, error responses), present()
     ensemble.py    the one ensemble call behind the limits, counted in the metrics; the ranking
     protocol.py    the request fields the dialects share (checked text, top_n)
@@ -24,7 +25,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ..client.rerank_client import AsyncRerankClient
-from . import kserve, service
+from . import kserve, kserve_metadata, service
 from .dialect import Dialect
 from .dialects import DIALECTS
 from .ensemble import GatewayState, Scorer
@@ -68,6 +69,8 @@ def create_app(settings: GatewaySettings, scorer: Scorer | None = None,
     # The KServe routes are not a dialect (kserve.py says why) but are set up like one.
     fronts = [*dialects, kserve.front]
     routers = [front.router for front in fronts] + [kserve.other_models, service.router]
+    if settings.triton_http_url is not None:
+        routers.append(kserve_metadata.router)
     for router in routers:
         app.include_router(router)
     routes = [route for router in routers for route in router.routes]

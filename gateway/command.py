@@ -68,6 +68,10 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton's gRPC address")
+    p.add_argument("--triton-http-url", default=None,
+                   help="Triton's HTTP address (e.g. 127.0.0.1:8000): with it the gateway also answers KServe v2 "
+                   "health and metadata (GET /v2/health/*, /v2, /v2/models/NAME[/ready]) by asking it, so "
+                   "that tritonclient.http needs no other door to Triton")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway binds (0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -78,7 +82,7 @@ def register(subparsers) -> None:
 
         try:
             settings = gateway_settings(args, args.triton_url, args.host, args.port, args.log_level,
-                                        default_model_name="reranker")
+                                        default_model_name="reranker", triton_http_url=args.triton_http_url)
         except GatewayStartError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -87,15 +91,16 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def gateway_settings(args, triton_url: str, host: str, port: int, log_level: str,
-                     default_model_name: str) -> GatewaySettings:
+def gateway_settings(args, triton_url: str, host: str, port: int, log_level: str, default_model_name: str,
+                     triton_http_url: str | None = None, kserve_port: int | None = None) -> GatewaySettings:
     """The settings the options give; GatewayStartError (naming the options) when they do not fit together."""
     if args.allowed_hosts is None:
         allowed_hosts = default_allowed_hosts(host)
     else:
         allowed_hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
     return GatewaySettings(
-        triton_url=triton_url, host=host, port=port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        triton_url=triton_url, triton_http_url=triton_http_url, host=host, port=port, kserve_port=kserve_port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         served_model_name=args.served_model_name or default_model_name, max_documents=args.max_documents,
         max_body_bytes=args.max_body_bytes, max_buffered_bytes=args.max_buffered_bytes,
         max_body_chunks=args.max_body_chunks, body_timeout=args.body_timeout, header_timeout=args.header_timeout,

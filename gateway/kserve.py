@@ -3,10 +3,11 @@
     POST /v2/models/reranker[/versions/1]/infer      KServe v2 JSON, or JSON plus binary tensors
     POST /v2/models/reranker[/versions/1]/generate   Triton's generate extension
 
-deploy/nginx.conf sends these paths here instead of to Triton, so that the documented front
-validates them (kserve_protocol.py) before the ensemble sees them; valid requests go through the
-same ensemble call as the dialects (limits, admission, API key, metrics) and come back in
-Triton's response shapes. Errors are KServe's `{"error": "..."}`, which tritonclient reads.
+deploy/nginx.conf sends these paths here instead of to Triton, and `triton-rerank serve` serves
+the gateway on its public HTTP port (Triton's own HTTP frontend on loopback; kserve_metadata.py
+answers the reads), so that the documented front validates them (kserve_protocol.py) before the
+ensemble sees them; valid requests go through the same ensemble call as the dialects (limits,
+admission, API key, metrics) and come back in Triton's response shapes. Errors are KServe's `{"error": "..."}`, which tritonclient reads.
 
 Not a dialect (dialects/): those are JSON bodies that FastAPI validates and rankings they answer;
 this is Triton's tensor protocol, whose body may be binary and whose answer is the raw tensors.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import socket
+import sys
 import threading
 import time
 
@@ -32,13 +34,46 @@ def uvicorn_server(settings: GatewaySettings, scorer: Scorer | None = None) -> u
     return uvicorn.Server(config)
 
 
+def listening_sockets(settings: GatewaySettings) -> list[socket.socket]:
+    """The gateway's sockets: settings.port, and settings.kserve_port when set, both on settings.host.
+
+    Bound here rather than by uvicorn, which binds one port: both serve the one app (one connection
+    to Triton, one set of limits and metrics). GatewayStartError names a port that is taken.
+    """
+    ports = [("--api-port", settings.port)]
+    if settings.kserve_port is not None:
+        ports.append(("--http-port", settings.kserve_port))
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sockets = []
+    try:
+        for option, port in ports:
+            try:
+                sockets.append(socket.create_server((settings.host, port), family=family, backlog=2048))
+            except OSError as error:
+                raise GatewayStartError(f"the gateway cannot listen on {settings.host}:{port} ({error.strerror}): "
+                                        f"is the port in use? pick another with {option}") from None
+    except GatewayStartError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def run_gateway(settings: GatewaySettings) -> int:
     """Serves until Ctrl-C / SIGTERM (uvicorn handles both in the main thread)."""
+    try:
+        sockets = listening_sockets(settings)
+    except GatewayStartError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     server = uvicorn_server(settings)
     try:
-        server.run()
-    except SystemExit as exit_:  # uvicorn exits when it cannot bind the port; it has logged why
+        server.run(sockets=sockets)
+    except SystemExit as exit_:
         return int(exit_.code or 1)
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0 if server.started else 1
 
 
@@ -51,22 +86,23 @@ class GatewayThread:
     def __init__(self, settings: GatewaySettings, scorer: Scorer | None = None):
         self.settings = settings
         self.server = uvicorn_server(settings, scorer)
+        self._sockets: list[socket.socket] = []
         self._thread = threading.Thread(target=self._run, name="triton-rerank-gateway", daemon=True)
 
     def _run(self) -> None:
         try:
-            self.server.run()
+            self.server.run(sockets=self._sockets)
         except SystemExit:
-            pass  # bind failure: start() notices the thread ended without starting
+            pass  # start() notices the thread ended without starting
 
     def start(self, timeout: float = 30.0) -> GatewayThread:
+        self._sockets = listening_sockets(self.settings)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise GatewayStartError(f"the gateway did not start on {self.settings.host}:{self.settings.port} "
-                                    "(is the port in use? pick another with --api-port, or --no-api)")
+                raise GatewayStartError(f"the gateway did not start on {self.settings.host}:{self.settings.port}")
             time.sleep(0.05)
         return self
 
@@ -74,3 +110,5 @@ class GatewayThread:
         self.server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout)
+        for sock in self._sockets:
+            sock.close()

@@ -16,8 +16,13 @@ BUFFERED_BODIES = 4
 @dataclass
 class GatewaySettings:
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint
+    # Triton's HTTP endpoint: when given, KServe v2 health and metadata (GET) are answered by asking it
+    # (kserve_metadata.py), for tritonclient.http clients that reach Triton only through the gateway.
+    triton_http_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 30000
+    # A second port on `host` with the same routes: `serve`'s public KServe v2 HTTP port (--http-port).
+    kserve_port: int | None = None
     api_key: str | None = None
     served_model_name: str = "reranker"  # what /v1/models lists
     max_documents: int = 1000  # per request; more -> 413

@@ -18,7 +18,7 @@ from ..serving.model_files import ModelNotFoundError, resolve_model_path
 from .errors import LauncherError
 from .repository import RepositorySettings, render_model_repository
 from .restart import ServerKeeper, add_restart_options, restart_policy
-from .server import ServerAddress, StopRequested, TritonServer, loopback, stop_on_sigterm
+from .server import ServerAddress, StopRequested, TritonServer, free_ports, loopback, stop_on_sigterm
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 
@@ -30,6 +30,9 @@ def register(subparsers) -> None:
         description="Resolve the model (local directory or Hugging Face id), render a run copy of the model "
         "repository with its parameters, start the bundled tritonserver and wait until it is ready, then start "
         "the HTTP gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank) on --api-port unless --no-api. "
+        "KServe v2 over HTTP (tritonclient.http) is on --http-port, answered by the gateway, which checks "
+        "every request before Triton sees it; tritonserver's own HTTP frontend listens on loopback only "
+        "(--triton-http-port), since one malformed request can crash it (tritonserver 2.51). "
         "A tritonserver that exits on its own is restarted (bounded: --max-restarts, --restart-window); "
         "meanwhile the gateway answers 503 with Retry-After. "
         "Ctrl-C or SIGTERM stops the gateway, the server and every backend process.",
@@ -51,7 +54,12 @@ def register(subparsers) -> None:
     p.add_argument("--instances", type=int, default=1, help="cross_encoder model instances")
     p.add_argument("--num-threads", type=int, default=0, help="torch threads per CPU instance; 0 = torch default")
     p.add_argument("--host", default="127.0.0.1", help="address every listener binds (0.0.0.0 to expose)")
-    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="KServe v2 HTTP (inference of 'reranker', health, metadata), served by the gateway; "
+                   "with --no-api, tritonserver's own HTTP frontend")
+    p.add_argument("--triton-http-port", type=int, default=0,
+                   help="port of tritonserver's own HTTP frontend, on 127.0.0.1 only (the gateway and the "
+                   "launcher use it); 0 = any free port")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--run-dir", default=None, help="where the rendered model repository and logs go; "
@@ -88,7 +96,7 @@ def run(args) -> int:
         # One limit for every door: the gateway's, the tokenizer step's and the scoring step's.
         max_documents=args.max_documents,
     )
-    address = ServerAddress(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    address = server_address(args)
     try:
         repository = render_model_repository(settings, run_dir / "model_repository")
         server = TritonServer(repository, run_dir, address, extra_args=[f"--log-verbose={args.log_verbose}"])
@@ -126,25 +134,45 @@ def run(args) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def server_address(args) -> ServerAddress:
+    """Where tritonserver listens. Under the gateway its HTTP frontend is on loopback, on
+    --triton-http-port (any free port by default), and --http-port is the gateway's; gRPC and
+    metrics on --host as asked. With --no-api, all of them as asked."""
+    if args.no_api:
+        return ServerAddress(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    port = args.triton_http_port or free_ports(1)[0]
+    return ServerAddress(args.host, port, args.grpc_port, args.metrics_port, http_host="127.0.0.1")
+
+
 def _gateway(args, address: ServerAddress):
-    """The HTTP gateway, in a thread of this process: stopping `serve` cannot leave it running."""
+    """The HTTP gateway, in a thread of this process: stopping `serve` cannot leave it running.
+
+    It listens on --api-port and on --http-port, where it is the KServe v2 front of Triton
+    (inference of 'reranker' checked by the gateway, health and metadata asked of Triton's
+    loopback HTTP frontend)."""
     from ..gateway.server import GatewayThread
 
     # Access logs would flood the console of an interactive `serve`; warnings and errors still show.
     settings = gateway_settings(args, address.grpc_url, args.api_host or args.host, args.api_port, "warning",
-                                default_model_name=args.model_path)
+                                default_model_name=args.model_path, triton_http_url=address.local_http_url,
+                                kserve_port=args.http_port)
     return GatewayThread(settings)
 
 
 def ready_banner(address: ServerAddress, gateway=None) -> str:
     """Where everything listens, and a command to try (SGLang's example when the gateway runs)."""
-    http = f"http://{loopback(address.host)}:{address.http_port}"
     lines = ["triton-rerank is ready:"]
     if gateway is not None:
         api = f"http://{loopback(gateway.host)}:{gateway.port}"
         lines.append(f"  rerank API  {api}  (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank; docs {api}/docs)")
+    if gateway is not None and gateway.kserve_port is not None:
+        http = f"http://{loopback(gateway.host)}:{gateway.kserve_port}"
+        lines.append(f"  HTTP        {http}  (KServe v2, model 'reranker', through the gateway)")
+    else:
+        http = f"http://{loopback(address.http_bind)}:{address.http_port}"
+        lines.append(f"  HTTP        {http}  (KServe v2, tritonserver's own frontend: keep it off untrusted "
+                     "networks, the gateway's front checks requests it does not)")
     lines += [
-        f"  HTTP        {http}  (KServe v2; model 'reranker')",
         f"  gRPC        {loopback(address.host)}:{address.grpc_port}",
         f"  metrics     http://{loopback(address.host)}:{address.metrics_port}/metrics",
         "try:",

@@ -26,14 +26,26 @@ from .triton_install import TritonInstall, prepare_backends, server_environment
 
 @dataclass
 class ServerAddress:
+    """Where tritonserver listens: every listener on `host`, except HTTP on `http_host` when given.
+
+    `triton-rerank serve` keeps Triton's own HTTP frontend on loopback (http_host="127.0.0.1") and
+    puts the gateway's KServe front on the public HTTP port instead: tritonserver 2.51's HTTP
+    frontend can be crashed by one chunked request, which the gateway refuses.
+    """
+
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    http_host: str | None = None
+
+    @property
+    def http_bind(self) -> str:
+        return self.host if self.http_host is None else self.http_host
 
     @property
     def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return f"{self.http_bind}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
@@ -42,7 +54,7 @@ class ServerAddress:
     @property
     def local_http_url(self) -> str:
         """The HTTP endpoint as this machine reaches it (a wildcard bind through loopback)."""
-        return f"{loopback(self.host)}:{self.http_port}"
+        return f"{loopback(self.http_bind)}:{self.http_port}"
 
 
 def loopback(host: str) -> str:
@@ -75,8 +87,8 @@ def server_command(server: str | Path, model_repository: Path, backend_directory
     shared-memory, trace and logging APIs answer only to the header `triton-rerank-admin:
     <admin_key>` (the supervisor uses it to reload a model whose backend process died); a model
     that fails to load stops the server, and it is ready only when every model is. Every listener
-    binds `address.host`. With `shm_prefix`, the Python backend's shared-memory regions are named
-    with it. `extra_args` come last and may not set the flags above.
+    binds `address.host`, HTTP `address.http_bind`. With `shm_prefix`, the Python backend's
+    shared-memory regions are named with it. `extra_args` come last and may not set the flags above.
     """
     for arg in extra_args:
         flag = arg.split("=", 1)[0]
@@ -101,7 +113,7 @@ def server_command(server: str | Path, model_repository: Path, backend_directory
         # Triton keeps up to 8 finished gRPC request objects per handler for reuse, each still holding
         # its whole request: a refused 256 MiB request stayed resident (+256-290 MiB each). No pool.
         "--grpc-infer-allocation-pool-size=0",
-        f"--http-address={a.host}", f"--http-port={a.http_port}",
+        f"--http-address={a.http_bind}", f"--http-port={a.http_port}",
         f"--grpc-address={a.host}", f"--grpc-port={a.grpc_port}",
         f"--metrics-address={a.host}", f"--metrics-port={a.metrics_port}",
         f"--allow-gpu-metrics={'true' if gpu_metrics else 'false'}",

@@ -5,6 +5,7 @@ kernel is decorated), hence at the top of the top-level conftest.
 """
 
 import os
+import socket
 
 import pytest
 import torch
@@ -43,3 +44,25 @@ def reference_scores():
         return scores
 
     return score
+
+
+@pytest.fixture(scope="session")
+def chunked_crash_request():
+    """The request that crashes tritonserver 2.51 (SIGSEGV; CVE-2025-23310/23311): one HTTP body of a
+    million one-byte chunks, sent to 127.0.0.1:port. Tests send it to every port a deployment exposes."""
+
+    def send(port: int, path: str = "/v2/models/reranker/generate", chunks: int = 1_000_000) -> bytes:
+        """Returns the start of the answer (b"" when the connection was closed or reset instead)."""
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+            connection.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+                               + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            burst = b"1\r\nx\r\n" * 10_000
+            try:
+                for _ in range(chunks // 10_000):
+                    connection.sendall(burst)
+                connection.sendall(b"0\r\n\r\n")
+                return connection.recv(200)
+            except OSError:
+                return b""  # refused mid-body (reset), or the server died under the request
+
+    return send

@@ -38,6 +38,7 @@ from triton_rerank.launcher.repository import (
     packaged_model_repository,
     render_model_repository,
 )
+from triton_rerank.launcher.restart import RestartPolicy
 from triton_rerank.launcher.server import (
     REDACTED_KEY,
     ServerAddress,
@@ -155,12 +156,17 @@ def test_perf_input_is_perf_analyzer_json():
 def test_environment_overrides(compose):
     raw = yaml.safe_load(COMPOSE.read_text())
     env = {"MODEL_DIR": "/srv/models/my-reranker", "MODEL_PATH": "/models", "HF_CACHE": "/srv/hf",
-           "TRITON_REPLICAS": "3", "GPUS": "0,1", "INSTANCES": "2", "HTTP_PORT": "18000"}
+           "TRITON_REPLICAS": "3", "GPUS": "0,1", "INSTANCES": "2", "HTTP_PORT": "18000", "MAX_RESTARTS": "2"}
     triton = interpolate(raw, env)["services"]["triton"]
     assert set(triton["volumes"]) == {"/srv/hf:/hf-cache", "/srv/models/my-reranker:/models:ro"}
     assert triton["deploy"]["replicas"] == "3"
-    assert {k: triton["environment"][k] for k in ("MODEL_PATH", "GPUS", "INSTANCES")} == {
-        "MODEL_PATH": "/models", "GPUS": "0,1", "INSTANCES": "2"}
+    assert {k: triton["environment"][k] for k in ("MODEL_PATH", "GPUS", "INSTANCES", "MAX_RESTARTS")} == {
+        "MODEL_PATH": "/models", "GPUS": "0,1", "INSTANCES": "2", "MAX_RESTARTS": "2"}
+    # The entry point's own defaults, so that an unset variable changes nothing.
+    assert {k: interpolate(raw, {})["services"]["triton"]["environment"][k]
+            for k in ("MAX_RESTARTS", "RESTART_WINDOW", "RESTART_BACKOFF")} == {
+        "MAX_RESTARTS": str(RestartPolicy.max_restarts), "RESTART_WINDOW": f"{RestartPolicy.window:g}",
+        "RESTART_BACKOFF": f"{RestartPolicy.backoff:g}"}
     assert interpolate(raw, env)["services"]["lb"]["ports"][0] == "18000:8000"
 
 
@@ -622,14 +628,16 @@ class Replica:
 
 
 @pytest.mark.server
-def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs, tmp_path):
+def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs, tmp_path, chunked_crash_request):
     """Two replicas, each the image's entry point running the bundled tritonserver supervised (CPU),
     behind deploy/nginx.conf, with the gateway behind it as in docker-compose.yml (a gRPC client of
     the load balancer): HTTP, gRPC, the generate extension and perf_analyzer (with
     deploy/perf-input.json) pass through the load balancer and both replicas get requests; the
     ensemble's HTTP inference is answered by the gateway (4xx, not Triton's 500, for a malformed
     KServe request); a body over 16 MiB is refused by nginx; admin routes (repository, shared memory,
-    trace, logging, model config, statistics) are refused by nginx; a replica whose backend process
+    trace, logging, model config, statistics) are refused by nginx; the request that crashes
+    tritonserver 2.51 (a million one-byte chunks), sent to every published port, reaches no replica
+    as such (nginx de-chunks bodies) and every replica keeps running; a replica whose backend process
     dies is repaired by its supervisor; SIGTERM stops every replica with its server and backend
     processes; a replica whose tritonserver dies is restarted by its entry point."""
     import tritonclient.grpc as grpcclient
@@ -725,6 +733,20 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
                     call()
                 assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
         assert all(r.process.poll() is None for r in replicas)  # nothing was unloaded
+
+        # The crash request on every port docker-compose.yml publishes (the load balancer's HTTP and
+        # gRPC, the gateway's), to routes the load balancer sends to the gateway and to the replicas.
+        pids = [r.server_pid() for r in replicas]
+        for port, path in [(lb_http, "/v2/models/reranker/generate"), (lb_http, "/v2/models/tokenizer/infer"),
+                           (lb_http, "/v2/models/reranker/infer"), (lb_grpc, "/v2/models/reranker/generate"),
+                           (api, "/v1/rerank")]:
+            answer = chunked_crash_request(port, path)
+            assert not answer.startswith(b"HTTP/1.1 2"), (port, path, answer)
+            assert [r.server_pid() for r in replicas] == pids, (port, path, [r.output() for r in replicas])
+        for replica in replicas:
+            np.testing.assert_allclose(rerank(grpcclient, f"127.0.0.1:{replica.grpc}", query, documents), direct,
+                                       atol=1e-5)
+        assert not any("was killed" in r.output() for r in replicas)
 
         # perf_analyzer reads the model configuration: refused on the public port, served on the perf port.
         def perf(port: int) -> subprocess.CompletedProcess:

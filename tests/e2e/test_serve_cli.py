@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -80,9 +81,21 @@ def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_pa
         for step in ("tokenizer", "cross_encoder"):
             config = (tmp_path / "run" / "model_repository" / step / "config.pbtxt").read_text()
             assert re.search(r'key: "max_documents"\s+value \{\s+string_value: "40"', config), config
+        # Over HTTP (--http-port is the gateway's KServe front) the gateway refuses it ...
         too_many = {"QUERY": "q", "DOCUMENTS": ["d"] * 41}
         response = requests.post(f"http://127.0.0.1:{http}/v2/models/reranker/generate", json=too_many, timeout=60)
-        assert response.status_code == 400 and "at most 40" in response.text, response.text
+        assert response.status_code == 413 and "the limit is 40 (--max-documents)" in response.text, response.text
+        # ... and over gRPC, straight to Triton, the ensemble's own steps do.
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}") as client:
+            inputs = [grpcclient.InferInput("QUERY", [1], "BYTES"), grpcclient.InferInput("DOCUMENTS", [41], "BYTES")]
+            inputs[0].set_data_from_numpy(np.array([b"q"], dtype=object))
+            inputs[1].set_data_from_numpy(np.array([b"d"] * 41, dtype=object))
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("reranker", inputs)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "at most 40" in refused.value.message()
 
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0

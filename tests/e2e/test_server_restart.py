@@ -1,12 +1,12 @@
 """`triton-rerank serve` outlives its tritonserver: a server that dies (SIGKILL, or the SIGSEGV one
 chunked HTTP request causes in tritonserver 2.51) is restarted with the same command line and
 environment, and meanwhile the gateway answers every route 200 or 503 with Retry-After, never
-502 and never a dropped connection."""
+502 and never a dropped connection. And that request cannot reach the server from outside:
+sent to every port `serve` exposes, it is refused and nothing restarts."""
 
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,14 +34,14 @@ ROUTES = [
 class Serve:
     """`triton-rerank serve` as a subprocess, its output collected line by line."""
 
-    def __init__(self, model_dir: Path, run_dir: Path):
+    def __init__(self, model_dir: Path, run_dir: Path, *args: str):
         self.run_dir = run_dir
-        self.http, grpc, metrics, self.api = free_ports(4)
+        self.http, self.grpc, self.metrics, self.api = free_ports(4)
         self.lines: list[str] = []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "triton_rerank", "serve", "--model-path", str(model_dir), "--device", "cpu",
-             "--http-port", str(self.http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-             "--api-port", str(self.api), "--run-dir", str(run_dir), "--restart-backoff", "0.2"],
+             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
+             "--api-port", str(self.api), "--run-dir", str(run_dir), "--restart-backoff", "0.2", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -71,6 +71,12 @@ class Serve:
             except (OSError, IndexError, ValueError):
                 continue
         raise AssertionError(f"no tritonserver under serve:\n{self.output}")
+
+    def server_flag(self, name: str) -> str:
+        """The value of one of the running tritonserver's flags (--http-port=...)."""
+        command = Path(f"/proc/{self.server_pid()}/cmdline").read_bytes().decode().split("\0")
+        (value,) = [arg.split("=", 1)[1] for arg in command if arg.startswith(f"{name}=")]
+        return value
 
     def scores(self) -> list[float]:
         response = requests.post(f"http://127.0.0.1:{self.api}/v1/rerank", json=ROUTES[0][2], timeout=60)
@@ -120,21 +126,6 @@ class Load:
         return {status for _, status, _ in self.answers[since:]}
 
 
-def chunked_crash_request(port: int, chunks: int = 1_000_000) -> None:
-    """The request that crashes tritonserver 2.51: one body of a million one-byte chunks."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
-        connection.sendall(b"POST /v2/models/reranker/generate HTTP/1.1\r\nHost: triton\r\n"
-                           b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-        burst = b"1\r\nx\r\n" * 10_000
-        try:
-            for _ in range(chunks // 10_000):
-                connection.sendall(burst)
-            connection.sendall(b"0\r\n\r\n")
-            connection.recv(1)
-        except OSError:
-            pass  # the server died under the request
-
-
 def environment(pid: int) -> dict[bytes, bytes]:
     return dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
 
@@ -143,7 +134,8 @@ def regions(prefix: str) -> set[str]:
     return {path.name for path in SHM_DIRECTORY.glob(f"{prefix}*")}
 
 
-def test_serve_restarts_a_dead_tritonserver_and_the_gateway_answers_503_meanwhile(tiny_model_dirs, tmp_path):
+def test_serve_restarts_a_dead_tritonserver_and_the_gateway_answers_503_meanwhile(tiny_model_dirs, tmp_path,
+                                                                                   chunked_crash_request):
     serve = Serve(tiny_model_dirs["xlm-roberta"], tmp_path / "run")
     try:
         serve.wait_for("Ctrl-C stops", timeout=180)
@@ -175,8 +167,9 @@ def test_serve_restarts_a_dead_tritonserver_and_the_gateway_answers_503_meanwhil
             time.sleep(1.0)
             assert load.statuses(after_first) == {200}, load.answers[after_first:]
 
-            # 2. The request that crashes tritonserver 2.51 (SIGSEGV), straight to Triton's HTTP port.
-            chunked_crash_request(serve.http)
+            # 2. The request that crashes tritonserver 2.51 (SIGSEGV), straight to Triton's own HTTP port
+            # (on loopback; serve's public HTTP port is the gateway's, which refuses it).
+            chunked_crash_request(int(serve.server_flag("--http-port")))
             serve.wait_for("tritonserver is ready again", count=2)
             assert serve.server_pid() not in (first, second)
             deadline = time.monotonic() + 30
@@ -215,3 +208,64 @@ def test_serve_restarts_a_dead_tritonserver_and_the_gateway_answers_503_meanwhil
     assert leftovers.strip() == "", f"processes left behind: {leftovers}"
     assert not process_group_alive(serve.process.pid)
     assert not regions(prefix), "shared-memory regions left behind"
+
+
+def test_the_crash_request_to_every_port_serve_exposes_leaves_it_answering(tiny_model_dirs, tmp_path,
+                                                                           chunked_crash_request):
+    """Bound to every address, serve's public HTTP port is the gateway's KServe front; tritonserver's
+    own HTTP frontend listens on loopback only. The crash request sent to each port serve exposes
+    (KServe HTTP, rerank API, gRPC, metrics) is refused, the same tritonserver keeps running, and
+    tritonclient.http works on the public HTTP port as it does on Triton's."""
+    import tritonclient.http as httpclient
+
+    serve = Serve(tiny_model_dirs["bert"], tmp_path / "run", "--host", "0.0.0.0")
+    try:
+        serve.wait_for("Ctrl-C stops", timeout=180)
+        assert f"HTTP        http://127.0.0.1:{serve.http}  (KServe v2, model 'reranker', through the gateway)" \
+            in serve.output, serve.output
+        assert serve.server_flag("--http-address") == "127.0.0.1"
+        assert serve.server_flag("--grpc-address") == serve.server_flag("--metrics-address") == "0.0.0.0"
+        triton_http = int(serve.server_flag("--http-port"))
+        assert triton_http not in (serve.http, serve.api, serve.grpc, serve.metrics)
+        pid = serve.server_pid()
+        expected = serve.scores()
+
+        # The gateway counts the chunks and refuses past --max-body-chunks (400, then the connection is
+        # closed while the client still sends); Triton's gRPC port speaks HTTP/2 only; its metrics
+        # port answers 405 to a POST without reading the body into the HTTP frontend's handler.
+        for port, path in [(serve.http, "/v2/models/reranker/generate"), (serve.http, "/v2/models/reranker/infer"),
+                           (serve.http, "/v2/models/tokenizer/infer"), (serve.api, "/v1/rerank"),
+                           (serve.grpc, "/v2/models/reranker/generate"), (serve.metrics, "/metrics")]:
+            answer = chunked_crash_request(port, path)
+            assert not answer or not answer.startswith(b"HTTP/1.1 2"), (port, path, answer)
+            assert serve.process.poll() is None and serve.server_pid() == pid, serve.output
+            np.testing.assert_allclose(serve.scores(), expected, atol=1e-5)
+        assert "was killed" not in serve.output and "restarting" not in serve.output, serve.output
+
+        # tritonclient.http on the public port: reads asked of Triton, inference checked by the gateway.
+        public = f"127.0.0.1:{serve.http}"
+        with httpclient.InferenceServerClient(public) as client, \
+                httpclient.InferenceServerClient(f"127.0.0.1:{triton_http}") as direct:
+            assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("reranker")
+            assert client.get_model_metadata("reranker") == direct.get_model_metadata("reranker")
+            assert client.get_server_metadata() == direct.get_server_metadata()
+            inputs = [httpclient.InferInput("QUERY", [1], "BYTES"), httpclient.InferInput("DOCUMENTS", [len(DOCUMENTS)], "BYTES")]
+            inputs[0].set_data_from_numpy(np.array([QUERY.encode()], dtype=object))
+            inputs[1].set_data_from_numpy(np.array([d.encode() for d in DOCUMENTS], dtype=object))
+            via_gateway = client.infer("reranker", inputs).as_numpy("SCORES")
+            np.testing.assert_allclose(via_gateway, direct.infer("reranker", inputs).as_numpy("SCORES"), atol=1e-6)
+            np.testing.assert_allclose(via_gateway.ravel(), expected, atol=1e-5)
+        # Triton's admin APIs are not there at all (they answer 403 on Triton's own port).
+        for method, path in [("POST", "/v2/repository/index"), ("GET", "/v2/models/reranker/config"),
+                             ("POST", "/v2/systemsharedmemory/region/r/register"), ("GET", "/v2/logging"),
+                             ("GET", "/v2/trace/setting"), ("GET", "/v2/models/stats")]:
+            status = requests.request(method, f"http://{public}{path}", data=b"{}", timeout=10).status_code
+            assert status in (403, 404, 405), (method, path, status)
+        assert serve.server_pid() == pid
+
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(timeout=60) == 0
+    finally:
+        if serve.process.poll() is None:
+            os.killpg(serve.process.pid, signal.SIGKILL)
+            serve.process.wait()

@@ -268,18 +268,25 @@ def test_admission_limiter_counts_running_and_waiting():
     asyncio.run(scenario())
 
 
-def test_gateway_thread_says_when_its_port_is_taken():
+def test_gateway_thread_says_which_port_is_taken_and_leaves_the_other_free():
     import socket
 
     from triton_rerank.gateway.server import GatewayThread
     from triton_rerank.gateway.settings import GatewayStartError
+    from triton_rerank.launcher.server import free_ports
 
+    (free,) = free_ports(1)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(GatewayStartError, match=f"did not start on 127.0.0.1:{port}"):
+        with pytest.raises(GatewayStartError, match=f"cannot listen on 127.0.0.1:{port} .*--api-port"):
             GatewayThread(GatewaySettings(port=port, log_level="critical")).start()
+        # The KServe port taken: the API port bound first is let go again.
+        with pytest.raises(GatewayStartError, match=f"cannot listen on 127.0.0.1:{port} .*--http-port"):
+            GatewayThread(GatewaySettings(port=free, kserve_port=port, log_level="critical")).start()
+    with socket.create_server(("127.0.0.1", free)):
+        pass
 
 
 def test_serve_banner_prints_the_sglang_curl_without_the_api_key():
