@@ -16,13 +16,19 @@ Stages, in order, each timed and recorded, each allowed to fail without stopping
                  Triton and the SDPA attention backend (micro-batched as the server does) vs Hugging
                  Face padded batches of 32; pairs/s, real tokens/s, model FLOP utilisation vs the
                  measured bf16 matmul rate; score agreement packed vs Hugging Face.
+5. ``served``    the same model served by the bundled tritonserver (the `reranker` ensemble), DL19
+                 requests of 20 and 100 passages from async gRPC clients at several concurrencies;
+                 pairs/s, p50/p99, MFU end to end, and the ratio to stage 4's in-process encoder.
 
-``env``, ``attention`` and ``encoder`` each run in a child process (a crashed CUDA context or a hung
+``--carry DIR`` brings what the GPU machine lacks (the tritonserver wheel, tritonclient, the data
+files; ``python -m triton_rerank.bench.gpu.carry`` packs it): it is unpacked before any stage.
+
+``env``, ``attention``, ``encoder`` and ``served`` each run in a child process (a crashed CUDA context or a hung
 compile costs one stage, not the run); the parent imports no torch, enforces ``--max-minutes`` by
 killing a child at its stage deadline, and rewrites ``gpu_results.json`` / ``gpu_results.md``
 after every stage and every few seconds while a stage runs, so a hard kill still leaves data.
 
-``--device cpu --quick`` is a smoke mode: stages 3-4 on tiny shapes (a 2-layer model, a few
+``--device cpu --quick`` is a smoke mode: stages 3-5 on tiny shapes (a 2-layer model, a few
 pairs, Triton kernels interpreted) to exercise the code paths without a GPU.
 
 This file is the entry point: arguments, stage scheduling and deadlines, child processes.
@@ -105,11 +111,11 @@ from .results import (  # noqa: E402
 from .stage_process import child_env, read_stage_file, run_child_stage  # noqa: E402
 from .stage_recorder import StageRecorder, error_text, log  # noqa: E402
 
-STAGES = ("env", "tests", "attention", "encoder")
-CHILD_STAGES = ("env", "attention", "encoder")
+STAGES = ("env", "tests", "attention", "encoder", "served")
+CHILD_STAGES = ("env", "attention", "encoder", "served")
 # Seconds reserved for later stages when sizing an earlier one's time limit.
-STAGE_MIN_SECONDS = {"env": 20, "tests": 30, "attention": 40, "encoder": 90}
-STAGE_CAP_SECONDS = {"env": 90, "tests": 180, "attention": 120, "encoder": 330}
+STAGE_MIN_SECONDS = {"env": 20, "tests": 30, "attention": 40, "encoder": 90, "served": 120}
+STAGE_CAP_SECONDS = {"env": 90, "tests": 180, "attention": 120, "encoder": 330, "served": 420}
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
             f"configs/ (default: {DEFAULT_DATA_DIR}, then ./.gpu-data, ./shared/data); synthetic "
             "lengths and the built-in bge-reranker-v2-m3 config are used when files are missing"
         ),
+    )
+    p.add_argument(
+        "--carry",
+        default=None,
+        help="folder packed by `python -m triton_rerank.bench.gpu.carry` (the tritonserver wheel, tritonclient, "
+        "the data files): what this machine lacks of it is unpacked first; its data is the default --data-dir",
     )
     p.add_argument(
         "--dtype",
@@ -210,7 +222,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _stage_limit(name: str, remaining: float, reserve: float) -> float | None:
     """Seconds stage `name` may take, leaving `reserve` for later stages; None: not worth starting."""
     limit = min(STAGE_CAP_SECONDS[name], remaining - reserve - 5)
-    if name == "encoder":  # the last stage takes whatever is left
+    if name == STAGES[-1]:  # the last stage takes whatever is left
         limit = remaining - 5
     if limit < STAGE_MIN_SECONDS[name] * 0.75:
         # Later stages' reserve cannot be honoured: give this stage its minimum if that is left.
@@ -218,6 +230,21 @@ def _stage_limit(name: str, remaining: float, reserve: float) -> float | None:
         if limit < STAGE_MIN_SECONDS[name] * 0.75:
             return None
     return limit
+
+
+def _unpack_carry(args: argparse.Namespace) -> dict | None:
+    """Unpacks --carry into a scratch folder removed at exit; its data becomes the default --data-dir."""
+    if not args.carry:
+        return None
+    from .carry import unpack
+
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check_carry_"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    carried = unpack(Path(args.carry).expanduser().resolve(), scratch)
+    if args.data_dir is None and "data_dir" in carried:
+        args.data_dir = carried["data_dir"]
+    log(f"carry: {carried}")
+    return carried
 
 
 def run_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -229,6 +256,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     args.out = str(out)
     shim = ensure_package_importable()
+    carried = _unpack_carry(args)
     requested_data_dir = args.data_dir
     data_dir = resolve_data_dir(args.data_dir)
     if data_dir is not None:
@@ -248,6 +276,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f: (data_dir is not None and (data_dir / f).is_file()) for f in (DL19_FILE, TOKENIZER_FILE, CONFIG_FILE)
         },
         "package_shim": shim,
+        "carried": carried,
         "repo_root": str(REPO_ROOT),
         "targets_spec": {
             "attention_vs_best_torch_equal_work": TARGET_ATTENTION_VS_TORCH,
@@ -348,8 +377,10 @@ def child_main(args: argparse.Namespace) -> int:
             from .stage_env import stage_env as fn
         elif args.stage == "attention":
             from .stage_attention import stage_attention as fn
-        else:
+        elif args.stage == "encoder":
             from .stage_encoder import stage_encoder as fn
+        else:
+            from .stage_served import stage_served as fn
         fn(args, rec)
         rec.data["status"] = "ok"
     except BaseException as exc:  # includes KeyboardInterrupt/SystemExit from the stage

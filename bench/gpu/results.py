@@ -41,6 +41,23 @@ def dig(d: Any, *keys, default=None):
 # --------------------------------------------------------------------------------------------
 
 
+def _served_derived(results: dict, peaks: dict, variants: dict) -> None:
+    """MFU of each served level (vs the measured matmul rate of the run's dtype, bf16 when unknown) and
+    its pairs/s as a fraction of the in-process packed encoder's (Triton attention) in the same run."""
+    served = dig(results, "stages", "served", "data", default={}) or {}
+    peak = peaks.get(served.get("dtype")) or peaks.get("bfloat16")
+    in_process = (variants.get("packed_triton") or {}).get("pairs_per_s")
+    for level in served.get("levels") or []:
+        if not isinstance(level, dict) or not level.get("pairs_per_s"):
+            continue
+        if peak and level.get("tflops") is not None:
+            level["mfu"] = level["tflops"] / peak
+        if in_process:
+            level["vs_in_process"] = level["pairs_per_s"] / in_process
+    if in_process:
+        served["in_process_pairs_per_s"] = in_process
+
+
 def _target(name: str, value: float, target: float, unit: str) -> dict:
     return {"name": name, "value": value, "target": target, "unit": unit, "met": value >= target}
 
@@ -55,6 +72,8 @@ def compute_derived(results: dict) -> None:
         for dtype, key in (("bfloat16", "mfu_vs_bf16_matmul"), ("float16", "mfu_vs_fp16_matmul")):
             if peaks.get(dtype):
                 v[key] = v["tflops"] / peaks[dtype]
+
+    _served_derived(results, peaks, variants)
 
     targets = []
     for case in dig(results, "stages", "attention", "data", "cases", default=[]) or []:
@@ -238,6 +257,36 @@ def _encoder_section(enc: dict) -> list[str]:
     return lines
 
 
+def _served_section(served: dict) -> list[str]:
+    if not served:
+        return []
+    lines = ["## Served (tritonserver, the `reranker` ensemble, gRPC)", ""]
+    lines.append(
+        f"Model {served.get('model')}, dtype {served.get('dtype')}, {served.get('attention_backend')} attention, "
+        f"token budget {served.get('token_budget')}, tokenizer {served.get('tokenizer')}; server ready in "
+        f"{fmt(served.get('server_ready_s'))} s. Workloads: "
+        + "; ".join(f"{docs} docs: {source}" for docs, source in (served.get("workloads") or {}).items())
+        + ". MFU counts the encoder's model FLOPs of the pairs served (TOKEN_COUNTS) against the measured "
+        "matmul rate; `vs in-process` divides pairs/s by stage 4's packed encoder (Triton attention)"
+        + (f", {fmt(served['in_process_pairs_per_s'])} pairs/s." if served.get("in_process_pairs_per_s") else ".")
+    )
+    lines.append("")
+    rows = [
+        [
+            level.get("docs"), level.get("concurrency"), level.get("requests"), level.get("pairs_per_s"),
+            level.get("p50_ms"), level.get("p99_ms"), level.get("tokens_per_s"), level.get("tflops"), level.get("mfu"),
+            level.get("vs_in_process"), level.get("tokenizer_ms_per_request"), level.get("encoder_ms_per_request"),
+            level.get("error"),
+        ]
+        for level in served.get("levels") or []
+    ]
+    lines += _table(
+        ["docs", "concurrency", "requests", "pairs/s", "p50 ms", "p99 ms", "tokens/s", "TFLOP/s", "MFU",
+         "vs in-process", "tokenizer ms/req", "encoder ms/req", "error"], rows
+    )
+    return lines + [""]
+
+
 def _errors_section(stages: dict) -> list[str]:
     errors = []
     for name, st in stages.items():
@@ -257,6 +306,7 @@ def render_markdown(results: dict) -> str:
     lines += _tests_section(dig(results, "stages", "tests", "data", default={}) or {})
     lines += _attention_section(dig(results, "stages", "attention", "data", default={}) or {})
     lines += _encoder_section(dig(results, "stages", "encoder", "data", default={}) or {})
+    lines += _served_section(dig(results, "stages", "served", "data", default={}) or {})
     lines += _errors_section(results.get("stages") or {})
     return "\n".join(lines) + "\n"
 

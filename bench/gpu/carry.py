@@ -1,0 +1,144 @@
+"""What the GPU check brings to a GPU machine that lacks it, packed here and unpacked there.
+
+The GPU machine has torch, triton, transformers, tokenizers, grpcio and protobuf, but no
+tritonserver, no tritonclient and no network. The ``served`` stage needs all three of:
+
+    nvidia_pytriton-0.7.0-*.whl   the bundled tritonserver 2.51 (55 MB; unpacked there, not installed)
+    site/tritonclient/            tritonclient's Python package (~1 MB; its perf_analyzer is not needed)
+    data.tar.xz                   DL19, the XLM-R tokenizer and the model configs (~3 MB instead of ~19)
+
+Together they stay under the 64 MiB a device call may carry beside the checkout::
+
+    python -m triton_rerank.bench.gpu.carry --out .gpu-carry          # here (downloads the wheel)
+    python3 -P bench/gpu/check.py --out OUT --carry .gpu-carry ...    # there, carrying .gpu-carry
+
+`unpack` (called by check.py before any stage) extracts what is missing into a scratch folder and
+puts it on sys.path and PYTHONPATH, so the stage processes and tritonserver's backend processes
+see it too; whatever the machine already has is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ..workload import CONFIG_FILE, DL19_FILE, TOKENIZER_FILE, resolve_data_dir
+
+PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
+WHEEL_GLOB = "nvidia_pytriton-*.whl"
+DATA_ARCHIVE = "data.tar.xz"
+SITE = "site"
+DATA_FILES = (DL19_FILE, TOKENIZER_FILE, CONFIG_FILE)
+LIMIT_BYTES = 64 * 1024 * 1024
+# Left for the checkout itself, which travels in the same 64 MiB.
+CHECKOUT_RESERVE_BYTES = 4 * 1024 * 1024
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def prepare(out: Path, data_dir: Path | None, wheel: Path | None = None) -> int:
+    """Writes the carry folder; returns its size in bytes (ValueError when it would not fit)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(WHEEL_GLOB):
+        old.unlink()
+    if wheel is None:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(out),
+                        PYTRITON_REQUIREMENT], check=True)
+    else:
+        shutil.copy2(wheel, out / wheel.name)
+
+    import tritonclient
+
+    site = out / SITE
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.copytree(Path(tritonclient.__file__).parent, site / "tritonclient",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+    if data_dir is None:
+        raise ValueError("no data folder: pass --data-dir (it holds " + ", ".join(DATA_FILES) + ")")
+    missing = [f for f in DATA_FILES if not (data_dir / f).is_file()]
+    if missing:
+        raise ValueError(f"{data_dir} lacks {', '.join(missing)}")
+    with tarfile.open(out / DATA_ARCHIVE, "w:xz", preset=9) as archive:
+        for name in DATA_FILES:
+            archive.add(data_dir / name, arcname=name)
+
+    size = folder_bytes(out)
+    if size > LIMIT_BYTES - CHECKOUT_RESERVE_BYTES:
+        raise ValueError(f"{out} holds {size / 2**20:.1f} MiB: more than the "
+                         f"{(LIMIT_BYTES - CHECKOUT_RESERVE_BYTES) / 2**20:.0f} MiB a device call can carry with the checkout")
+    return size
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _on_path(folder: Path) -> None:
+    """First on sys.path, and on PYTHONPATH for every process started from here on."""
+    sys.path.insert(0, str(folder))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+
+
+def _make_executable(root: Path) -> None:
+    """zipfile drops permission bits: the server and the backend stubs must be executable."""
+    targets = [*root.glob("pytriton/tritonserver/bin/*"),
+               *root.glob("pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub")]
+    for path in targets:
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def unpack(carry: Path, scratch: Path, installed: Callable[[str], bool] = _installed) -> dict:
+    """Makes what the carry folder holds usable here; returns what it did (for the results)."""
+    done: dict = {"carry": str(carry)}
+    site = scratch / "site"
+    if (carry / DATA_ARCHIVE).is_file():
+        data = scratch / "data"
+        with tarfile.open(carry / DATA_ARCHIVE) as archive:
+            # The "data" filter (no links out, no absolute paths) where this Python has it.
+            archive.extractall(data, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        done["data_dir"] = str(data)
+    if not installed("tritonclient") and (carry / SITE / "tritonclient").is_dir():
+        _on_path(carry / SITE)
+        done["tritonclient"] = str(carry / SITE)
+    wheels = sorted(carry.glob(WHEEL_GLOB))
+    if not installed("pytriton") and wheels:
+        with zipfile.ZipFile(wheels[-1]) as wheel:
+            wheel.extractall(site)
+        _make_executable(site)
+        _on_path(site)
+        done["pytriton"] = f"{wheels[-1].name} unpacked in {site}"
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m triton_rerank.bench.gpu.carry",
+        description="Pack what the GPU check's served stage needs on a GPU machine without it (the bundled "
+        "tritonserver wheel, tritonclient, the data files) into one folder to carry with the device call.")
+    p.add_argument("--out", default=".gpu-carry", help="the folder to write (default .gpu-carry, ignored by git)")
+    p.add_argument("--data-dir", default=None, help="the shared data folder (default: the usual places)")
+    p.add_argument("--wheel", default=None, help=f"an {PYTRITON_REQUIREMENT} wheel already here (default: pip download)")
+    args = p.parse_args(argv)
+    try:
+        size = prepare(Path(args.out), resolve_data_dir(args.data_dir), Path(args.wheel) if args.wheel else None)
+    except (ValueError, subprocess.CalledProcessError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {size / 2**20:.1f} MiB (limit {LIMIT_BYTES / 2**20:.0f} MiB with the checkout)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
