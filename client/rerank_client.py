@@ -15,6 +15,7 @@ raise the exceptions of `triton_rerank.client.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -33,11 +34,14 @@ from .triton_io import (
 
 
 def grpc_channel_args() -> list[tuple[str, int]]:
-    """tritonclient's default channel options, plus a short reconnect backoff.
+    """tritonclient's default channel options, plus a short reconnect backoff and round-robin.
 
     gRPC's default backoff grows to 120 s after repeated connection failures, so a client that
     polled a restarting server could wait minutes after it is back; capping it at 2 s makes
-    reconnection prompt.
+    reconnection prompt. Round-robin sends each call to the next of the addresses the target
+    resolves to (every pod of a Kubernetes headless Service, `dns:///name:8001`; a list,
+    `ipv4:10.0.0.1:8001,10.0.0.2:8001`) rather than all calls to the first; with one address it
+    changes nothing.
     """
     from tritonclient.grpc import KeepAliveOptions
     from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
@@ -53,6 +57,7 @@ def grpc_channel_args() -> list[tuple[str, int]]:
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.lb_policy_name", "round_robin"),
     ]
 
 
@@ -61,11 +66,14 @@ class _ClientSettings:
 
     def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", *, model_name: str = MODEL_NAME,
                  max_documents_per_request: int | None = 256, max_concurrency: int = 8, retries: int = 3,
-                 backoff: float = 0.2, max_backoff: float = 5.0, timeout: float | None = 300.0):
+                 backoff: float = 0.2, max_backoff: float = 5.0, timeout: float | None = 300.0,
+                 channel_max_age: float | None = None):
         if max_documents_per_request is not None and max_documents_per_request < 1:
             raise ValueError("max_documents_per_request must be >= 1 (or None for no splitting)")
         if max_concurrency < 1 or retries < 0:
             raise ValueError("max_concurrency must be >= 1 and retries >= 0")
+        if channel_max_age is not None and channel_max_age <= 0:
+            raise ValueError("channel_max_age must be positive (or None: keep one connection)")
         self.protocol = protocol
         self.address = server_address(url, protocol)
         self.model_name = model_name
@@ -75,6 +83,7 @@ class _ClientSettings:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.timeout = timeout
+        self.channel_max_age = channel_max_age
         self.where = f"Triton at {self.address} ({protocol})"
 
     def _retry_delay(self, attempt: int) -> float:
@@ -191,7 +200,13 @@ class RerankClient(_ClientSettings):
 
 
 class AsyncRerankClient(_ClientSettings):
-    """asyncio client. Use it from one event loop; its connection opens on the first call."""
+    """asyncio client. Use it from one event loop; its connection opens on the first call.
+
+    With `channel_max_age` (seconds), calls after that age go over a new connection, which
+    resolves the server's address again: behind a DNS name of several servers (a Kubernetes
+    headless Service), servers added since are used within that time. The old connection is
+    closed once the calls it carries have had their timeout to finish.
+    """
 
     def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", **options):
         super().__init__(url, protocol, **options)
@@ -201,7 +216,19 @@ class AsyncRerankClient(_ClientSettings):
             import tritonclient.http.aio as module
         self._module = module
         self._connection = None
+        self._opened_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Replaced connections, each with the task that closes it once its calls have had their time.
+        self._retiring: dict[asyncio.Task, object] = {}
+
+    def _retire(self, connection) -> None:
+        async def close_later() -> None:
+            await asyncio.sleep(self.timeout if self.timeout is not None else 300.0)
+            await connection.close()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retiring[task] = connection
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     def _client(self):
         # Created lazily: grpc.aio channels and aiohttp sessions belong to the event loop running when
@@ -209,8 +236,14 @@ class AsyncRerankClient(_ClientSettings):
         loop = asyncio.get_running_loop()
         if self._connection is not None and self._loop is not loop:
             self._connection = None
+            self._retiring = {}  # those tasks belong to the other loop
         self._loop = loop
+        if (self._connection is not None and self.channel_max_age is not None
+                and time.monotonic() - self._opened_at > self.channel_max_age):
+            self._retire(self._connection)
+            self._connection = None
         if self._connection is None:
+            self._opened_at = time.monotonic()
             if self.protocol == "grpc":
                 self._connection = self._module.InferenceServerClient(self.address, channel_args=grpc_channel_args())
             else:
@@ -276,6 +309,13 @@ class AsyncRerankClient(_ClientSettings):
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
+        # Replaced connections too, now: their calls are over or given up with this client.
+        retiring, self._retiring = self._retiring, {}
+        for task, old in retiring.items():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await old.close()
 
     async def __aenter__(self) -> AsyncRerankClient:
         return self

@@ -45,7 +45,7 @@ def create_app(settings: GatewaySettings, scorer: Scorer | None = None,
         # No retries and no splitting here: the caller gets 503 at once and decides; the document
         # count is already bounded by max_documents, and one request keeps TOKEN_COUNTS exact.
         scorer = AsyncRerankClient(settings.triton_url, "grpc", retries=0, max_documents_per_request=None,
-                                   timeout=settings.request_timeout)
+                                   timeout=settings.request_timeout, channel_max_age=settings.triton_channel_max_age)
     metrics = GatewayMetrics()
     budget = BodyBudget(settings.max_buffered_bytes)
     metrics.buffered_bytes.set_function(lambda: budget.used)

@@ -67,7 +67,13 @@ def register(subparsers) -> None:
         "`reranker` ensemble over gRPC. `serve` starts one by default.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton's gRPC address")
+    p.add_argument("--triton-url", default="127.0.0.1:8001",
+                   help="Triton's gRPC address: HOST:PORT, or a gRPC target naming several servers, each call "
+                   "going to the next (dns:///NAME:PORT for every address of a DNS name, e.g. a Kubernetes "
+                   "headless Service; ipv4:ADDR:PORT,ADDR:PORT)")
+    p.add_argument("--triton-channel-max-age", type=float, default=None,
+                   help="seconds after which calls go over a new gRPC channel, resolving --triton-url again, so "
+                   "that servers added behind its DNS name get requests; default: one channel for good")
     p.add_argument("--triton-http-url", default=None,
                    help="Triton's HTTP address (e.g. 127.0.0.1:8000): with it the gateway also answers KServe v2 "
                    "health and metadata (GET /v2/health/*, /v2, /v2/models/NAME[/ready]) by asking it, so "
@@ -82,7 +88,8 @@ def register(subparsers) -> None:
 
         try:
             settings = gateway_settings(args, args.triton_url, args.host, args.port, args.log_level,
-                                        default_model_name="reranker", triton_http_url=args.triton_http_url)
+                                        default_model_name="reranker", triton_http_url=args.triton_http_url,
+                                        triton_channel_max_age=args.triton_channel_max_age)
         except GatewayStartError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -92,14 +99,16 @@ def register(subparsers) -> None:
 
 
 def gateway_settings(args, triton_url: str, host: str, port: int, log_level: str, default_model_name: str,
-                     triton_http_url: str | None = None, kserve_port: int | None = None) -> GatewaySettings:
+                     triton_http_url: str | None = None, kserve_port: int | None = None,
+                     triton_channel_max_age: float | None = None) -> GatewaySettings:
     """The settings the options give; GatewayStartError (naming the options) when they do not fit together."""
     if args.allowed_hosts is None:
         allowed_hosts = default_allowed_hosts(host)
     else:
         allowed_hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
     return GatewaySettings(
-        triton_url=triton_url, triton_http_url=triton_http_url, host=host, port=port, kserve_port=kserve_port,
+        triton_url=triton_url, triton_http_url=triton_http_url, triton_channel_max_age=triton_channel_max_age,
+        host=host, port=port, kserve_port=kserve_port,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         served_model_name=args.served_model_name or default_model_name, max_documents=args.max_documents,
         max_body_bytes=args.max_body_bytes, max_buffered_bytes=args.max_buffered_bytes,

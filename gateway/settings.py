@@ -19,6 +19,9 @@ class GatewaySettings:
     # Triton's HTTP endpoint: when given, KServe v2 health and metadata (GET) are answered by asking it
     # (kserve_metadata.py), for tritonclient.http clients that reach Triton only through the gateway.
     triton_http_url: str | None = None
+    # Seconds after which calls to Triton go over a new gRPC channel (the address resolved again):
+    # Triton servers added behind one DNS name (a headless Service) get requests. None: one channel.
+    triton_channel_max_age: float | None = None
     host: str = "127.0.0.1"
     port: int = 30000
     # A second port on `host` with the same routes: `serve`'s public KServe v2 HTTP port (--http-port).
@@ -52,6 +55,8 @@ class GatewaySettings:
         problems = [f"--{name.replace('_', '-')} must be positive" for name in (
             "max_body_bytes", "max_buffered_bytes", "max_body_chunks", "body_timeout", "header_timeout",
             "keep_alive_timeout", "max_connections", "max_header_bytes") if getattr(self, name) <= 0]
+        if self.triton_channel_max_age is not None and self.triton_channel_max_age <= 0:
+            problems.append("--triton-channel-max-age must be positive (or left out: one channel)")
         if self.max_buffered_bytes < self.max_body_bytes:
             problems.append(f"--max-buffered-bytes ({self.max_buffered_bytes}) is below --max-body-bytes "
                             f"({self.max_body_bytes}): a body of the allowed size could never be taken")

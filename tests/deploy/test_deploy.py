@@ -687,6 +687,21 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
                 break
             time.sleep(0.05)
         assert sum(served) == 8 and min(served) >= 1, served
+        # One gRPC target naming both replicas (as a headless Service's DNS name does in Kubernetes):
+        # the project's client sends each call to the next one (round-robin), not all to the first.
+        from triton_rerank.client.rerank_client import RerankClient
+
+        before = [inference_count(r.http_url) for r in replicas]
+        with RerankClient(f"ipv4:127.0.0.1:{replicas[0].grpc},127.0.0.1:{replicas[1].grpc}", retries=0) as client:
+            for _ in range(6):
+                np.testing.assert_allclose(client.score(query, documents).scores, direct, atol=1e-5)
+        deadline = time.monotonic() + 10
+        while True:
+            spread = [inference_count(r.http_url) - b for r, b in zip(replicas, before, strict=True)]
+            if sum(spread) >= 6 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert sum(spread) == 6 and min(spread) >= 2, spread
         lb = f"http://127.0.0.1:{lb_http}"
         body = json.dumps({"QUERY": query, "DOCUMENTS": documents}).encode()
         with urlopen(Request(f"{lb}/v2/models/reranker/generate", data=body, method="POST"), timeout=60) as response:

@@ -52,7 +52,7 @@ LIBRARY_VARIABLES = {"HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE"}
 LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/component")
 EXPECTED_OBJECTS = {
     ("Deployment", "triton-rerank-triton"), ("Deployment", "triton-rerank-gateway"),
-    ("Service", "triton-rerank-grpc"), ("Service", "triton-rerank-triton-http"),
+    ("Service", "triton-rerank-grpc"), ("Service", "triton-rerank-grpc-pods"), ("Service", "triton-rerank-triton-http"),
     ("Service", "triton-rerank-metrics"), ("Service", "triton-rerank-gateway"),
     ("HorizontalPodAutoscaler", "triton-rerank-triton"), ("ConfigMap", "triton-rerank-prometheus-adapter"),
     ("PodDisruptionBudget", "triton-rerank-triton"), ("PodDisruptionBudget", "triton-rerank-gateway"),
@@ -121,8 +121,8 @@ class Rendered:
         return port
 
     def service_backend(self, host_port: str) -> tuple[str, int]:
-        """'SERVICE:PORT' -> (the Deployment behind it, the container port it reaches)."""
-        host, port = host_port.rsplit(":", 1)
+        """'SERVICE:PORT' or 'dns:///SERVICE:PORT' -> (the Deployment behind it, the container port it reaches)."""
+        host, port = host_port.removeprefix("dns:///").rsplit(":", 1)
         service = self.kind("Service")[host]
         (deployment,) = self.deployments_selected(service["spec"]["selector"])
         (entry,) = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
@@ -257,6 +257,7 @@ def test_validation_is_strict_and_knows_only_the_builtin_kinds():
 def test_services_select_one_deployment_and_target_its_ports(k8s):
     expected = {  # service -> (deployment, port name, number, container port)
         "triton-rerank-grpc": ("triton-rerank-triton", "grpc", 8001, 8001),
+        "triton-rerank-grpc-pods": ("triton-rerank-triton", "grpc", 8001, 8001),
         "triton-rerank-triton-http": ("triton-rerank-triton", "http", 8000, 8000),
         "triton-rerank-metrics": ("triton-rerank-triton", "metrics", 8002, 8002),
         "triton-rerank-gateway": ("triton-rerank-gateway", "http", 30000, 30000),
@@ -273,6 +274,9 @@ def test_services_select_one_deployment_and_target_its_ports(k8s):
         assert service["metadata"]["labels"]["app.kubernetes.io/component"] == \
             k8s.pod_labels(deployment)["app.kubernetes.io/component"]
     assert services["triton-rerank-grpc"]["spec"]["ports"][0]["appProtocol"] == "grpc"
+    # The gateways' target: headless, so that its DNS name gives every Triton pod's address.
+    assert services["triton-rerank-grpc-pods"]["spec"]["clusterIP"] == "None"
+    assert "clusterIP" not in services["triton-rerank-grpc"]["spec"]
 
 
 def test_probes_ask_the_right_paths_on_ports_that_exist(k8s):
@@ -466,9 +470,12 @@ def test_gateway_arguments_parse_with_the_real_cli_and_name_the_triton_services(
     assert args.port == k8s.container_port("triton-rerank-gateway", "http")
     # Both Triton addresses are Services of this overlay that reach the Triton container's ports.
     assert k8s.service_backend(args.triton_url) == ("triton-rerank-triton", 8001)
+    # Each call to the next Triton pod, and pods added since found within the channel's age.
+    assert args.triton_url.startswith("dns:///") and 0 < args.triton_channel_max_age <= 60
     assert k8s.service_backend(args.triton_http_url) == ("triton-rerank-triton", 8000)
     settings = gateway_settings(args, args.triton_url, args.host, args.port, args.log_level,
-                                default_model_name="reranker", triton_http_url=args.triton_http_url)
+                                default_model_name="reranker", triton_http_url=args.triton_http_url,
+                                triton_channel_max_age=args.triton_channel_max_age)
     assert settings.allowed_hosts == ("*",)  # kubelet probes and Services send the pod IP or any name
     # The API key comes from an optional Secret, not the command line.
     assert args.api_key is None

@@ -91,11 +91,11 @@ class Serve:
 
 
 class Load:
-    """Two clients sending every route in turn, each answer recorded as (path, status, Retry-After)."""
+    """Two clients sending every route in turn, each answer recorded as (path, status, Retry-After, when sent)."""
 
     def __init__(self, api: int):
         self.api = api
-        self.answers: list[tuple[str, int | str, str | None]] = []
+        self.answers: list[tuple[str, int | str, str | None, float]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(2)]
 
@@ -105,11 +105,12 @@ class Load:
         while not self._stop.is_set():
             method, path, body = ROUTES[i % len(ROUTES)]
             i += 1
+            sent = time.monotonic()
             try:
                 response = session.request(method, f"http://127.0.0.1:{self.api}{path}", json=body, timeout=60)
-                self.answers.append((path, response.status_code, response.headers.get("retry-after")))
+                self.answers.append((path, response.status_code, response.headers.get("retry-after"), sent))
             except requests.RequestException as error:  # the gateway itself failed to answer
-                self.answers.append((path, repr(error), None))
+                self.answers.append((path, repr(error), None, sent))
             time.sleep(0.01)
 
     def __enter__(self) -> "Load":
@@ -123,7 +124,11 @@ class Load:
             thread.join()
 
     def statuses(self, since: int = 0) -> set:
-        return {status for _, status, _ in self.answers[since:]}
+        return {status for _, status, _, _ in self.answers[since:]}
+
+    def sent_after(self, moment: float) -> list[tuple]:
+        """The answers to requests sent after `moment` (a request sent before may still end after it)."""
+        return [answer for answer in self.answers if answer[3] > moment]
 
 
 def environment(pid: int) -> dict[bytes, bytes]:
@@ -163,9 +168,9 @@ def test_serve_restarts_a_dead_tritonserver_and_the_gateway_answers_503_meanwhil
             while not serve.healthy():
                 assert time.monotonic() < deadline, "the gateway did not see Triton come back"
                 time.sleep(0.2)
-            after_first = len(load.answers)
+            back = time.monotonic()
             time.sleep(1.0)
-            assert load.statuses(after_first) == {200}, load.answers[after_first:]
+            assert {a[1] for a in load.sent_after(back)} == {200}, load.sent_after(back)
 
             # 2. The request that crashes tritonserver 2.51 (SIGSEGV), straight to Triton's own HTTP port
             # (on loopback; serve's public HTTP port is the gateway's, which refuses it).
@@ -176,18 +181,18 @@ def test_serve_restarts_a_dead_tritonserver_and_the_gateway_answers_503_meanwhil
             while not serve.healthy():
                 assert time.monotonic() < deadline, "the gateway did not see Triton come back"
                 time.sleep(0.2)
-            after_second = len(load.answers)
+            back = time.monotonic()
             time.sleep(1.0)
-            assert load.statuses(after_second) == {200}, load.answers[after_second:]
+            assert {a[1] for a in load.sent_after(back)} == {200}, load.sent_after(back)
 
         outages = load.answers[before_kill:]
         # Never a 502, never a dropped connection: 200, or 503 with Retry-After while Triton is away.
         assert load.statuses(before_kill) <= {200, 503}, [a for a in outages if a[1] not in (200, 503)]
         refused = [a for a in outages if a[1] == 503]
         assert refused, "no request saw the outage"
-        assert all(retry_after == "1" for _, _, retry_after in refused), refused
+        assert all(retry_after == "1" for _, _, retry_after, _ in refused), refused
         # Every route went through it: each answered 503 meanwhile, and 200 once Triton was back.
-        assert {path for path, _, _ in refused} == {path for _, path, _ in ROUTES}, refused
+        assert {path for path, _, _, _ in refused} == {path for _, path, _ in ROUTES}, refused
         np.testing.assert_allclose(serve.scores(), expected, atol=1e-5)
 
         output = serve.output
