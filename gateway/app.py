@@ -1,4 +1,4 @@
-"""The HTTP gateway: SGLang's /v1/rerank, TEI's /rerank and Cohere's /v2/rerank over the `reranker` ensemble.
+"""The HTTP gateway: SGLang's, TEI's, Cohere's, NVIDIA NIM's and vLLM's rerank APIs over the `reranker` ensemble.
 
     triton-rerank api --triton-url 127.0.0.1:8001 --host 127.0.0.1 --port 30000
 

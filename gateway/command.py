@@ -60,9 +60,10 @@ def add_gateway_options(p) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "api",
-        help="serve the HTTP rerank APIs (SGLang, TEI, Cohere) in front of a running Triton",
+        help="serve the HTTP rerank APIs (SGLang, TEI, Cohere, NIM, vLLM) in front of a running Triton",
         description="An HTTP gateway (FastAPI + uvicorn) that speaks SGLang's POST /v1/rerank, "
-        "text-embeddings-inference's POST /rerank and Cohere's / Jina's POST /v2/rerank, with GET /health, "
+        "text-embeddings-inference's POST /rerank, Cohere's / Jina's POST /v2/rerank, NVIDIA's reranking NIM's "
+        "POST /v1/ranking and vLLM's POST /score (/v1/score), with GET /health, "
         "/v1/models, /metrics and the OpenAPI schema at /openapi.json (/docs). It forwards to the "
         "`reranker` ensemble over gRPC. `serve` starts one by default.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -5,6 +5,6 @@ name it in DIALECTS; create_app includes each one's router. Their order is the o
 routes in /openapi.json and /docs.
 """
 
-from . import cohere, sglang, tei
+from . import cohere, nim, sglang, tei, vllm
 
-DIALECTS = (sglang.dialect, tei.dialect, cohere.dialect)
+DIALECTS = (sglang.dialect, tei.dialect, cohere.dialect, nim.dialect, vllm.dialect)

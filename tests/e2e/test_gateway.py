@@ -190,6 +190,39 @@ def test_cohere_results_top_n_and_usage(gateway, xlmr):
     assert body["meta"]["tokens"]["input_tokens"] == body["usage"]["total_tokens"] == int(tokens.sum())
 
 
+def test_nim_ranking_is_the_ensembles_raw_logits_sorted(gateway, xlmr):
+    scores, _ = ensemble(xlmr.grpc_url, QUERY, DOCUMENTS)
+    body = gateway.post("/v1/ranking", {"model": "nvidia/llama-3.2-nv-rerankqa-1b-v2", "query": {"text": QUERY},
+                                        "passages": [{"text": d} for d in DOCUMENTS], "truncate": "END"}).json()
+    order = np.argsort(-scores, kind="stable").tolist()
+    assert body == {"rankings": [{"index": i, "logit": float(scores[i])} for i in order]}
+    # truncate NONE (the NIM's default) refuses a passage that does not fit; END cuts it.
+    long_passage = {"text": "panda " * 2000}
+    refused = gateway.post("/v1/ranking", {"query": {"text": QUERY}, "passages": [{"text": "a"}, long_passage]})
+    assert refused.status_code == 400 and "document 1" in refused.json()["message"]
+    cut = gateway.post("/v1/ranking", {"query": {"text": QUERY}, "passages": [long_passage], "truncate": "END"})
+    assert cut.status_code == 200 and len(cut.json()["rankings"]) == 1
+
+
+def test_vllm_score_forms_equal_the_ensemble(gateway, xlmr):
+    scores, tokens = ensemble(xlmr.grpc_url, QUERY, DOCUMENTS)
+    body = gateway.post("/score", {"model": "BAAI/bge-reranker-v2-m3", "text_1": QUERY, "text_2": DOCUMENTS}).json()
+    assert [d["index"] for d in body["data"]] == list(range(len(DOCUMENTS)))
+    for d in body["data"]:
+        assert d["score"] == pytest.approx(sigmoid(float(scores[d["index"]])), rel=1e-12) and d["object"] == "score"
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == int(tokens.sum())
+    # N:N: each pair as the ensemble scores it alone (two queries: two ensemble requests).
+    other = "where do pandas live?"
+    other_scores, _ = ensemble(xlmr.grpc_url, other, DOCUMENTS[:2])
+    pairs = gateway.post("/v1/score", {"text_1": [QUERY, other, other], "text_2": [DOCUMENTS[0], *DOCUMENTS[:2]],
+                                       "use_activation": False}).json()
+    np.testing.assert_allclose([d["score"] for d in pairs["data"]], [scores[0], *other_scores], atol=1e-5)
+    refused = gateway.post("/score", {"text_1": QUERY, "text_2": ["panda " * 2000]})
+    assert refused.status_code == 400 and "truncate" in refused.json()["message"]
+    assert gateway.post("/score", {"text_1": QUERY, "text_2": ["panda " * 2000],
+                                   "truncate_prompt_tokens": -1}).status_code == 200
+
+
 def test_64_concurrent_requests_all_correct(gateway, xlmr):
     requests_ = [(f"query {i} about pandas", [f"bamboo {j} " * (1 + (i + j) % 5) for j in range(1 + i % 6)] + ["hi"])
                  for i in range(64)]
@@ -283,8 +316,8 @@ def test_unreachable_triton_is_503_and_the_gateway_reconnects(tiny_model_dirs, t
             server.stop()
 
 
-OPERATIONS = [("POST", "/v1/rerank"), ("POST", "/rerank"), ("POST", "/v2/rerank"),
-              ("GET", "/health"), ("GET", "/v1/models"), ("GET", "/metrics")]
+OPERATIONS = [("POST", "/v1/rerank"), ("POST", "/rerank"), ("POST", "/v2/rerank"), ("POST", "/v1/ranking"),
+              ("POST", "/score"), ("POST", "/v1/score"), ("GET", "/health"), ("GET", "/v1/models"), ("GET", "/metrics")]
 
 
 @pytest.fixture(scope="module")

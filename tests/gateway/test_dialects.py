@@ -69,7 +69,7 @@ def toy_client(**settings):
 
 def test_dialects_own_distinct_routes():
     paths = [path for dialect in DIALECTS for path in dialect.paths]
-    assert paths == ["/v1/rerank", "/rerank", "/v2/rerank"]
+    assert paths == ["/v1/rerank", "/rerank", "/v2/rerank", "/v1/ranking", "/score", "/v1/score"]
     assert not set(paths) & {route.path for route in service.router.routes}
 
 

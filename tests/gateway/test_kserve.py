@@ -390,4 +390,5 @@ def test_kserve_routes_are_counted_but_not_a_dialect_nor_in_the_schema():
     assert 'triton_rerank_gateway_errors_total{kind="invalid_request",route="/v2/models/reranker/infer"} 1.0' in metrics
     assert 'triton_rerank_gateway_documents_total{route="/v2/models/reranker/infer"} 3.0' in metrics
     assert not [path for path in client.get("/openapi.json").json()["paths"] if path.startswith("/v2/models")]
-    assert [path for dialect in DIALECTS for path in dialect.paths] == ["/v1/rerank", "/rerank", "/v2/rerank"]
+    assert [path for dialect in DIALECTS for path in dialect.paths] == ["/v1/rerank", "/rerank", "/v2/rerank", "/v1/ranking",
+                                                                       "/score", "/v1/score"]
