@@ -736,8 +736,18 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
                              ("GET", "/v2/logging"), ("GET", "/v2/models/reranker/../../repository/index"),
                              ("GET", "/v2/models/reranker%2F..%2F..%2Frepository/index")]:
             assert raw_http_status(lb_http, method, path) == 403, (method, path)
-        # (The replicas close their own restricted APIs too: the entry point runs the hardened command.)
+        # The replicas close their own restricted APIs too, asked directly: the entry point runs the
+        # hardened command (shared memory, repository, trace and logging need the launcher's header).
         assert http_status(f"http://{replicas[0].http_url}/v2/repository/index", "POST", b"{}") == 403
+        for method, path in [("POST", "/v2/systemsharedmemory/region/r/register"), ("GET", "/v2/systemsharedmemory/status"),
+                             ("POST", "/v2/cudasharedmemory/region/r/register"), ("GET", "/v2/trace/setting"),
+                             ("GET", "/v2/logging"), ("POST", "/v2/repository/models/reranker/unload")]:
+            assert raw_http_status(replicas[1].http, method, path) == 403, (method, path)
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{replicas[1].grpc}") as client:
+            with pytest.raises(InferenceServerException) as refused:
+                client.register_system_shared_memory("r", "/triton_python_backend_shm", 64)
+            # Triton 2.51's gRPC answer to a restricted call without the header (UNAVAILABLE, not 403).
+            assert "This protocol is restricted, expecting header" in refused.value.message(), refused.value
         with grpcclient.InferenceServerClient(f"127.0.0.1:{lb_grpc}") as client:
             assert client.is_server_ready() and client.is_model_ready("reranker")
             assert client.get_model_metadata("reranker").name == "reranker"
