@@ -573,6 +573,17 @@ def raw_http_status(port: int, method: str, path: str) -> int:
         connection.close()
 
 
+def served_since(replicas: list[Replica], before: list[int], expected: int) -> list[int]:
+    """Requests each replica answered since its count `before`. Triton counts a request in its
+    statistics just after answering it: waits (10 s at most) until `expected` are counted."""
+    deadline = time.monotonic() + 10
+    while True:
+        served = [inference_count(r.http_url) - b for r, b in zip(replicas, before, strict=True)]
+        if sum(served) >= expected or time.monotonic() > deadline:
+            return served
+        time.sleep(0.05)
+
+
 class Replica:
     """The image's entry point, run for real: it renders the packaged repository and runs the
     bundled tritonserver (CPU) with the launcher's hardened command line, supervised."""
@@ -679,13 +690,7 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
         for _ in range(4):
             np.testing.assert_allclose(rerank(httpclient, f"127.0.0.1:{lb_http}", query, documents), direct, atol=1e-5)
             np.testing.assert_allclose(rerank(grpcclient, f"127.0.0.1:{lb_grpc}", query, documents), direct, atol=1e-5)
-        # Triton counts a request in its statistics just after answering it: wait for the last count.
-        deadline = time.monotonic() + 10
-        while True:
-            served = [inference_count(r.http_url) - b for r, b in zip(replicas, before, strict=True)]
-            if sum(served) >= 8 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        served = served_since(replicas, before, 8)
         assert sum(served) == 8 and min(served) >= 1, served
         # One gRPC target naming both replicas (as a headless Service's DNS name does in Kubernetes):
         # the project's client sends each call to the next one (round-robin), not all to the first.
@@ -695,12 +700,7 @@ def test_two_replicas_behind_nginx_serve_the_rendered_repository(tiny_model_dirs
         with RerankClient(f"ipv4:127.0.0.1:{replicas[0].grpc},127.0.0.1:{replicas[1].grpc}", retries=0) as client:
             for _ in range(6):
                 np.testing.assert_allclose(client.score(query, documents).scores, direct, atol=1e-5)
-        deadline = time.monotonic() + 10
-        while True:
-            spread = [inference_count(r.http_url) - b for r, b in zip(replicas, before, strict=True)]
-            if sum(spread) >= 6 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        spread = served_since(replicas, before, 6)
         assert sum(spread) == 6 and min(spread) >= 2, spread
         lb = f"http://127.0.0.1:{lb_http}"
         body = json.dumps({"QUERY": query, "DOCUMENTS": documents}).encode()

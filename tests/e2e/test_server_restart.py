@@ -131,6 +131,17 @@ class Load:
         return [answer for answer in self.answers if answer[3] > moment]
 
 
+def answers_200_once_back(serve: Serve, load: Load) -> None:
+    """Waits until the gateway's /health sees Triton again; every request sent after that gets a 200."""
+    deadline = time.monotonic() + 30
+    while not serve.healthy():
+        assert time.monotonic() < deadline, "the gateway did not see Triton come back"
+        time.sleep(0.2)
+    back = time.monotonic()
+    time.sleep(1.0)
+    assert {a[1] for a in load.sent_after(back)} == {200}, load.sent_after(back)
+
+
 def environment(pid: int) -> dict[bytes, bytes]:
     return dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
 
@@ -164,26 +175,14 @@ def test_serve_restarts_a_dead_tritonserver_and_the_gateway_answers_503_meanwhil
             assert environment(second) == env
             # What the killed server left in /dev/shm was removed before the new one started.
             assert not first_regions & regions(prefix)
-            deadline = time.monotonic() + 30
-            while not serve.healthy():
-                assert time.monotonic() < deadline, "the gateway did not see Triton come back"
-                time.sleep(0.2)
-            back = time.monotonic()
-            time.sleep(1.0)
-            assert {a[1] for a in load.sent_after(back)} == {200}, load.sent_after(back)
+            answers_200_once_back(serve, load)
 
             # 2. The request that crashes tritonserver 2.51 (SIGSEGV), straight to Triton's own HTTP port
             # (on loopback; serve's public HTTP port is the gateway's, which refuses it).
             chunked_crash_request(int(serve.server_flag("--http-port")))
             serve.wait_for("tritonserver is ready again", count=2)
             assert serve.server_pid() not in (first, second)
-            deadline = time.monotonic() + 30
-            while not serve.healthy():
-                assert time.monotonic() < deadline, "the gateway did not see Triton come back"
-                time.sleep(0.2)
-            back = time.monotonic()
-            time.sleep(1.0)
-            assert {a[1] for a in load.sent_after(back)} == {200}, load.sent_after(back)
+            answers_200_once_back(serve, load)
 
         outages = load.answers[before_kill:]
         # Never a 502, never a dropped connection: 200, or 503 with Retry-After while Triton is away.
