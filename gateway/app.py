@@ -74,7 +74,9 @@ def create_app(settings: GatewaySettings, scorer: Scorer | None = None,
     for router in routers:
         app.include_router(router)
     routes = [route for router in routers for route in router.routes]
-    shapes = ErrorShapes({path: front.error_shape for front in fronts for path in front.paths})
+    # Any other path under /v2/ is KServe's (a Triton route the gateway does not serve): its shape.
+    shapes = ErrorShapes({path: front.error_shape for front in fronts for path in front.paths},
+                         by_prefix={"/v2/": kserve.front.error_shape})
     operations = [f"{method} {route.path}" for route in routes for method in sorted(route.methods)]
     install_error_handlers(app, shapes, [*operations, f"GET {app.docs_url}"])
     app.add_middleware(BodyLimits, max_body_bytes=settings.max_body_bytes, shapes=shapes, budget=budget,

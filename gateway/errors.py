@@ -88,13 +88,21 @@ def error_responses(shape: type[ErrorShape] = ErrorBody, statuses: Iterable[int]
 
 
 class ErrorShapes:
-    """Which body an error on each path gets: the shape of the path's dialect, else ErrorBody."""
+    """Which body an error on each path gets: the shape of the path's dialect, else that of the
+    longest matching prefix (KServe's under /v2/, where tritonclient reads {"error"}), else ErrorBody."""
 
-    def __init__(self, by_path: Mapping[str, type[ErrorShape]] | None = None):
+    def __init__(self, by_path: Mapping[str, type[ErrorShape]] | None = None,
+                 by_prefix: Mapping[str, type[ErrorShape]] | None = None):
         self.by_path = dict(by_path or {})
+        self.by_prefix = sorted((by_prefix or {}).items(), key=lambda item: -len(item[0]))
+
+    def shape(self, path: str) -> type[ErrorShape]:
+        if path in self.by_path:
+            return self.by_path[path]
+        return next((shape for prefix, shape in self.by_prefix if path.startswith(prefix)), ErrorBody)
 
     def body(self, path: str, error: GatewayError) -> dict:
-        return self.by_path.get(path, ErrorBody).of(error)
+        return self.shape(path).of(error)
 
     def response(self, path: str, error: GatewayError) -> JSONResponse:
         return JSONResponse(self.body(path, error), status_code=error.status, headers=error.headers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -178,7 +179,7 @@ class TritonServer:
         # A session of its own, so stopping signals the server and every stub it spawned.
         try:
             self.process = subprocess.Popen(
-                command, env=env, stdout=output, stderr=subprocess.STDOUT,
+                [*parent_death_prefix(), *command], env=env, stdout=output, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
         except OSError as error:
@@ -282,6 +283,20 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def parent_death_prefix() -> list[str]:
+    """`setpriv --pdeathsig TERM --` where util-linux's setpriv is installed, else nothing.
+
+    The server runs in a session of its own (so that stopping it reaches every backend process),
+    which also means that nothing stops it when the process that started it dies without doing so
+    (SIGKILL, the OOM killer): it would live on, orphaned, holding its ports and GPU memory, and the
+    next `serve` could not start. setpriv asks the kernel to send it SIGTERM when its parent goes,
+    then runs tritonserver in its place (same pid). The signal follows the thread that started the
+    server: start servers from a thread that lives as long as they should (the main thread does).
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 def remove_shared_memory(prefix: str) -> list[str]:

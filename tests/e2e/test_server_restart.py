@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 
 from triton_rerank.launcher.server import SHM_DIRECTORY, free_ports, process_group_alive
@@ -219,8 +220,10 @@ def test_the_crash_request_to_every_port_serve_exposes_leaves_it_answering(tiny_
     """Bound to every address, serve's public HTTP port is the gateway's KServe front; tritonserver's
     own HTTP frontend listens on loopback only. The crash request sent to each port serve exposes
     (KServe HTTP, rerank API, gRPC, metrics) is refused, the same tritonserver keeps running, and
-    tritonclient.http works on the public HTTP port as it does on Triton's."""
+    tritonclient.http works on the public HTTP port as it does on Triton's. serve killed outright
+    leaves nothing running."""
     import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     serve = Serve(tiny_model_dirs["bert"], tmp_path / "run", "--host", "0.0.0.0")
     try:
@@ -259,6 +262,9 @@ def test_the_crash_request_to_every_port_serve_exposes_leaves_it_answering(tiny_
             via_gateway = client.infer("reranker", inputs).as_numpy("SCORES")
             np.testing.assert_allclose(via_gateway, direct.infer("reranker", inputs).as_numpy("SCORES"), atol=1e-6)
             np.testing.assert_allclose(via_gateway.ravel(), expected, atol=1e-5)
+            # What is not there is refused in KServe's shape, so tritonclient says why.
+            with pytest.raises(InferenceServerException, match="GET /v2/models/reranker/config: Not Found"):
+                client.get_model_config("reranker")
         # Triton's admin APIs are not there at all (they answer 403 on Triton's own port).
         for method, path in [("POST", "/v2/repository/index"), ("GET", "/v2/models/reranker/config"),
                              ("POST", "/v2/systemsharedmemory/region/r/register"), ("GET", "/v2/logging"),
@@ -267,9 +273,17 @@ def test_the_crash_request_to_every_port_serve_exposes_leaves_it_answering(tiny_
             assert status in (403, 404, 405), (method, path, status)
         assert serve.server_pid() == pid
 
-        serve.process.send_signal(signal.SIGTERM)
-        assert serve.process.wait(timeout=60) == 0
+        # serve killed outright (SIGKILL, the OOM killer) cannot stop its server; the kernel tells the
+        # server (setpriv --pdeathsig), which stops with its backend processes instead of living on.
+        serve.process.kill()
+        serve.process.wait()
+        deadline = time.monotonic() + 60
+        while process_group_alive(pid):
+            assert time.monotonic() < deadline, "tritonserver outlived the serve that started it"
+            time.sleep(0.2)
     finally:
         if serve.process.poll() is None:
             os.killpg(serve.process.pid, signal.SIGKILL)
             serve.process.wait()
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout
+    assert leftovers.strip() == "", f"processes left behind: {leftovers}"

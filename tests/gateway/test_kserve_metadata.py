@@ -127,3 +127,15 @@ def test_unreachable_triton_is_a_503_with_retry_after():
 def test_without_tritons_http_address_the_reads_are_not_served(triton_http):
     assert gateway(None).get("/v2/health/live").status_code == 404
     assert triton_http.asked == []
+
+
+def test_what_is_not_served_under_v2_is_refused_in_kserves_shape(triton_http):
+    client = gateway(triton_http.url)
+    answer = client.get("/v2/models/reranker/config")
+    # {"error": ...}: what tritonclient reads (tests/e2e/test_server_restart.py asks it for real).
+    assert answer.status_code == 404 and list(answer.json()) == ["error"]
+    assert "GET /v2/models/reranker/config: Not Found" in answer.json()["error"]
+    # Cohere's /v2/rerank keeps its own shape; a path outside /v2/ keeps the gateway's.
+    assert "message" in client.post("/v2/rerank", json={}).json()
+    assert "message" in client.get("/nowhere").json()
+    assert triton_http.asked == []
