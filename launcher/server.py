@@ -169,6 +169,10 @@ class TritonServer:
 
     def start(self) -> TritonServer:
         command = self.command()
+        # Found here, not by exec: under setpriv a missing binary would only show as an early exit.
+        if shutil.which(command[0]) is None:
+            raise LauncherError(f"cannot start {command[0]}: no such executable (install tritonserver, or "
+                                "nvidia-pytriton==0.7.0 for the bundled one)")
         prepare_backends(self.install, self.run_dir)
         output = None
         if self.log_file is not None:
