@@ -40,7 +40,7 @@ def listening_sockets(settings: GatewaySettings) -> list[socket.socket]:
     Bound here rather than by uvicorn, which binds one port: both serve the one app (one connection
     to Triton, one set of limits and metrics). GatewayStartError names a port that is taken.
     """
-    ports = [("--api-port", settings.port)]
+    ports = [("--api-port (serve) or --port (api)", settings.port)]
     if settings.kserve_port is not None:
         ports.append(("--http-port", settings.kserve_port))
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET

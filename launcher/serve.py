@@ -1,5 +1,6 @@
 """`triton-rerank serve`: the model repository, rendered for one model, on the bundled tritonserver,
-with the HTTP rerank gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank, NIM /v1/ranking, vLLM /score) in front of it."""
+with the HTTP rerank gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank, NIM /v1/ranking,
+vLLM /score) in front of it."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def register(subparsers) -> None:
         help="start tritonserver with the reranker ensemble, and the HTTP rerank gateway",
         description="Resolve the model (local directory or Hugging Face id), render a run copy of the model "
         "repository with its parameters, start the bundled tritonserver and wait until it is ready, then start "
-        "the HTTP gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank, NIM /v1/ranking, vLLM /score) on --api-port unless --no-api. "
+        "the HTTP gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank, NIM /v1/ranking, vLLM /score) "
+        "on --api-port unless --no-api. "
         "KServe v2 over HTTP (tritonclient.http) is on --http-port, answered by the gateway, which checks "
         "every request before Triton sees it; tritonserver's own HTTP frontend listens on loopback only "
         "(--triton-http-port), since one malformed request can crash it (tritonserver 2.51). "
@@ -67,7 +69,8 @@ def register(subparsers) -> None:
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the server")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     add_restart_options(p.add_argument_group("restarts of tritonserver after it exits on its own"))
-    g = p.add_argument_group("HTTP gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank, NIM /v1/ranking, vLLM /score)")
+    g = p.add_argument_group(
+        "HTTP gateway (SGLang /v1/rerank, TEI /rerank, Cohere /v2/rerank, NIM /v1/ranking, vLLM /score)")
     g.add_argument("--api-port", type=int, default=30000, help="port of the gateway")
     g.add_argument("--api-host", default=None, help="address the gateway binds; default --host")
     g.add_argument("--no-api", action="store_true", help="start tritonserver only, no gateway")
