@@ -26,6 +26,7 @@ from .errors import InvalidRequestError, ServerUnavailableError, translate
 from .ranking import RerankResult, ScoredDocuments, chunk_bounds, rank
 from .triton_io import (
     MODEL_NAME,
+    ScoreOptions,
     check_request,
     make_inputs,
     read_outputs,
@@ -95,8 +96,8 @@ class _ClientSettings:
             return error
         return ServerUnavailableError(f"{error} (gave up after {attempts} attempts)")
 
-    def _infer_kwargs(self, truncate: bool) -> dict:
-        kwargs = {"parameters": {"truncate": bool(truncate)}}
+    def _infer_kwargs(self, options: ScoreOptions) -> dict:
+        kwargs = {"parameters": options.parameters()}
         if self.protocol == "grpc" and self.timeout is not None:
             kwargs["client_timeout"] = self.timeout
         return kwargs
@@ -136,11 +137,11 @@ class RerankClient(_ClientSettings):
                 self._clients.append(client)
         return client
 
-    def _infer(self, query: str, documents: Sequence[str], truncate: bool, offset: int) -> ScoredDocuments:
+    def _infer(self, query: str, documents: Sequence[str], options: ScoreOptions, offset: int) -> ScoredDocuments:
         inputs = make_inputs(self._module, query, documents)
         for attempt in range(self.retries + 1):
             try:
-                result = self._client().infer(self.model_name, inputs, **self._infer_kwargs(truncate))
+                result = self._client().infer(self.model_name, inputs, **self._infer_kwargs(options))
                 return read_outputs(result, len(documents))
             except Exception as raw:  # tritonclient and the network raise many types; translate sorts them
                 error = translate(raw, self.where, offset)
@@ -151,28 +152,34 @@ class RerankClient(_ClientSettings):
                 time.sleep(self._retry_delay(attempt))
         raise AssertionError("unreachable")
 
-    def score(self, query: str, documents: Sequence[str], truncate: bool = True) -> ScoredDocuments:
-        """Raw logits and token counts of every document, in input order."""
+    def score(self, query: str, documents: Sequence[str], truncate: bool = True, *,
+              truncation_direction: str = "right", max_tokens_per_doc: int | None = None) -> ScoredDocuments:
+        """Raw logits and token counts of every document, in input order (options: ScoreOptions)."""
+        options = ScoreOptions(truncate, truncation_direction, max_tokens_per_doc)
         documents = check_request(query, documents)
         bounds = chunk_bounds(len(documents), self.max_documents_per_request)
         if len(bounds) == 1:
-            return self._infer(query, documents, truncate, 0)
+            return self._infer(query, documents, options, 0)
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="rerank-client")
-        futures = [self._pool.submit(self._infer, query, documents[a:b], truncate, a) for a, b in bounds]
+        futures = [self._pool.submit(self._infer, query, documents[a:b], options, a) for a, b in bounds]
         return ScoredDocuments.concatenate([f.result() for f in futures])
 
     def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
-               return_documents: bool = True, normalize: bool = False, truncate: bool = True) -> list[RerankResult]:
+               return_documents: bool = True, normalize: bool = False, truncate: bool = True, *,
+               truncation_direction: str = "right", max_tokens_per_doc: int | None = None) -> list[RerankResult]:
         """Documents sorted by descending score (stable on ties), each with its index in `documents`.
 
         score is the model's raw logit, or its sigmoid (0..1) when normalize; top_n keeps the best
-        n; truncate=False makes a too-long (query, document) pair an InvalidRequestError.
+        n; truncate=False makes a too-long (query, document) pair an InvalidRequestError;
+        truncation_direction="left" keeps the end of a long document; max_tokens_per_doc keeps at
+        most that many tokens of each.
         """
         _check_top_n(top_n)
         documents = check_request(query, documents)
-        scored = self.score(query, documents, truncate)
+        scored = self.score(query, documents, truncate, truncation_direction=truncation_direction,
+                            max_tokens_per_doc=max_tokens_per_doc)
         return rank(scored, documents, top_n, return_documents, normalize)
 
     def is_ready(self) -> bool:
@@ -251,11 +258,12 @@ class AsyncRerankClient(_ClientSettings):
                 self._connection = self._module.InferenceServerClient(self.address, conn_timeout=timeout)
         return self._connection
 
-    async def _infer(self, query: str, documents: Sequence[str], truncate: bool, offset: int) -> ScoredDocuments:
+    async def _infer(self, query: str, documents: Sequence[str], options: ScoreOptions,
+                     offset: int) -> ScoredDocuments:
         inputs = make_inputs(self._module, query, documents)
         for attempt in range(self.retries + 1):
             try:
-                result = await self._client().infer(self.model_name, inputs, **self._infer_kwargs(truncate))
+                result = await self._client().infer(self.model_name, inputs, **self._infer_kwargs(options))
                 return read_outputs(result, len(documents))
             except asyncio.CancelledError:
                 raise
@@ -268,17 +276,19 @@ class AsyncRerankClient(_ClientSettings):
                 await asyncio.sleep(self._retry_delay(attempt))
         raise AssertionError("unreachable")
 
-    async def score(self, query: str, documents: Sequence[str], truncate: bool = True) -> ScoredDocuments:
-        """Raw logits and token counts of every document, in input order."""
+    async def score(self, query: str, documents: Sequence[str], truncate: bool = True, *,
+                    truncation_direction: str = "right", max_tokens_per_doc: int | None = None) -> ScoredDocuments:
+        """Raw logits and token counts of every document, in input order (options: ScoreOptions)."""
+        options = ScoreOptions(truncate, truncation_direction, max_tokens_per_doc)
         documents = check_request(query, documents)
         bounds = chunk_bounds(len(documents), self.max_documents_per_request)
         if len(bounds) == 1:
-            return await self._infer(query, documents, truncate, 0)
+            return await self._infer(query, documents, options, 0)
         slots = asyncio.Semaphore(self.max_concurrency)
 
         async def one(start: int, stop: int) -> ScoredDocuments:
             async with slots:
-                return await self._infer(query, documents[start:stop], truncate, start)
+                return await self._infer(query, documents[start:stop], options, start)
 
         # return_exceptions: every chunk finishes (no orphaned task errors) before the first error is raised.
         parts = await asyncio.gather(*(one(a, b) for a, b in bounds), return_exceptions=True)
@@ -289,11 +299,13 @@ class AsyncRerankClient(_ClientSettings):
 
     async def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
                      return_documents: bool = True, normalize: bool = False,
-                     truncate: bool = True) -> list[RerankResult]:
+                     truncate: bool = True, *, truncation_direction: str = "right",
+                     max_tokens_per_doc: int | None = None) -> list[RerankResult]:
         """As RerankClient.rerank."""
         _check_top_n(top_n)
         documents = check_request(query, documents)
-        scored = await self.score(query, documents, truncate)
+        scored = await self.score(query, documents, truncate, truncation_direction=truncation_direction,
+                                  max_tokens_per_doc=max_tokens_per_doc)
         return rank(scored, documents, top_n, return_documents, normalize)
 
     async def is_ready(self, timeout: float = 2.0) -> bool:

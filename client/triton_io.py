@@ -7,6 +7,7 @@ InferInput and InferResult APIs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,6 +17,42 @@ from .ranking import ScoredDocuments
 MODEL_NAME = "reranker"
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+TRUNCATION_DIRECTIONS = ("right", "left")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How the ensemble treats documents that do not fit: its request parameters.
+
+    truncate:             cut a pair that does not fit the model (False: refuse it, INVALID_ARG)
+    truncation_direction: "right" cuts the end of the document, "left" its start (keeps the end)
+    max_tokens_per_doc:   keep at most this many tokens of each document (needs truncate)
+    """
+
+    truncate: bool = True
+    truncation_direction: str = "right"
+    max_tokens_per_doc: int | None = None
+
+    def __post_init__(self):
+        if self.truncation_direction not in TRUNCATION_DIRECTIONS:
+            raise InvalidRequestError(f"truncation_direction must be one of {TRUNCATION_DIRECTIONS}, "
+                                      f"got {self.truncation_direction!r}")
+        if self.max_tokens_per_doc is not None:
+            if isinstance(self.max_tokens_per_doc, bool) or not isinstance(self.max_tokens_per_doc, int) \
+                    or self.max_tokens_per_doc < 1:
+                raise InvalidRequestError(f"max_tokens_per_doc must be a positive integer, got {self.max_tokens_per_doc!r}")
+            if not self.truncate:
+                raise InvalidRequestError("max_tokens_per_doc shortens documents: it needs truncate=True")
+
+    def parameters(self) -> dict:
+        """The request parameters: truncate always, the others when they differ from the default."""
+        params: dict = {"truncate": bool(self.truncate)}
+        if self.truncation_direction != "right":
+            params["truncation_direction"] = self.truncation_direction
+        if self.max_tokens_per_doc is not None:
+            # Triton's integer parameters are int64; no model window comes near this.
+            params["max_tokens_per_doc"] = min(self.max_tokens_per_doc, 2**31 - 1)
+        return params
 
 
 def server_address(url: str, protocol: str) -> str:

@@ -13,12 +13,15 @@ from typing import Protocol
 
 from fastapi import Request
 
-from ..client.errors import RerankError
+from ..client.errors import InvalidRequestError, RerankError
 from ..client.ranking import RerankResult, ScoredDocuments, rank
+from ..client.triton_io import ScoreOptions
 from .errors import GatewayError, from_client_error
 from .limits import AdmissionLimiter
 from .metrics import GatewayMetrics
 from .settings import GatewaySettings
+
+DEFAULT_OPTIONS = ScoreOptions()
 
 
 class Scorer(Protocol):
@@ -26,7 +29,8 @@ class Scorer(Protocol):
 
     where: str
 
-    async def score(self, query: str, documents: list[str], truncate: bool = True) -> ScoredDocuments: ...
+    async def score(self, query: str, documents: list[str], truncate: bool = True, *,
+                    truncation_direction: str = "right", max_tokens_per_doc: int | None = None) -> ScoredDocuments: ...
 
     async def is_ready(self, timeout: float = 2.0) -> bool: ...
 
@@ -43,7 +47,8 @@ class GatewayState:
     metrics: GatewayMetrics
     started_at: int = field(default_factory=lambda: int(time.time()))
 
-    async def score(self, route: str, query: str, documents: list[str], truncate: bool) -> ScoredDocuments:
+    async def score(self, route: str, query: str, documents: list[str],
+                    options: ScoreOptions = DEFAULT_OPTIONS) -> ScoredDocuments:
         """The ensemble's answer, or a GatewayError that says why not."""
         limit = self.settings.max_documents
         if len(documents) > limit:
@@ -52,7 +57,9 @@ class GatewayState:
                                "payload_too_large")
         async with self.limiter.admit():
             try:
-                scored = await self.scorer.score(query, documents, truncate)
+                scored = await self.scorer.score(query, documents, options.truncate,
+                                                 truncation_direction=options.truncation_direction,
+                                                 max_tokens_per_doc=options.max_tokens_per_doc)
             except RerankError as error:
                 raise from_client_error(error) from error
         self.metrics.documents.labels(route).inc(len(documents))
@@ -67,8 +74,18 @@ class Ranking:
     seconds: float  # how long the ensemble took
 
 
+def score_options(truncate: bool, truncation_direction: str = "right",
+                  max_tokens_per_doc: int | None = None) -> ScoreOptions:
+    """The options, or a 400 saying why they do not go together."""
+    try:
+        return ScoreOptions(truncate, truncation_direction, max_tokens_per_doc)
+    except InvalidRequestError as error:
+        raise GatewayError(400, str(error), "invalid_request") from None
+
+
 async def rerank(request: Request, query: str, documents: list[str], *, truncate: bool = True,
-                 top_n: int | None = None, return_documents: bool = True, normalize: bool = False) -> Ranking:
+                 top_n: int | None = None, return_documents: bool = True, normalize: bool = False,
+                 truncation_direction: str = "right", max_tokens_per_doc: int | None = None) -> Ranking:
     """The documents ranked for the query: raw logits, or their sigmoid (0..1) when normalize.
 
     Results carry the document's text only when return_documents. The route's path labels the
@@ -76,6 +93,7 @@ async def rerank(request: Request, query: str, documents: list[str], *, truncate
     """
     gateway: GatewayState = request.app.state.gateway
     started = time.perf_counter()
-    scored = await gateway.score(request.scope["route"].path, query, documents, truncate)
+    options = score_options(truncate, truncation_direction, max_tokens_per_doc)
+    scored = await gateway.score(request.scope["route"].path, query, documents, options)
     seconds = time.perf_counter() - started
     return Ranking(rank(scored, documents, top_n, return_documents, normalize), scored.total_tokens, seconds)

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from ..client.triton_io import MODEL_NAME
 from .dialect import Dialect
-from .ensemble import GatewayState
+from .ensemble import GatewayState, score_options
 from .errors import RETRY_AFTER_SECONDS, GatewayError
 from .kserve_protocol import (
     HEADER_LENGTH,
@@ -92,7 +92,8 @@ def _read(parse) -> RerankCall:
 
 async def _score(request: Request, call: RerankCall):
     gateway: GatewayState = request.app.state.gateway
-    return await gateway.score(request.scope["route"].path, call.query, call.documents, call.truncate)
+    options = score_options(call.truncate, call.truncation_direction, call.max_tokens_per_doc)
+    return await gateway.score(request.scope["route"].path, call.query, call.documents, options)
 
 
 # Triton takes gzip and deflate request bodies (tritonclient's request_compression_algorithm).

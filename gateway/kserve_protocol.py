@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+)
 
 from ..client.ranking import ScoredDocuments
 from ..client.triton_io import MODEL_NAME
@@ -76,6 +84,8 @@ class RequestedOutput(_Strict):
 
 class InferParameters(_Strict):
     truncate: bool = True
+    truncation_direction: Literal["right", "left"] = "right"
+    max_tokens_per_doc: PositiveInt | None = None
     binary_data_output: bool = Field(False, description="binary_data of every output that does not set its own")
 
 
@@ -100,6 +110,8 @@ def _one_query(queries: list[str]) -> list[str]:
 
 class GenerateParameters(_Strict):
     truncate: bool | None = None
+    truncation_direction: Literal["right", "left"] | None = None
+    max_tokens_per_doc: PositiveInt | None = None
 
 
 class GenerateRequest(_Strict):
@@ -108,6 +120,8 @@ class GenerateRequest(_Strict):
     QUERY: Annotated[list[Text], BeforeValidator(_as_list), AfterValidator(_one_query)]
     DOCUMENTS: Annotated[list[Text], BeforeValidator(_as_list)]
     truncate: bool | None = None
+    truncation_direction: Literal["right", "left"] | None = None
+    max_tokens_per_doc: PositiveInt | None = None
     parameters: GenerateParameters | None = None
 
 
@@ -120,6 +134,8 @@ class RerankCall:
     truncate: bool
     id: str | None = None
     outputs: tuple[tuple[str, bool], ...] = tuple((name, False) for name in OUTPUTS)  # (name, binary)
+    truncation_direction: str = "right"
+    max_tokens_per_doc: int | None = None
 
 
 # --- reading requests ---------------------------------------------------------------------------
@@ -138,8 +154,10 @@ def read_infer_request(body: bytes, header_length: str | None, max_documents: in
                           "(--max-documents): split the list", 413)
     elements = _elements(request.inputs, binary)
     query, documents = elements["QUERY"][0], elements["DOCUMENTS"]
-    return RerankCall(query, documents, request.parameters.truncate, request.id,
-                      _requested_outputs(request.outputs, request.parameters.binary_data_output))
+    parameters = request.parameters
+    return RerankCall(query, documents, parameters.truncate, request.id,
+                      _requested_outputs(request.outputs, parameters.binary_data_output),
+                      parameters.truncation_direction, parameters.max_tokens_per_doc)
 
 
 def read_generate_request(body: bytes) -> RerankCall:
@@ -147,11 +165,16 @@ def read_generate_request(body: bytes) -> RerankCall:
     request = _validate(GenerateRequest, _json_object(body, "the body"))
     if not request.DOCUMENTS:
         raise TensorError("DOCUMENTS is empty: send at least one document")
-    nested = request.parameters.truncate if request.parameters else None
-    if request.truncate is not None and nested is not None:
-        raise TensorError("truncate is given twice (top level and in parameters): send it once")
-    truncate = next((t for t in (request.truncate, nested) if t is not None), True)
-    return RerankCall(request.QUERY[0], request.DOCUMENTS, truncate)
+    nested = request.parameters or GenerateParameters()
+    values = {}
+    for name, default in (("truncate", True), ("truncation_direction", "right"), ("max_tokens_per_doc", None)):
+        top, inner = getattr(request, name), getattr(nested, name)
+        if top is not None and inner is not None:
+            raise TensorError(f"{name} is given twice (top level and in parameters): send it once")
+        values[name] = next((v for v in (top, inner) if v is not None), default)
+    return RerankCall(request.QUERY[0], request.DOCUMENTS, values["truncate"],
+                      truncation_direction=values["truncation_direction"],
+                      max_tokens_per_doc=values["max_tokens_per_doc"])
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:

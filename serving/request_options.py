@@ -19,6 +19,10 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class RequestOptions:
     truncate: bool = True
+    # Which end of a too-long document is cut: "right" (its end) or "left" (its start).
+    truncation_direction: str = "right"
+    # At most this many tokens of each document (shorter than the model's window), or None.
+    max_tokens_per_doc: int | None = None
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class RequestLimits:
                    max_request_bytes=read("max_request_bytes"))
 
 
-KNOWN_PARAMETERS = {"truncate"}
+KNOWN_PARAMETERS = {"truncate", "truncation_direction", "max_tokens_per_doc"}
+TRUNCATION_DIRECTIONS = ("right", "left")
 
 
 def _as_bool(name: str, value) -> bool:
@@ -57,13 +62,31 @@ def _as_bool(name: str, value) -> bool:
     raise RequestError(f"request parameter {name!r} must be a boolean, got {value!r}")
 
 
+def _as_positive_int(name: str, value) -> int:
+    # Triton hands integer parameters over as numbers; the generate extension's JSON may carry a string.
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RequestError(f"request parameter {name!r} must be a positive integer, got {value!r}")
+    return value
+
+
 def read_options(parameters_json: str | None) -> RequestOptions:
     """Options from Triton request parameters (a JSON object string)."""
     params = json.loads(parameters_json) if parameters_json else {}
     unknown = sorted(set(params) - KNOWN_PARAMETERS)
     if unknown:
         raise RequestError(f"unknown request parameter(s) {unknown}; supported: {sorted(KNOWN_PARAMETERS)}")
-    return RequestOptions(truncate=_as_bool("truncate", params.get("truncate", True)))
+    truncate = _as_bool("truncate", params.get("truncate", True))
+    direction = params.get("truncation_direction", "right")
+    if not isinstance(direction, str) or direction.lower() not in TRUNCATION_DIRECTIONS:
+        raise RequestError(f"request parameter 'truncation_direction' must be 'right' or 'left', got {direction!r}")
+    max_tokens = params.get("max_tokens_per_doc")
+    if max_tokens is not None:
+        max_tokens = _as_positive_int("max_tokens_per_doc", max_tokens)
+        if not truncate:
+            raise RequestError("request parameter 'max_tokens_per_doc' shortens documents: it needs truncate=true")
+    return RequestOptions(truncate=truncate, truncation_direction=direction.lower(), max_tokens_per_doc=max_tokens)
 
 
 def _byte_size(item) -> int:

@@ -239,9 +239,15 @@ class PairTokenizer:
         self.num_special_tokens = self._tokenizer.num_special_tokens_to_add(is_pair=True)
         self.cuts_documents = prefix_cuts_are_exact(self._tokenizer)
 
-    def encode(self, query: str, documents: list[str], truncate: bool = True) -> PackedPairs:
+    def encode(self, query: str, documents: list[str], truncate: bool = True, direction: str = "right",
+               max_document_tokens: int | None = None) -> PackedPairs:
+        """The pairs of `query` with each document, packed. A pair that does not fit the model is cut
+        (truncate: at the document's end, or with direction="left" at its start) or refused;
+        max_document_tokens keeps at most that many tokens of each document (with truncate)."""
         if not documents:
             raise PairTokenizationError("DOCUMENTS is empty: send at least one document")
+        if max_document_tokens is not None and not truncate:
+            raise PairTokenizationError("max_tokens_per_doc shortens documents: it needs truncate=true")
         query_tokens = len(self._tokenizer.encode(query, add_special_tokens=False))
         room = self.max_length - self.num_special_tokens - query_tokens
         if room < 1:
@@ -249,11 +255,16 @@ class PairTokenizer:
                 f"the query has {query_tokens} tokens; with the special tokens it leaves no room for a "
                 f"document within the model's max input of {self.max_length} tokens: shorten the query"
             )
-        texts, counted = self._cut(documents, room) if self.cuts_documents else (list(documents), {})
+        if max_document_tokens is not None:
+            room = min(room, max_document_tokens)
+        # Cutting a prefix off before tokenizing is exact only where the end is what truncation drops.
+        cuts = self.cuts_documents and direction == "right"
+        texts, counted = self._cut(documents, room) if cuts else (list(documents), {})
         if truncate:
             # One batched call (Rust, parallel) for all pairs. Truncation leaves a pair that fits
             # as it is, so each document is tokenized once whether or not it is too long.
-            self._tokenizer.enable_truncation(self.max_length, strategy="only_second")
+            self._tokenizer.enable_truncation(self.num_special_tokens + query_tokens + room,
+                                              strategy="only_second", direction=direction)
             try:
                 encodings = self._tokenizer.encode_batch([(query, text) for text in texts])
             finally:

@@ -26,8 +26,8 @@ class CohereRerankRequest(RerankRequest):
         min_length=1, description="strings, or objects with a text field (Cohere v1 / Jina style)")
     top_n: TopN = None
     max_tokens_per_doc: int | None = Field(
-        None, ge=1, description="accepted; documents are truncated to the server's max input length "
-        "(triton-rerank serve --max-length), which this request cannot change")
+        None, ge=1, description="keep at most this many tokens of each document (its start); a document is "
+        "also cut to fit the model's max input (triton-rerank serve --max-length)")
     return_documents: bool = Field(False, description="include {document: {text}} in each result (Jina style)")
 
     def document_texts(self) -> list[str]:
@@ -73,7 +73,8 @@ dialect = Dialect()
 @dialect.post("/v2/rerank", summary="Cohere v2 / Jina rerank", response_model=CohereRerankResponse)
 async def cohere_rerank(body: CohereRerankRequest, request: Request):
     """Results sorted by descending relevance_score (sigmoid of the logit, 0..1), with token usage."""
-    ranking = await rerank(request, body.query, body.document_texts(), top_n=body.top_n, normalize=True)
+    ranking = await rerank(request, body.query, body.document_texts(), top_n=body.top_n, normalize=True,
+                           max_tokens_per_doc=body.max_tokens_per_doc)
     tokens = ranking.total_tokens  # every document's, not only the top_n returned
     return JSONResponse({
         "id": str(uuid.uuid4()),

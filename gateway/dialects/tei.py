@@ -24,20 +24,17 @@ class TEIRerankRequest(RerankRequest):
     truncate: bool | None = Field(
         False, description="cut documents that do not fit the model; false/null refuses them with 400")
     truncation_direction: str = Field(
-        "Right", description="only Right is supported: the end of the document is cut, never the query",
-        json_schema_extra={"enum": ["Right", "Left", "right", "left"]})
+        "Right", description="with truncate: Right cuts the end of a document that does not fit, Left its "
+        "start (the end is kept); never the query", json_schema_extra={"enum": ["Right", "Left", "right", "left"]})
     raw_scores: bool = Field(False, description="raw logits instead of sigmoid scores")
     return_text: bool = Field(False, description="include each document's text in the answer")
 
     @field_validator("truncation_direction")
     @classmethod
-    def _right_only(cls, value: str) -> str:
-        if value.lower() == "left":
-            raise ValueError("only right truncation is supported (the end of the document is cut); "
-                             "send truncation_direction 'Right' or leave it out")
-        if value.lower() != "right":
+    def _right_or_left(cls, value: str) -> str:
+        if value.lower() not in ("right", "left"):
             raise ValueError(f"must be 'Right' or 'Left', got {value!r}")
-        return "Right"
+        return value.capitalize()
 
 
 class TEIRank(BaseModel):
@@ -64,5 +61,6 @@ dialect = Dialect(TEIErrorBody)
 async def tei_rerank(body: TEIRerankRequest, request: Request):
     """Documents sorted by descending score: sigmoid of the logit, or the raw logit with `raw_scores`."""
     ranking = await rerank(request, body.query, body.texts, truncate=bool(body.truncate),
+                           truncation_direction=body.truncation_direction.lower(),
                            return_documents=body.return_text, normalize=not body.raw_scores)
     return JSONResponse([present(index=r.index, text=r.document, score=r.score) for r in ranking.results])

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...client.ranking import sigmoid
+from ...client.triton_io import ScoreOptions
 from ..dialect import Dialect
 from ..ensemble import GatewayState
 from ..errors import GatewayError
@@ -99,8 +100,8 @@ async def vllm_score(body: VLLMScoreRequest, request: Request):
     for i, (query, _) in enumerate(pairs):
         by_query.setdefault(query, []).append(i)
     route = request.scope["route"].path
-    truncate = body.truncate_prompt_tokens == -1
-    answers = await asyncio.gather(*(gateway.score(route, query, [pairs[i][1] for i in indices], truncate)
+    options = ScoreOptions(truncate=body.truncate_prompt_tokens == -1)
+    answers = await asyncio.gather(*(gateway.score(route, query, [pairs[i][1] for i in indices], options)
                                      for query, indices in by_query.items()))
     logits = np.zeros(len(pairs), dtype=np.float32)
     tokens = 0

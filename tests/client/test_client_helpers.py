@@ -136,3 +136,20 @@ def test_table_fits_the_width():
     assert lines[0].split() == ["rank", "index", "score", "tokens", "document"]
     assert lines[1].split()[:4] == ["1", "1", "+1.5000", "11"] and lines[1].endswith("...")
     assert all(len(line) <= 80 for line in lines)
+
+
+def test_score_options_as_request_parameters():
+    from triton_rerank.client.triton_io import ScoreOptions
+
+    assert ScoreOptions().parameters() == {"truncate": True}
+    assert ScoreOptions(False).parameters() == {"truncate": False}
+    assert ScoreOptions(True, "left", 8).parameters() == {"truncate": True, "truncation_direction": "left",
+                                                          "max_tokens_per_doc": 8}
+    # Triton's parameters are int64: a limit beyond any window is sent as the largest int32.
+    assert ScoreOptions(max_tokens_per_doc=10**21).parameters()["max_tokens_per_doc"] == 2**31 - 1
+    for bad, message in [({"truncation_direction": "up"}, "truncation_direction must be one of"),
+                         ({"max_tokens_per_doc": 0}, "positive integer"),
+                         ({"max_tokens_per_doc": True}, "positive integer"),
+                         ({"truncate": False, "max_tokens_per_doc": 4}, "needs truncate=True")]:
+        with pytest.raises(InvalidRequestError, match=message):
+            ScoreOptions(**bad)

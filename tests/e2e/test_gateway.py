@@ -109,14 +109,14 @@ def gateway(xlmr, tmp_path_factory):
     stop_gateway(running)
 
 
-def ensemble(url: str, query: str, documents: list[str], truncate: bool = True):
-    """SCORES and TOKEN_COUNTS straight from the ensemble (no gateway)."""
+def ensemble(url: str, query: str, documents: list[str], truncate: bool = True, **parameters):
+    """SCORES and TOKEN_COUNTS straight from the ensemble (no gateway), with these request parameters."""
     q = grpcclient.InferInput("QUERY", [1], "BYTES")
     q.set_data_from_numpy(np.array([query.encode()], dtype=object))
     d = grpcclient.InferInput("DOCUMENTS", [len(documents)], "BYTES")
     d.set_data_from_numpy(np.array([x.encode() for x in documents], dtype=object))
     with grpcclient.InferenceServerClient(url) as client:
-        result = client.infer("reranker", [q, d], parameters={"truncate": truncate})
+        result = client.infer("reranker", [q, d], parameters={"truncate": truncate, **parameters})
     return result.as_numpy("SCORES").reshape(-1), result.as_numpy("TOKEN_COUNTS").reshape(-1)
 
 
@@ -175,8 +175,25 @@ def test_tei_truncate_false_is_triton_invalid_arg_as_400(gateway):
     assert "document 1" in refused.json()["error"] and "truncate" in refused.json()["error"]
     cut = gateway.post("/rerank", {"query": QUERY, "texts": ["short", long_document], "truncate": True})
     assert cut.status_code == 200
-    left = gateway.post("/rerank", {"query": QUERY, "texts": ["a"], "truncation_direction": "Left"})
-    assert left.status_code == 422 and "only right truncation" in left.json()["error"]
+
+
+def test_left_truncation_and_max_tokens_per_doc_end_to_end(gateway, xlmr):
+    # The start and the end of the long document differ: which one is kept changes its score.
+    documents = ["hi", "the giant panda lives in china " * 200 + "a search engine ranks web pages " * 200]
+    right, right_tokens = ensemble(xlmr.grpc_url, QUERY, documents)
+    left, left_tokens = ensemble(xlmr.grpc_url, QUERY, documents, truncation_direction="left")
+    assert left_tokens.tolist() == right_tokens.tolist() and left[0] == right[0] and left[1] != right[1]
+    # TEI's truncation_direction: Left, through the gateway, is the ensemble's left truncation.
+    ranks = gateway.post("/rerank", {"query": QUERY, "texts": documents, "truncate": True, "raw_scores": True,
+                                     "truncation_direction": "Left"}).json()
+    assert {r["index"]: r["score"] for r in ranks} == {0: float(left[0]), 1: float(left[1])}
+    # Cohere's max_tokens_per_doc: every document keeps at most 8 tokens, as the ensemble does it.
+    short, short_tokens = ensemble(xlmr.grpc_url, QUERY, documents, max_tokens_per_doc=8)
+    assert short_tokens[1] < right_tokens[1] and short_tokens[0] == right_tokens[0]
+    body = gateway.post("/v2/rerank", {"query": QUERY, "documents": documents, "max_tokens_per_doc": 8}).json()
+    assert body["usage"]["total_tokens"] == int(short_tokens.sum())
+    assert {r["index"]: r["relevance_score"] for r in body["results"]} == pytest.approx(
+        {i: sigmoid(float(x)) for i, x in enumerate(short)}, rel=1e-12)
 
 
 def test_cohere_results_top_n_and_usage(gateway, xlmr):

@@ -324,7 +324,7 @@ class SlowTriton:
         self.delay = delay
         self.scored = 0
 
-    async def score(self, query, documents, truncate=True):
+    async def score(self, query, documents, truncate=True, **options):
         await asyncio.sleep(self.delay)
         self.scored += 1
         return ScoredDocuments(np.zeros(len(documents), dtype=np.float32), np.ones(len(documents), dtype=np.int32))

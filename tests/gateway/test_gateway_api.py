@@ -24,9 +24,11 @@ class FakeTriton:
     def __init__(self, error=None, delay=0.0, ready=True):
         self.error, self.delay, self.ready = error, delay, ready
         self.calls = []
+        self.options = []  # the keyword options of each call (truncation_direction, max_tokens_per_doc)
 
-    async def score(self, query, documents, truncate=True):
+    async def score(self, query, documents, truncate=True, **options):
         self.calls.append((query, list(documents), truncate))
+        self.options.append(options)
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.error:
@@ -85,18 +87,22 @@ def test_tei_sigmoid_unless_raw_scores_and_text_only_when_asked():
     assert fake.calls[-1][2] is True
 
 
-@pytest.mark.parametrize("direction", ["Right", "right"])
-def test_tei_right_truncation_is_accepted(direction):
-    client, _ = client_for()
-    assert client.post("/rerank", json={"query": "q", "texts": ["a"], "truncation_direction": direction}).status_code == 200
+@pytest.mark.parametrize(("direction", "sent"), [("Right", "right"), ("right", "right"), ("Left", "left"),
+                                                ("left", "left")])
+def test_tei_truncation_direction_reaches_the_ensemble(direction, sent):
+    client, fake = client_for()
+    response = client.post("/rerank", json={"query": "q", "texts": ["a"], "truncate": True,
+                                            "truncation_direction": direction})
+    assert response.status_code == 200
+    assert fake.options[-1]["truncation_direction"] == sent and fake.calls[-1][2] is True
 
 
-def test_tei_left_truncation_is_refused_with_a_reason():
-    client, _ = client_for()
-    response = client.post("/rerank", json={"query": "q", "texts": ["a"], "truncation_direction": "Left"})
+def test_tei_unknown_truncation_direction_is_refused_with_a_reason():
+    client, fake = client_for()
+    response = client.post("/rerank", json={"query": "q", "texts": ["a"], "truncation_direction": "Middle"})
     assert response.status_code == 422
-    assert "only right truncation is supported" in response.json()["error"]
-    assert response.json()["error_type"] == "validation"
+    assert "must be 'Right' or 'Left'" in response.json()["error"]
+    assert response.json()["error_type"] == "validation" and fake.calls == []
 
 
 def test_cohere_results_relevance_and_usage():
@@ -110,6 +116,8 @@ def test_cohere_results_relevance_and_usage():
     assert body["meta"]["tokens"]["input_tokens"] == tokens and body["usage"]["total_tokens"] == tokens
     assert body["model"] == "rerank-v3.5" and body["id"]
     assert fake.calls[-1][1] == DOCUMENTS
+    # max_tokens_per_doc shortens every document (Cohere always truncates).
+    assert fake.options[-1]["max_tokens_per_doc"] == 64 and fake.calls[-1][2] is True
     with_docs = client.post("/v2/rerank", json={"query": "q", "documents": ["hi"], "return_documents": True}).json()
     assert with_docs["results"][0]["document"] == {"text": "hi"} and with_docs["model"] == "bge"
 

@@ -34,9 +34,11 @@ class FakeTriton:
     def __init__(self, error=None, delay=0.0):
         self.error, self.delay = error, delay
         self.calls = []
+        self.options = []
 
-    async def score(self, query, documents, truncate=True):
+    async def score(self, query, documents, truncate=True, **options):
         self.calls.append((query, list(documents), truncate))
+        self.options.append(options)
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.error:
@@ -392,3 +394,29 @@ def test_kserve_routes_are_counted_but_not_a_dialect_nor_in_the_schema():
     assert not [path for path in client.get("/openapi.json").json()["paths"] if path.startswith("/v2/models")]
     assert [path for dialect in DIALECTS for path in dialect.paths] == ["/v1/rerank", "/rerank", "/v2/rerank", "/v1/ranking",
                                                                        "/score", "/v1/score"]
+
+
+def test_truncation_direction_and_max_tokens_per_doc_reach_the_ensemble():
+    client, fake = client_for()
+    assert client.post(INFER, json=request(parameters={"truncation_direction": "left", "max_tokens_per_doc": 8})
+                       ).status_code == 200
+    assert fake.options[-1] == {"truncation_direction": "left", "max_tokens_per_doc": 8}
+    assert client.post(GENERATE, json={"QUERY": "q", "DOCUMENTS": ["a"], "truncation_direction": "left"}).status_code == 200
+    assert fake.options[-1] == {"truncation_direction": "left", "max_tokens_per_doc": None}
+    assert client.post(GENERATE, json={"QUERY": "q", "DOCUMENTS": ["a"],
+                                       "parameters": {"max_tokens_per_doc": 3}}).status_code == 200
+    assert fake.options[-1] == {"truncation_direction": "right", "max_tokens_per_doc": 3}
+
+
+@pytest.mark.parametrize(("path", "body", "message"), [
+    (INFER, request(parameters={"truncation_direction": "middle"}), "parameters.truncation_direction"),
+    (INFER, request(parameters={"max_tokens_per_doc": 0}), "parameters.max_tokens_per_doc"),
+    (INFER, request(parameters={"truncate": False, "max_tokens_per_doc": 4}), "needs truncate=True"),
+    (GENERATE, {"QUERY": "q", "DOCUMENTS": ["a"], "truncation_direction": "left",
+                "parameters": {"truncation_direction": "right"}}, "truncation_direction is given twice"),
+])
+def test_bad_truncation_options_are_400s_saying_why(path, body, message):
+    client, fake = client_for()
+    answer = client.post(path, json=body)
+    assert answer.status_code == 400 and message in answer.json()["error"], answer.text
+    assert fake.calls == []

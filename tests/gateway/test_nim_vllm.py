@@ -22,7 +22,7 @@ class FakeTriton:
     def __init__(self):
         self.calls = []
 
-    async def score(self, query, documents, truncate=True):
+    async def score(self, query, documents, truncate=True, **options):
         self.calls.append((query, list(documents), truncate))
         lengths = np.array([len(d) for d in documents])
         return ScoredDocuments(lengths.astype(np.float32) / 4, (lengths + len(query)).astype(np.int32))

@@ -48,6 +48,22 @@ def test_options():
         read_options('{"top_k": 3}')
 
 
+def test_truncation_direction_and_max_tokens_per_doc():
+    default = read_options(None)
+    assert (default.truncation_direction, default.max_tokens_per_doc) == ("right", None)
+    options = read_options('{"truncation_direction": "Left", "max_tokens_per_doc": 64}')
+    assert (options.truncation_direction, options.max_tokens_per_doc) == ("left", 64)
+    assert read_options('{"max_tokens_per_doc": "8"}').max_tokens_per_doc == 8
+    for bad, message in [('{"truncation_direction": "middle"}', "must be 'right' or 'left'"),
+                         ('{"truncation_direction": 1}', "must be 'right' or 'left'"),
+                         ('{"max_tokens_per_doc": 0}', "must be a positive integer"),
+                         ('{"max_tokens_per_doc": true}', "must be a positive integer"),
+                         ('{"max_tokens_per_doc": 1.5}', "must be a positive integer"),
+                         ('{"truncate": false, "max_tokens_per_doc": 8}', "needs truncate=true")]:
+        with pytest.raises(RequestError, match=message):
+            read_options(bad)
+
+
 def test_limits_and_nul():
     from triton_rerank.serving.request_options import RequestLimits
 

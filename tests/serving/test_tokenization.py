@@ -285,3 +285,45 @@ def test_cut_equals_whole_on_dl19_passages(real_tokenizers, name):
         for row in rows[::10]:
             assert_same_as_whole(tokenizer, whole, row["query"], documents + passages[::400])
         assert_same_as_whole(tokenizer, whole, rows[0]["query"], documents, truncate=False)
+
+
+# --- which part of a long document is kept ----------------------------------------------------------
+
+
+def hf_pair(model_dir, query: str, document: str, max_length: int, side: str) -> list[int]:
+    """Hugging Face's own truncation of the pair: the document only, from the given side."""
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    hf.truncation_side = side
+    return hf(query, document, truncation="only_second", max_length=max_length)["input_ids"]
+
+
+@pytest.mark.parametrize("arch", ["xlm-roberta", "bert"])
+def test_left_truncation_keeps_the_last_tokens_of_the_document(tiny_model_dirs, arch):
+    model_dir = tiny_model_dirs[arch]
+    query = "what is the capital city"
+    document = "the giant panda " * 20 + "eats bamboo shoots " * 20  # its start and its end differ
+    tokenizer = PairTokenizer(model_dir, max_length=32)
+    left = tokenizer.encode(query, [document, "hi"], direction="left")
+    assert left.lengths.tolist()[0] == 32
+    assert left.input_ids[:32].tolist() == hf_pair(model_dir, query, document, 32, "left")
+    assert left.input_ids[32:].tolist() == AutoTokenizer.from_pretrained(model_dir)(query, "hi")["input_ids"]
+    right = tokenizer.encode(query, [document], direction="right")
+    assert right.input_ids.tolist() == hf_pair(model_dir, query, document, 32, "right")
+    assert left.input_ids[:32].tolist() != right.input_ids.tolist()
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_max_document_tokens_keeps_that_many_tokens_of_each_document(tiny_model_dirs, direction):
+    model_dir = tiny_model_dirs["xlm-roberta"]
+    query = "panda"
+    documents = [" ".join(["bamboo forest"] * 30), "hi"]
+    tokenizer = PairTokenizer(model_dir)
+    packed = tokenizer.encode(query, documents, direction=direction, max_document_tokens=5)
+    query_tokens = len(AutoTokenizer.from_pretrained(model_dir)(query, add_special_tokens=False)["input_ids"])
+    limit = tokenizer.num_special_tokens + query_tokens + 5  # a pair of the query and 5 document tokens
+    first = packed.input_ids[: packed.lengths[0]].tolist()
+    assert packed.lengths[0] == limit and first == hf_pair(model_dir, query, documents[0], limit, direction)
+    # A document shorter than 5 tokens is left whole.
+    assert packed.input_ids[packed.lengths[0]:].tolist() == hf_pair(model_dir, query, "hi", 512, direction)
+    with pytest.raises(PairTokenizationError, match="needs truncate=true"):
+        tokenizer.encode(query, documents, truncate=False, max_document_tokens=5)

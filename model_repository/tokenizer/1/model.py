@@ -35,7 +35,9 @@ class TritonPythonModel:
                 pb_utils.get_input_tensor_by_name(request, "DOCUMENTS"),
                 self.limits,
             )
-            packed = self.tokenizer.encode(query, documents, truncate=options.truncate)
+            packed = self.tokenizer.encode(query, documents, truncate=options.truncate,
+                                           direction=options.truncation_direction,
+                                           max_document_tokens=options.max_tokens_per_doc)
         except (RequestError, PairTokenizationError) as error:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
