@@ -62,7 +62,7 @@ def served_requests(data_dir: Path | None, docs: int, tokenizer_dir: Path) -> Re
         return dl19_requests(data_dir / DL19_FILE, docs)
     from ..workload import synthetic_requests, vocabulary_words
 
-    words = vocabulary_words(tokenizer_dir / "tokenizer.json") or ["panda", "bamboo", "search"]
+    words = vocabulary_words(tokenizer_dir / "tokenizer.json")
     return synthetic_requests(words, num_requests=16, docs_per_request=docs, query_tokens=8, doc_tokens=80)
 
 

@@ -73,6 +73,19 @@ class Serve:
                 continue
         raise AssertionError(f"no tritonserver under serve:\n{self.output}")
 
+    def __enter__(self) -> "Serve":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # A failed test must not leave serve running; its server follows it (setpriv --pdeathsig).
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def leftovers(self) -> str:
+        """Processes still running from this serve's run directory (none once it has stopped)."""
+        return subprocess.run(["pgrep", "-f", str(self.run_dir)], capture_output=True, text=True).stdout.strip()
+
     def server_flag(self, name: str) -> str:
         """The value of one of the running tritonserver's flags (--http-port=...)."""
         command = Path(f"/proc/{self.server_pid()}/cmdline").read_bytes().decode().split("\0")
@@ -153,8 +166,7 @@ def regions(prefix: str) -> set[str]:
 
 def test_serve_restarts_a_dead_tritonserver_and_the_gateway_answers_503_meanwhile(tiny_model_dirs, tmp_path,
                                                                                    chunked_crash_request):
-    serve = Serve(tiny_model_dirs["xlm-roberta"], tmp_path / "run")
-    try:
+    with Serve(tiny_model_dirs["xlm-roberta"], tmp_path / "run") as serve:
         serve.wait_for("Ctrl-C stops", timeout=180)
         expected = serve.scores()
         first = serve.server_pid()
@@ -205,12 +217,7 @@ def test_serve_restarts_a_dead_tritonserver_and_the_gateway_answers_503_meanwhil
 
         serve.process.send_signal(signal.SIGTERM)
         assert serve.process.wait(timeout=60) == 0
-    finally:
-        if serve.process.poll() is None:
-            os.killpg(serve.process.pid, signal.SIGKILL)
-            serve.process.wait()
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout
-    assert leftovers.strip() == "", f"processes left behind: {leftovers}"
+    assert serve.leftovers() == "", f"processes left behind: {serve.leftovers()}"
     assert not process_group_alive(serve.process.pid)
     assert not regions(prefix), "shared-memory regions left behind"
 
@@ -225,8 +232,7 @@ def test_the_crash_request_to_every_port_serve_exposes_leaves_it_answering(tiny_
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    serve = Serve(tiny_model_dirs["bert"], tmp_path / "run", "--host", "0.0.0.0")
-    try:
+    with Serve(tiny_model_dirs["bert"], tmp_path / "run", "--host", "0.0.0.0") as serve:
         serve.wait_for("Ctrl-C stops", timeout=180)
         assert f"HTTP        http://127.0.0.1:{serve.http}  (KServe v2, model 'reranker', through the gateway)" \
             in serve.output, serve.output
@@ -281,9 +287,4 @@ def test_the_crash_request_to_every_port_serve_exposes_leaves_it_answering(tiny_
         while process_group_alive(pid):
             assert time.monotonic() < deadline, "tritonserver outlived the serve that started it"
             time.sleep(0.2)
-    finally:
-        if serve.process.poll() is None:
-            os.killpg(serve.process.pid, signal.SIGKILL)
-            serve.process.wait()
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout
-    assert leftovers.strip() == "", f"processes left behind: {leftovers}"
+    assert serve.leftovers() == "", f"processes left behind: {serve.leftovers()}"
