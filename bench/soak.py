@@ -103,7 +103,7 @@ def _hostile_inputs(grpcclient, rng: random.Random) -> list:
     lengths = rng.choice([[1], [total + 5], [total, -3], [1] * 2000, [total]])  # the last: unsigned
     arrays = {"INPUT_IDS": np.array([rng.randint(-5, 10**6) for _ in range(total)], dtype=np.int32),
               "TOKEN_TYPE_IDS": np.zeros(total, dtype=np.int32), "SEQ_LENGTHS": np.array(lengths, dtype=np.int32),
-              "SIGNATURE": np.zeros(32, dtype=np.uint8)}
+              "CHUNK_COUNTS": np.ones(len(lengths), dtype=np.int32), "SIGNATURE": np.zeros(32, dtype=np.uint8)}
     inputs = []
     for name, array in arrays.items():
         tensor = grpcclient.InferInput(name, [1, array.size], "UINT8" if name == "SIGNATURE" else "INT32")

@@ -18,16 +18,27 @@ import numpy as np
 class ScoredDocuments:
     """What the ensemble returned for one query and its documents, in input order."""
 
-    scores: np.ndarray  # float32 raw logits, shape [N]
-    token_counts: np.ndarray  # int32 tokens of each (query, document) pair after truncation, shape [N]
+    scores: np.ndarray  # float32 raw logits, shape [N] (a chunked document's: its best window's)
+    token_counts: np.ndarray  # int32 tokens scored for each document (all its windows), shape [N]
+    chunk_counts: np.ndarray | None = None  # int32 windows scored for each document, shape [N]; None = 1 each
+
+    def __post_init__(self):
+        if self.chunk_counts is None:
+            object.__setattr__(self, "chunk_counts", np.ones(len(self.scores), dtype=np.int32))
 
     @property
     def total_tokens(self) -> int:
         return int(self.token_counts.sum())
 
+    @property
+    def total_chunks(self) -> int:
+        """(query, window) pairs scored: the documents, plus the extra windows of chunked ones."""
+        return int(self.chunk_counts.sum())
+
     @classmethod
     def concatenate(cls, parts: Sequence[ScoredDocuments]) -> ScoredDocuments:
-        return cls(np.concatenate([p.scores for p in parts]), np.concatenate([p.token_counts for p in parts]))
+        return cls(*(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("scores", "token_counts", "chunk_counts")))
 
 
 @dataclass(frozen=True)
@@ -38,9 +49,11 @@ class RerankResult:
     score: float
     document: str | None
     token_count: int
+    chunk_count: int = 1  # windows scored (more than 1 only for a chunked long document)
 
     def as_dict(self) -> dict:
-        return {"index": self.index, "score": self.score, "document": self.document, "token_count": self.token_count}
+        return {"index": self.index, "score": self.score, "document": self.document, "token_count": self.token_count,
+                "chunk_count": self.chunk_count}
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -71,6 +84,7 @@ def rank(scored: ScoredDocuments, documents: Sequence[str], top_n: int | None = 
             score=float(values[i]),
             document=documents[i] if return_documents else None,
             token_count=int(scored.token_counts[i]),
+            chunk_count=int(scored.chunk_counts[i]),
         )
         for i in ranking_order(scored.scores, top_n)
     ]

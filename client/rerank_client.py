@@ -152,10 +152,14 @@ class RerankClient(_ClientSettings):
                 time.sleep(self._retry_delay(attempt))
         raise AssertionError("unreachable")
 
-    def score(self, query: str, documents: Sequence[str], truncate: bool = True, *,
-              truncation_direction: str = "right", max_tokens_per_doc: int | None = None) -> ScoredDocuments:
-        """Raw logits and token counts of every document, in input order (options: ScoreOptions)."""
-        options = ScoreOptions(truncate, truncation_direction, max_tokens_per_doc)
+    def score(self, query: str, documents: Sequence[str], truncate: bool | None = None,
+              **options) -> ScoredDocuments:
+        """Raw logits, token and window counts of every document, in input order.
+
+        options are ScoreOptions' fields: long_documents, chunk_overlap, max_chunks_per_doc,
+        truncation_direction, max_tokens_per_doc.
+        """
+        options = ScoreOptions(truncate, **options)
         documents = check_request(query, documents)
         bounds = chunk_bounds(len(documents), self.max_documents_per_request)
         if len(bounds) == 1:
@@ -167,19 +171,19 @@ class RerankClient(_ClientSettings):
         return ScoredDocuments.concatenate([f.result() for f in futures])
 
     def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
-               return_documents: bool = True, normalize: bool = False, truncate: bool = True, *,
-               truncation_direction: str = "right", max_tokens_per_doc: int | None = None) -> list[RerankResult]:
+               return_documents: bool = True, normalize: bool = False, truncate: bool | None = None,
+               **options) -> list[RerankResult]:
         """Documents sorted by descending score (stable on ties), each with its index in `documents`.
 
         score is the model's raw logit, or its sigmoid (0..1) when normalize; top_n keeps the best
         n; truncate=False makes a too-long (query, document) pair an InvalidRequestError;
-        truncation_direction="left" keeps the end of a long document; max_tokens_per_doc keeps at
-        most that many tokens of each.
+        long_documents="chunk" scores a long document's overlapping windows and keeps the best
+        (chunk_overlap, max_chunks_per_doc); truncation_direction="left" keeps the end of a long
+        document; max_tokens_per_doc keeps at most that many tokens of each (ScoreOptions).
         """
         _check_top_n(top_n)
         documents = check_request(query, documents)
-        scored = self.score(query, documents, truncate, truncation_direction=truncation_direction,
-                            max_tokens_per_doc=max_tokens_per_doc)
+        scored = self.score(query, documents, truncate, **options)
         return rank(scored, documents, top_n, return_documents, normalize)
 
     def is_ready(self) -> bool:
@@ -276,10 +280,14 @@ class AsyncRerankClient(_ClientSettings):
                 await asyncio.sleep(self._retry_delay(attempt))
         raise AssertionError("unreachable")
 
-    async def score(self, query: str, documents: Sequence[str], truncate: bool = True, *,
-                    truncation_direction: str = "right", max_tokens_per_doc: int | None = None) -> ScoredDocuments:
-        """Raw logits and token counts of every document, in input order (options: ScoreOptions)."""
-        options = ScoreOptions(truncate, truncation_direction, max_tokens_per_doc)
+    async def score(self, query: str, documents: Sequence[str], truncate: bool | None = None,
+                    **options) -> ScoredDocuments:
+        """Raw logits, token and window counts of every document, in input order.
+
+        options are ScoreOptions' fields: long_documents, chunk_overlap, max_chunks_per_doc,
+        truncation_direction, max_tokens_per_doc.
+        """
+        options = ScoreOptions(truncate, **options)
         documents = check_request(query, documents)
         bounds = chunk_bounds(len(documents), self.max_documents_per_request)
         if len(bounds) == 1:
@@ -299,13 +307,11 @@ class AsyncRerankClient(_ClientSettings):
 
     async def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
                      return_documents: bool = True, normalize: bool = False,
-                     truncate: bool = True, *, truncation_direction: str = "right",
-                     max_tokens_per_doc: int | None = None) -> list[RerankResult]:
+                     truncate: bool | None = None, **options) -> list[RerankResult]:
         """As RerankClient.rerank."""
         _check_top_n(top_n)
         documents = check_request(query, documents)
-        scored = await self.score(query, documents, truncate, truncation_direction=truncation_direction,
-                                  max_tokens_per_doc=max_tokens_per_doc)
+        scored = await self.score(query, documents, truncate, **options)
         return rank(scored, documents, top_n, return_documents, normalize)
 
     async def is_ready(self, timeout: float = 2.0) -> bool:

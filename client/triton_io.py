@@ -1,4 +1,5 @@
-"""The ensemble's tensors on the wire: building QUERY / DOCUMENTS and reading SCORES / TOKEN_COUNTS.
+"""The ensemble's tensors on the wire: building QUERY / DOCUMENTS and reading SCORES / TOKEN_COUNTS /
+CHUNK_COUNTS.
 
 Works with any of tritonclient's four modules (http, grpc and their .aio variants): they share
 InferInput and InferResult APIs.
@@ -18,40 +19,70 @@ MODEL_NAME = "reranker"
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 TRUNCATION_DIRECTIONS = ("right", "left")
+LONG_DOCUMENT_MODES = ("truncate", "chunk", "error")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise InvalidRequestError(f"{name} must be {kind}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class ScoreOptions:
     """How the ensemble treats documents that do not fit: its request parameters.
 
-    truncate:             cut a pair that does not fit the model (False: refuse it, INVALID_ARG)
+    truncate:             False refuses a pair that does not fit the model (INVALID_ARG), the same
+                          as long_documents="error"; True cuts or chunks it; None = the server's default
+    long_documents:       "truncate" (cut), "chunk" (score overlapping windows, keep the best) or
+                          "error"; None = the server's default (serve --long-documents)
     truncation_direction: "right" cuts the end of the document, "left" its start (keeps the end)
-    max_tokens_per_doc:   keep at most this many tokens of each document (needs truncate)
+    max_tokens_per_doc:   keep at most this many tokens of each document (truncating only)
+    chunk_overlap:        tokens neighbouring windows share (chunk; server default 32)
+    max_chunks_per_doc:   the most windows of one document (chunk; default the server's)
     """
 
-    truncate: bool = True
+    truncate: bool | None = None
     truncation_direction: str = "right"
     max_tokens_per_doc: int | None = None
+    long_documents: str | None = None
+    chunk_overlap: int | None = None
+    max_chunks_per_doc: int | None = None
 
     def __post_init__(self):
         if self.truncation_direction not in TRUNCATION_DIRECTIONS:
             raise InvalidRequestError(f"truncation_direction must be one of {TRUNCATION_DIRECTIONS}, "
                                       f"got {self.truncation_direction!r}")
+        if self.long_documents is not None and self.long_documents not in LONG_DOCUMENT_MODES:
+            raise InvalidRequestError(f"long_documents must be one of {LONG_DOCUMENT_MODES}, "
+                                      f"got {self.long_documents!r}")
+        if (self.long_documents is not None and self.truncate is not None
+                and self.truncate != (self.long_documents != "error")):
+            raise InvalidRequestError(f"truncate={self.truncate} and long_documents={self.long_documents!r} "
+                                      "contradict each other: set long_documents alone")
+        _check_int("max_tokens_per_doc", self.max_tokens_per_doc, 1)
+        _check_int("chunk_overlap", self.chunk_overlap, 0)
+        _check_int("max_chunks_per_doc", self.max_chunks_per_doc, 1)
         if self.max_tokens_per_doc is not None:
-            if isinstance(self.max_tokens_per_doc, bool) or not isinstance(self.max_tokens_per_doc, int) \
-                    or self.max_tokens_per_doc < 1:
-                raise InvalidRequestError(f"max_tokens_per_doc must be a positive integer, got {self.max_tokens_per_doc!r}")
-            if not self.truncate:
+            if self.truncate is False or self.long_documents == "error":
                 raise InvalidRequestError("max_tokens_per_doc shortens documents: it needs truncate=True")
+            if self.long_documents == "chunk":
+                raise InvalidRequestError("max_tokens_per_doc shortens documents; long_documents='chunk' scores them "
+                                          "whole: send one of the two")
 
     def parameters(self) -> dict:
-        """The request parameters: truncate always, the others when they differ from the default."""
-        params: dict = {"truncate": bool(self.truncate)}
+        """The request parameters that are set: long_documents (or else truncate), and the others."""
+        params: dict = {}
+        if self.long_documents is not None:
+            params["long_documents"] = self.long_documents
+        elif self.truncate is not None:
+            params["truncate"] = bool(self.truncate)
         if self.truncation_direction != "right":
             params["truncation_direction"] = self.truncation_direction
-        if self.max_tokens_per_doc is not None:
-            # Triton's integer parameters are int64; no model window comes near this.
-            params["max_tokens_per_doc"] = min(self.max_tokens_per_doc, 2**31 - 1)
+        # Triton's integer parameters are int64; no window or count comes near 2**31.
+        for name in ("max_tokens_per_doc", "chunk_overlap", "max_chunks_per_doc"):
+            if getattr(self, name) is not None:
+                params[name] = min(getattr(self, name), 2**31 - 1)
         return params
 
 
@@ -106,12 +137,18 @@ def make_inputs(module, query: str, documents: Sequence[str]) -> list:
 
 
 def read_outputs(result, expected: int) -> ScoredDocuments:
-    """SCORES and TOKEN_COUNTS of an InferResult, flattened to one value per document."""
+    """SCORES, TOKEN_COUNTS and CHUNK_COUNTS of an InferResult, flattened to one value per document.
+
+    A server from before chunking answers no CHUNK_COUNTS: every document was one pair.
+    """
     scores = result.as_numpy("SCORES")
     token_counts = result.as_numpy("TOKEN_COUNTS")
+    chunk_counts = result.as_numpy("CHUNK_COUNTS")
     if scores is None or token_counts is None:
         raise RerankServerError("the server's answer lacks SCORES or TOKEN_COUNTS: is this the reranker ensemble?")
     scores, token_counts = scores.reshape(-1), token_counts.reshape(-1)
-    if scores.size != expected or token_counts.size != expected:
+    chunk_counts = np.ones(expected, dtype=np.int32) if chunk_counts is None else chunk_counts.reshape(-1)
+    if scores.size != expected or token_counts.size != expected or chunk_counts.size != expected:
         raise RerankServerError(f"the server returned {scores.size} scores for {expected} documents")
-    return ScoredDocuments(scores.astype(np.float32, copy=False), token_counts.astype(np.int32, copy=False))
+    return ScoredDocuments(scores.astype(np.float32, copy=False), token_counts.astype(np.int32, copy=False),
+                           chunk_counts.astype(np.int32, copy=False))

@@ -31,6 +31,7 @@ from pathlib import Path
 from triton_rerank.launcher.errors import LauncherError
 from triton_rerank.launcher.repository import (
     RepositorySettings,
+    add_long_document_options,
     packaged_model_repository,
     render_model_repository,
 )
@@ -79,6 +80,7 @@ def settings_from(args: argparse.Namespace, model_path: str) -> RepositorySettin
         model_path=model_path, device=args.device, dtype=args.dtype, engine=args.engine,
         attention_backend=args.attention_backend, max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens, instances=args.instances, gpus=gpus, num_threads=args.num_threads,
+        long_documents=args.long_documents, max_chunks_per_doc=args.max_chunks_per_doc,
     )
     settings.check()
     return settings
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="empty = triton on GPU, sdpa on CPU")
     p.add_argument("--max-length", type=int, default=_env("MAX_LENGTH", "0"))
     p.add_argument("--max-batch-tokens", type=int, default=_env("MAX_BATCH_TOKENS", "0"))
+    add_long_document_options(p, _env("LONG_DOCUMENTS", "truncate"), _env("MAX_CHUNKS_PER_DOC", "64"))
     p.add_argument("--instances", type=int, default=_env("INSTANCES", "1"),
                    help="cross_encoder instances per GPU (per listed GPU with --gpus)")
     p.add_argument("--gpus", default=_env("GPUS", ""),

@@ -7,6 +7,7 @@ the ensemble took; what it answers is only a matter of field names.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,8 +30,8 @@ class Scorer(Protocol):
 
     where: str
 
-    async def score(self, query: str, documents: list[str], truncate: bool = True, *,
-                    truncation_direction: str = "right", max_tokens_per_doc: int | None = None) -> ScoredDocuments: ...
+    async def score(self, query: str, documents: list[str], truncate: bool | None = None,
+                    **options) -> ScoredDocuments: ...
 
     async def is_ready(self, timeout: float = 2.0) -> bool: ...
 
@@ -57,9 +58,7 @@ class GatewayState:
                                "payload_too_large")
         async with self.limiter.admit():
             try:
-                scored = await self.scorer.score(query, documents, options.truncate,
-                                                 truncation_direction=options.truncation_direction,
-                                                 max_tokens_per_doc=options.max_tokens_per_doc)
+                scored = await self.scorer.score(query, documents, **dataclasses.asdict(options))
             except RerankError as error:
                 raise from_client_error(error) from error
         self.metrics.documents.labels(route).inc(len(documents))
@@ -72,28 +71,29 @@ class Ranking:
     results: list[RerankResult]  # by descending score (ties keep input order), at most top_n
     total_tokens: int  # of every pair scored, not only the top_n returned
     seconds: float  # how long the ensemble took
+    total_chunks: int = 0  # (query, window) pairs scored: the documents, plus extra windows of chunked ones
 
 
-def score_options(truncate: bool, truncation_direction: str = "right",
-                  max_tokens_per_doc: int | None = None) -> ScoreOptions:
-    """The options, or a 400 saying why they do not go together."""
+def score_options(truncate: bool | None = None, **options) -> ScoreOptions:
+    """The options (ScoreOptions' fields), or a 400 saying why they do not go together."""
     try:
-        return ScoreOptions(truncate, truncation_direction, max_tokens_per_doc)
+        return ScoreOptions(truncate, **options)
     except InvalidRequestError as error:
         raise GatewayError(400, str(error), "invalid_request") from None
 
 
-async def rerank(request: Request, query: str, documents: list[str], *, truncate: bool = True,
+async def rerank(request: Request, query: str, documents: list[str], *, truncate: bool | None = None,
                  top_n: int | None = None, return_documents: bool = True, normalize: bool = False,
-                 truncation_direction: str = "right", max_tokens_per_doc: int | None = None) -> Ranking:
+                 **options) -> Ranking:
     """The documents ranked for the query: raw logits, or their sigmoid (0..1) when normalize.
 
-    Results carry the document's text only when return_documents. The route's path labels the
-    document and token counters.
+    Results carry the document's text only when return_documents. options are ScoreOptions'
+    fields (long_documents, chunk_overlap, ...); truncate None leaves long documents to the
+    server's default. The route's path labels the document and token counters.
     """
     gateway: GatewayState = request.app.state.gateway
     started = time.perf_counter()
-    options = score_options(truncate, truncation_direction, max_tokens_per_doc)
-    scored = await gateway.score(request.scope["route"].path, query, documents, options)
+    scored = await gateway.score(request.scope["route"].path, query, documents, score_options(truncate, **options))
     seconds = time.perf_counter() - started
-    return Ranking(rank(scored, documents, top_n, return_documents, normalize), scored.total_tokens, seconds)
+    return Ranking(rank(scored, documents, top_n, return_documents, normalize), scored.total_tokens, seconds,
+                   scored.total_chunks)

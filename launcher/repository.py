@@ -22,6 +22,7 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 from tritonclient.grpc.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
+from ..serving.request_options import LONG_DOCUMENT_MODES
 from .errors import LauncherError
 
 try:
@@ -95,8 +96,13 @@ class RepositorySettings:
     engine: str = "packed"
     attention_backend: str = ""
     max_length: int = 0
-    # Documents (pairs) per request, enforced by the tokenizer step and again by the scoring step.
+    # Documents per request, enforced by the tokenizer step and again by the scoring step.
     max_documents: int = 1000
+    # What a request that does not say gets for a document longer than the model's window
+    # (truncate, chunk or error), and the default windows per chunked document (a request may ask
+    # for more, within max_documents x max_chunks_per_doc windows).
+    long_documents: str = "truncate"
+    max_chunks_per_doc: int = 64
     max_batch_tokens: int = 0  # 0 = the device default (4096 on CPU, 16384 on GPU)
     # cross_encoder instances: in all (cpu, auto), or on each GPU (cuda).
     instances: int = 1
@@ -130,7 +136,8 @@ class RepositorySettings:
         """{model: {parameter: value}} this rendering sets."""
         values = {
             TOKENIZER: {"model_path": self.model_path, "max_length": str(self.max_length),
-                        "max_documents": str(self.max_documents)},
+                        "max_documents": str(self.max_documents), "long_documents": self.long_documents,
+                        "max_chunks_per_doc": str(self.max_chunks_per_doc)},
             SCORER: {
                 "model_path": self.model_path,
                 "engine": self.engine,
@@ -142,6 +149,7 @@ class RepositorySettings:
                 "max_batch_tokens": str(self.max_batch_tokens),
                 "num_threads": str(self.num_threads),
                 "max_documents": str(self.max_documents),
+                "max_chunks_per_doc": str(self.max_chunks_per_doc),
                 "max_length": str(self.max_length),
             },
         }
@@ -155,6 +163,11 @@ class RepositorySettings:
                 raise LauncherError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_documents < 1:
             raise LauncherError(f"max_documents must be at least 1, got {self.max_documents}")
+        if self.max_chunks_per_doc < 1:
+            raise LauncherError(f"max_chunks_per_doc must be at least 1, got {self.max_chunks_per_doc}")
+        if self.long_documents not in LONG_DOCUMENT_MODES:
+            raise LauncherError(f"long_documents must be one of {', '.join(LONG_DOCUMENT_MODES)}, "
+                                f"got {self.long_documents!r}")
         if self.instances < 1:
             raise LauncherError(f"instances must be at least 1, got {self.instances}")
         if self.queue_delay_us is not None and self.queue_delay_us < 0:
@@ -250,3 +263,13 @@ def copy_tree(source: Traversable | Path, target: Path, skip: Iterable[str] = ("
         else:
             (target / entry.name).write_bytes(entry.read_bytes())
     return target
+
+
+def add_long_document_options(parser, long_documents: str = "truncate", max_chunks_per_doc: str | int = 64) -> None:
+    """--long-documents and --max-chunks-per-doc, the server's defaults for requests that do not say."""
+    parser.add_argument("--long-documents", choices=LONG_DOCUMENT_MODES, default=long_documents,
+                        help="a document longer than the model's window: truncate it, chunk it (score overlapping "
+                             "windows, keep the best) or refuse the request (error); requests may choose their own")
+    parser.add_argument("--max-chunks-per-doc", type=int, default=max_chunks_per_doc,
+                        help="windows per chunked document unless a request says otherwise; a request may score "
+                             "at most max-documents x this many windows")

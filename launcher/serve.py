@@ -17,7 +17,7 @@ from ..gateway.settings import GatewayStartError
 from ..models.dtypes import DTYPE_NAMES
 from ..serving.model_files import ModelNotFoundError, resolve_model_path
 from .errors import LauncherError
-from .repository import RepositorySettings, render_model_repository
+from .repository import RepositorySettings, add_long_document_options, render_model_repository
 from .restart import ServerKeeper, add_restart_options, restart_policy
 from .server import ServerAddress, StopRequested, TritonServer, free_ports, loopback, stop_on_sigterm
 
@@ -53,6 +53,7 @@ def register(subparsers) -> None:
                    help="max tokens of a (query, document) pair; 0 = the model's limit")
     p.add_argument("--max-batch-tokens", type=int, default=0,
                    help="token budget of one encoder forward; 0 = 4096 on CPU, 16384 on GPU")
+    add_long_document_options(p)
     p.add_argument("--instances", type=int, default=1, help="cross_encoder model instances")
     p.add_argument("--num-threads", type=int, default=0, help="torch threads per CPU instance; 0 = torch default")
     p.add_argument("--host", default="127.0.0.1", help="address every listener binds (0.0.0.0 to expose)")
@@ -98,6 +99,7 @@ def run(args) -> int:
         max_batch_tokens=args.max_batch_tokens, instances=args.instances, num_threads=args.num_threads,
         # One limit for every door: the gateway's, the tokenizer step's and the scoring step's.
         max_documents=args.max_documents,
+        long_documents=args.long_documents, max_chunks_per_doc=args.max_chunks_per_doc,
     )
     address = server_address(args)
     try:

@@ -30,17 +30,21 @@ class PackedInputLimits:
     type_vocab_size: int
     # Most tokens in one pair: the position table (or the served max_length, if lower).
     max_length: int
-    # Most pairs in one request: the tokenizer step's max_documents.
+    # Most pairs in one request: the tokenizer step's max_documents x max_chunks_per_doc.
     max_pairs: int
+    # Most documents in one request: the tokenizer step's max_documents.
+    max_documents: int = 0
 
     @classmethod
-    def from_model_config(cls, config: dict, max_pairs: int, max_length: int = 0) -> PackedInputLimits:
+    def from_model_config(cls, config: dict, max_documents: int, max_length: int = 0,
+                          max_chunks_per_doc: int = 1) -> PackedInputLimits:
         window = max_input_length(config)
         return cls(
             vocab_size=int(config["vocab_size"]),
             type_vocab_size=int(config.get("type_vocab_size", 1) or 1),
             max_length=min(window, max_length) if max_length > 0 else window,
-            max_pairs=max_pairs,
+            max_pairs=max_documents * max_chunks_per_doc,
+            max_documents=max_documents,
         )
 
     @property
@@ -50,11 +54,13 @@ class PackedInputLimits:
 
 @dataclass(frozen=True)
 class PackedRequest:
-    """One request's pairs, flat: ids and types [total_tokens] int32, lengths [num_pairs] int32."""
+    """One request's pairs, flat: ids and types [total_tokens] int32, lengths [num_pairs] int32, and
+    chunk_counts [num_documents] int32: how many consecutive pairs (windows) belong to each document."""
 
     input_ids: np.ndarray
     token_type_ids: np.ndarray
     lengths: np.ndarray
+    chunk_counts: np.ndarray
 
 
 def _one_row(name: str, array: np.ndarray) -> np.ndarray:
@@ -65,11 +71,12 @@ def _one_row(name: str, array: np.ndarray) -> np.ndarray:
 
 
 def check_packed_request(input_ids: np.ndarray, token_type_ids: np.ndarray, lengths: np.ndarray,
-                         limits: PackedInputLimits) -> PackedRequest:
+                         chunk_counts: np.ndarray, limits: PackedInputLimits) -> PackedRequest:
     """The request's arrays, flattened, if they describe pairs this model can score; else PackedInputError."""
     input_ids = _one_row("INPUT_IDS", input_ids)
     token_type_ids = _one_row("TOKEN_TYPE_IDS", token_type_ids)
     lengths = _one_row("SEQ_LENGTHS", lengths)
+    chunk_counts = _one_row("CHUNK_COUNTS", chunk_counts)
     if lengths.size == 0:
         raise PackedInputError("SEQ_LENGTHS is empty: a request scores at least one pair")
     if lengths.size > limits.max_pairs:
@@ -95,4 +102,22 @@ def check_packed_request(input_ids: np.ndarray, token_type_ids: np.ndarray, leng
         if low < 0 or high >= bound:
             bad = low if low < 0 else high
             raise PackedInputError(f"{name} holds {bad}; ids of this model are in [0, {bound})")
-    return PackedRequest(input_ids=input_ids, token_type_ids=token_type_ids, lengths=lengths)
+    _check_chunk_counts(chunk_counts, lengths.size, limits)
+    return PackedRequest(input_ids=input_ids, token_type_ids=token_type_ids, lengths=lengths,
+                         chunk_counts=chunk_counts)
+
+
+def _check_chunk_counts(chunk_counts: np.ndarray, pairs: int, limits: PackedInputLimits) -> None:
+    # Scores are reduced per document over these counts: they must cover every pair, once.
+    if chunk_counts.size == 0:
+        raise PackedInputError("CHUNK_COUNTS is empty: a request scores at least one document")
+    if limits.max_documents and chunk_counts.size > limits.max_documents:
+        raise PackedInputError(f"CHUNK_COUNTS holds {chunk_counts.size} documents; at most {limits.max_documents} "
+                               "per request")
+    if int(chunk_counts.min()) < 1:
+        raise PackedInputError(f"CHUNK_COUNTS[{int(chunk_counts.argmin())}] is {int(chunk_counts.min())}; "
+                               "every document has at least 1 pair")
+    covered = int(chunk_counts.sum(dtype=np.int64))
+    if covered != pairs:
+        raise PackedInputError(f"CHUNK_COUNTS sum to {covered} pairs, but SEQ_LENGTHS holds {pairs}: each pair "
+                               "belongs to exactly one document")

@@ -16,13 +16,25 @@ class RequestError(ValueError):
     """The request is malformed; the message says what to change."""
 
 
+LONG_DOCUMENT_MODES = ("truncate", "chunk", "error")
+
+
 @dataclass(frozen=True)
 class RequestOptions:
-    truncate: bool = True
+    # What happens to a document whose pair does not fit the model: "truncate" (cut it), "chunk"
+    # (score overlapping windows, keep the best) or "error" (refuse the request).
+    long_documents: str = "truncate"
     # Which end of a too-long document is cut: "right" (its end) or "left" (its start).
     truncation_direction: str = "right"
     # At most this many tokens of each document (shorter than the model's window), or None.
     max_tokens_per_doc: int | None = None
+    # Tokens two neighbouring windows share (chunk), and the most windows of one document.
+    chunk_overlap: int = 32
+    max_chunks_per_doc: int = 64
+
+    @property
+    def truncate(self) -> bool:
+        return self.long_documents != "error"
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,9 @@ class RequestLimits:
     # documents cannot be cut short before tokenizing (text without spaces is tokenized whole:
     # seconds of CPU and about 1 GB of memory for 8 MB).
     max_request_bytes: int = 8 << 20
+    # The server's defaults for requests that do not say (serve --long-documents, --max-chunks-per-doc).
+    long_documents: str = "truncate"
+    max_chunks_per_doc: int = 64
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> RequestLimits:
@@ -46,11 +61,21 @@ class RequestLimits:
         def read(key: str) -> int:
             return int(params.get(key) or 0) or getattr(cls, key)
 
+        long_documents = params.get("long_documents") or cls.long_documents
+        if long_documents not in LONG_DOCUMENT_MODES:
+            raise ValueError(f"parameter long_documents must be one of {LONG_DOCUMENT_MODES}, got {long_documents!r}")
         return cls(max_documents=read("max_documents"), max_text_bytes=read("max_text_bytes"),
-                   max_request_bytes=read("max_request_bytes"))
+                   max_request_bytes=read("max_request_bytes"), long_documents=long_documents,
+                   max_chunks_per_doc=read("max_chunks_per_doc"))
+
+    @property
+    def max_windows(self) -> int:
+        """Most windows (pairs) one request may score: the scoring step's per-request bound."""
+        return self.max_documents * self.max_chunks_per_doc
 
 
-KNOWN_PARAMETERS = {"truncate", "truncation_direction", "max_tokens_per_doc"}
+KNOWN_PARAMETERS = {"truncate", "long_documents", "truncation_direction", "max_tokens_per_doc", "chunk_overlap",
+                    "max_chunks_per_doc"}
 TRUNCATION_DIRECTIONS = ("right", "left")
 
 
@@ -62,31 +87,60 @@ def _as_bool(name: str, value) -> bool:
     raise RequestError(f"request parameter {name!r} must be a boolean, got {value!r}")
 
 
-def _as_positive_int(name: str, value) -> int:
+def _as_int(name: str, value, minimum: int) -> int:
     # Triton hands integer parameters over as numbers; the generate extension's JSON may carry a string.
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RequestError(f"request parameter {name!r} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise RequestError(f"request parameter {name!r} must be {kind}, got {value!r}")
     return value
 
 
-def read_options(parameters_json: str | None) -> RequestOptions:
-    """Options from Triton request parameters (a JSON object string)."""
+def _choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise RequestError(f"request parameter {name!r} must be one of {list(choices)}, got {value!r}")
+    return value.lower()
+
+
+def _long_documents(params: dict, server_default: str) -> str:
+    """The mode asked for: `long_documents`, or the older `truncate` (false = "error"); the server's default."""
+    truncate = _as_bool("truncate", params["truncate"]) if "truncate" in params else None
+    if "long_documents" in params:
+        mode = _choice("long_documents", params["long_documents"], LONG_DOCUMENT_MODES)
+        if truncate is not None and truncate != (mode != "error"):
+            raise RequestError(f"request parameters truncate={str(truncate).lower()} and long_documents={mode!r} "
+                               "contradict each other: send long_documents alone")
+        return mode
+    if truncate is None:
+        return server_default
+    if not truncate:
+        return "error"
+    # truncate=true only asks that a long document not be refused; chunking does not refuse it either.
+    return server_default if server_default != "error" else "truncate"
+
+
+def read_options(parameters_json: str | None, limits: RequestLimits | None = None) -> RequestOptions:
+    """Options from Triton request parameters (a JSON object string); defaults from the server's limits."""
+    limits = limits or RequestLimits()
     params = json.loads(parameters_json) if parameters_json else {}
     unknown = sorted(set(params) - KNOWN_PARAMETERS)
     if unknown:
         raise RequestError(f"unknown request parameter(s) {unknown}; supported: {sorted(KNOWN_PARAMETERS)}")
-    truncate = _as_bool("truncate", params.get("truncate", True))
+    mode = _long_documents(params, limits.long_documents)
     direction = params.get("truncation_direction", "right")
     if not isinstance(direction, str) or direction.lower() not in TRUNCATION_DIRECTIONS:
         raise RequestError(f"request parameter 'truncation_direction' must be 'right' or 'left', got {direction!r}")
     max_tokens = params.get("max_tokens_per_doc")
     if max_tokens is not None:
-        max_tokens = _as_positive_int("max_tokens_per_doc", max_tokens)
-        if not truncate:
-            raise RequestError("request parameter 'max_tokens_per_doc' shortens documents: it needs truncate=true")
-    return RequestOptions(truncate=truncate, truncation_direction=direction.lower(), max_tokens_per_doc=max_tokens)
+        max_tokens = _as_int("max_tokens_per_doc", max_tokens, 1)
+        if mode != "truncate":
+            raise RequestError("request parameter 'max_tokens_per_doc' shortens documents: it needs truncate=true "
+                               f"(long_documents='truncate'), not long_documents={mode!r}")
+    overlap = _as_int("chunk_overlap", params.get("chunk_overlap", RequestOptions.chunk_overlap), 0)
+    max_chunks = _as_int("max_chunks_per_doc", params.get("max_chunks_per_doc", limits.max_chunks_per_doc), 1)
+    return RequestOptions(long_documents=mode, truncation_direction=direction.lower(), max_tokens_per_doc=max_tokens,
+                          chunk_overlap=overlap, max_chunks_per_doc=max_chunks)
 
 
 def _byte_size(item) -> int:

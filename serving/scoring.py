@@ -146,8 +146,10 @@ class EncoderSettings:
     device: torch.device = torch.device("cpu")
     max_batch_tokens: int = 16384
     num_threads: int = 0
-    # Per-request limits (the tokenizer step's): pairs, and tokens of one pair (0 = the model's).
+    # Per-request limits (the tokenizer step's): documents, windows of one document (pairs per
+    # request = their product), and tokens of one pair (0 = the model's).
     max_documents: int = 1000
+    max_chunks_per_doc: int = 64
     max_length: int = 0
 
     @classmethod
@@ -180,13 +182,15 @@ class EncoderSettings:
             max_batch_tokens=max_batch_tokens,
             num_threads=int(params.get("num_threads") or 0),
             max_documents=int(params.get("max_documents") or cls.max_documents),
+            max_chunks_per_doc=int(params.get("max_chunks_per_doc") or cls.max_chunks_per_doc),
             max_length=int(params.get("max_length") or 0),
         )
 
     def input_limits(self) -> PackedInputLimits:
         """What one request may carry: the model's vocabulary, type and position tables, and the limits."""
         config = json.loads((Path(self.model_path) / "config.json").read_text())
-        return PackedInputLimits.from_model_config(config, max_pairs=self.max_documents, max_length=self.max_length)
+        return PackedInputLimits.from_model_config(config, max_documents=self.max_documents, max_length=self.max_length,
+                                                   max_chunks_per_doc=self.max_chunks_per_doc)
 
 
 def build_engine(settings: EncoderSettings):
@@ -221,11 +225,22 @@ def score_pairs(
     return scores
 
 
+def max_over_windows(scores: np.ndarray, chunk_counts: np.ndarray) -> np.ndarray:
+    """[num_documents] float32: each document's best window, its windows being the next chunk_counts[i]
+    scores. A NaN window makes the document's score NaN (np.maximum propagates it), so it is refused."""
+    if len(chunk_counts) == len(scores):
+        return scores
+    starts = np.zeros(len(chunk_counts), dtype=np.int64)
+    np.cumsum(chunk_counts[:-1], out=starts[1:])
+    return np.maximum.reduceat(scores, starts)
+
+
 def score_requests(
     engine, requests: list[PackedRequest], max_batch_tokens: int,
     observe: Callable[[int, float], None] | None = None,
 ) -> list[np.ndarray]:
-    """Scores of each request's pairs: all pairs of all requests packed and scored together.
+    """Scores of each request's documents: all pairs of all requests packed and scored together,
+    then each document's windows reduced to their max.
 
     Requests must have passed `check_packed_request`: one whose lengths did not sum to its ids
     would shift the pairs of every request after it.
@@ -235,7 +250,8 @@ def score_requests(
         zip(*((r.input_ids, r.token_type_ids, r.lengths) for r in requests), strict=True)
     )
     scores = score_pairs(engine, input_ids, token_type_ids, lengths, max_batch_tokens, observe=observe)
-    return np.split(scores, np.cumsum([len(r.lengths) for r in requests])[:-1])
+    per_request = np.split(scores, np.cumsum([len(r.lengths) for r in requests])[:-1])
+    return [max_over_windows(part, r.chunk_counts) for part, r in zip(per_request, requests, strict=True)]
 
 
 def non_finite_error(scores: np.ndarray, dtype: torch.dtype) -> str | None:

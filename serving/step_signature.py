@@ -45,25 +45,25 @@ def step_key(environ=os.environ) -> bytes | None:
 
 
 def sign_pairs(key: bytes | None, input_ids: np.ndarray, token_type_ids: np.ndarray,
-               lengths: np.ndarray) -> np.ndarray:
-    """[SIGNATURE_BYTES] uint8: a keyed digest of the three arrays (zeros when key is None)."""
+               lengths: np.ndarray, chunk_counts: np.ndarray) -> np.ndarray:
+    """[SIGNATURE_BYTES] uint8: a keyed digest of the four arrays (zeros when key is None)."""
     if key is None:
         return np.zeros(SIGNATURE_BYTES, dtype=np.uint8)
     digest = hashlib.blake2b(key=key, digest_size=SIGNATURE_BYTES, person=b"tr-pairs")
-    for array in (lengths, input_ids, token_type_ids):
+    for array in (chunk_counts, lengths, input_ids, token_type_ids):
         data = np.ascontiguousarray(array, dtype="<i4")
-        # The size goes in first so that no two different triples hash the same bytes.
+        # The size goes in first so that no two different sets of arrays hash the same bytes.
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data.data)
     return np.frombuffer(digest.digest(), dtype=np.uint8).copy()
 
 
 def check_signature(key: bytes | None, signature: np.ndarray, input_ids: np.ndarray,
-                    token_type_ids: np.ndarray, lengths: np.ndarray) -> None:
+                    token_type_ids: np.ndarray, lengths: np.ndarray, chunk_counts: np.ndarray) -> None:
     """Raises SignatureError unless `signature` is the tokenizer's for these arrays (no-op without a key)."""
     if key is None:
         return
-    expected = sign_pairs(key, input_ids, token_type_ids, lengths)
+    expected = sign_pairs(key, input_ids, token_type_ids, lengths, chunk_counts)
     signature = np.asarray(signature).reshape(-1)
     if signature.dtype != np.uint8 or not hmac.compare_digest(signature.tobytes(), expected.tobytes()):
         raise SignatureError(

@@ -57,11 +57,31 @@ class PackedPairs:
     input_ids:      [total_tokens] int32
     token_type_ids: [total_tokens] int32 (segment ids; zeros for models without token types)
     lengths:        [num_pairs] int32, tokens of each pair after truncation
+    chunk_counts:   [num_documents] int32, pairs (windows) of each document, in order; all 1
+                    unless documents are chunked
     """
 
     input_ids: np.ndarray
     token_type_ids: np.ndarray
     lengths: np.ndarray
+    chunk_counts: np.ndarray
+
+    @property
+    def document_tokens(self) -> np.ndarray:
+        """[num_documents] int32: tokens of every pair scored for each document."""
+        starts = np.zeros(len(self.chunk_counts), dtype=np.int64)
+        np.cumsum(self.chunk_counts[:-1], out=starts[1:])
+        return np.add.reduceat(self.lengths, starts).astype(np.int32)
+
+    @classmethod
+    def pack(cls, encodings: list, chunk_counts: np.ndarray | None = None) -> PackedPairs:
+        """Encodings of pairs, back to back; one per document unless chunk_counts says otherwise."""
+        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int32, count=len(encodings))
+        if chunk_counts is None:
+            chunk_counts = np.ones(len(encodings), dtype=np.int32)
+        return cls(input_ids=np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings]),
+                   token_type_ids=np.concatenate([np.asarray(e.type_ids, dtype=np.int32) for e in encodings]),
+                   lengths=lengths, chunk_counts=chunk_counts)
 
 
 # Where a document may be cut: before an ASCII space that follows a word character. A space is
@@ -244,17 +264,9 @@ class PairTokenizer:
         """The pairs of `query` with each document, packed. A pair that does not fit the model is cut
         (truncate: at the document's end, or with direction="left" at its start) or refused;
         max_document_tokens keeps at most that many tokens of each document (with truncate)."""
-        if not documents:
-            raise PairTokenizationError("DOCUMENTS is empty: send at least one document")
         if max_document_tokens is not None and not truncate:
             raise PairTokenizationError("max_tokens_per_doc shortens documents: it needs truncate=true")
-        query_tokens = len(self._tokenizer.encode(query, add_special_tokens=False))
-        room = self.max_length - self.num_special_tokens - query_tokens
-        if room < 1:
-            raise PairTokenizationError(
-                f"the query has {query_tokens} tokens; with the special tokens it leaves no room for a "
-                f"document within the model's max input of {self.max_length} tokens: shorten the query"
-            )
+        query_tokens, room = self._room(query, documents)
         if max_document_tokens is not None:
             room = min(room, max_document_tokens)
         # Cutting a prefix off before tokenizing is exact only where the end is what truncation drops.
@@ -280,10 +292,57 @@ class PairTokenizer:
             if too_long:
                 raise PairTokenizationError(self._too_long_message(min(too_long), encodings, counted, texts,
                                                                    query_tokens))
-        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int32, count=len(encodings))
-        input_ids = np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
-        token_type_ids = np.concatenate([np.asarray(e.type_ids, dtype=np.int32) for e in encodings])
-        return PackedPairs(input_ids=input_ids, token_type_ids=token_type_ids, lengths=lengths)
+        return PackedPairs.pack(encodings)
+
+    def encode_chunked(self, query: str, documents: list[str], overlap: int = 32, max_chunks_per_doc: int = 64,
+                       max_windows: int | None = None) -> PackedPairs:
+        """The pairs of `query` with windows of each document, packed, every document's windows in order.
+
+        A document that fits is one pair, as with `encode`. A longer one is split into windows of
+        W = room document tokens (the model's max input less the query's and the special tokens),
+        a new one starting every W - overlap tokens; the last may be shorter. More than
+        max_chunks_per_doc windows for one document, or max_windows for the request, is refused.
+        """
+        query_tokens, room = self._room(query, documents)
+        if overlap >= room:
+            raise PairTokenizationError(
+                f"chunk_overlap is {overlap}, but a window holds only {room} document tokens (the model's max "
+                f"input of {self.max_length} less the query's {query_tokens} and {self.num_special_tokens} special "
+                f"tokens): send a chunk_overlap below {room}")
+        # Tokenizers' own sliding window (stride = the tokens neighbouring windows share), the
+        # one question-answering models use; the first window is what truncation would keep.
+        self._tokenizer.enable_truncation(self.max_length, stride=overlap, strategy="only_second", direction="right")
+        try:
+            encodings = self._tokenizer.encode_batch([(query, document) for document in documents])
+        finally:
+            self._tokenizer.no_truncation()
+        windows = [[encoding, *encoding.overflowing] for encoding in encodings]
+        for i, parts in enumerate(windows):
+            if len(parts) > max_chunks_per_doc:
+                raise PairTokenizationError(
+                    f"document {i} makes {len(parts)} windows of {room} tokens (overlap {overlap}), more than "
+                    f"max_chunks_per_doc={max_chunks_per_doc}: raise max_chunks_per_doc, shorten the document, "
+                    "or send long_documents=truncate")
+        total = sum(len(parts) for parts in windows)
+        if max_windows is not None and total > max_windows:
+            raise PairTokenizationError(
+                f"the documents make {total} windows in all; this server scores at most {max_windows} per request "
+                "(max_documents x max_chunks_per_doc): split the documents over several requests")
+        counts = np.fromiter((len(parts) for parts in windows), dtype=np.int32, count=len(windows))
+        return PackedPairs.pack([part for parts in windows for part in parts], counts)
+
+    def _room(self, query: str, documents: list[str]) -> tuple[int, int]:
+        """(query tokens, document tokens a pair has room for); refuses an empty request or a query too long."""
+        if not documents:
+            raise PairTokenizationError("DOCUMENTS is empty: send at least one document")
+        query_tokens = len(self._tokenizer.encode(query, add_special_tokens=False))
+        room = self.max_length - self.num_special_tokens - query_tokens
+        if room < 1:
+            raise PairTokenizationError(
+                f"the query has {query_tokens} tokens; with the special tokens it leaves no room for a "
+                f"document within the model's max input of {self.max_length} tokens: shorten the query"
+            )
+        return query_tokens, room
 
     def _too_long_message(self, i: int, encodings: list, counted: dict[int, int], texts: list[str],
                           query_tokens: int) -> str:
@@ -294,7 +353,7 @@ class PairTokenizer:
         else:
             size = f"{len(encodings[i])} tokens"
         return (f"document {i} makes a pair of {size}, more than the model's max input of {self.max_length}; "
-                "shorten it or send truncate=true")
+                "shorten it, or send long_documents=truncate or chunk")
 
     def _cut(self, documents: list[str], room: int) -> tuple[list[str], dict[int, int]]:
         """The texts to tokenize, and {index: document tokens counted} for those cut.

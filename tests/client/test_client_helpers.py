@@ -141,8 +141,14 @@ def test_table_fits_the_width():
 def test_score_options_as_request_parameters():
     from triton_rerank.client.triton_io import ScoreOptions
 
-    assert ScoreOptions().parameters() == {"truncate": True}
+    # Nothing said: the server's defaults (serve --long-documents) apply.
+    assert ScoreOptions().parameters() == {}
     assert ScoreOptions(False).parameters() == {"truncate": False}
+    assert ScoreOptions(long_documents="chunk", chunk_overlap=0, max_chunks_per_doc=300).parameters() == {
+        "long_documents": "chunk", "chunk_overlap": 0, "max_chunks_per_doc": 300}
+    # long_documents says it all; a truncate that agrees adds nothing.
+    assert ScoreOptions(True, long_documents="chunk").parameters() == {"long_documents": "chunk"}
+    assert ScoreOptions(False, long_documents="error").parameters() == {"long_documents": "error"}
     assert ScoreOptions(True, "left", 8).parameters() == {"truncate": True, "truncation_direction": "left",
                                                           "max_tokens_per_doc": 8}
     # Triton's parameters are int64: a limit beyond any window is sent as the largest int32.
@@ -150,6 +156,12 @@ def test_score_options_as_request_parameters():
     for bad, message in [({"truncation_direction": "up"}, "truncation_direction must be one of"),
                          ({"max_tokens_per_doc": 0}, "positive integer"),
                          ({"max_tokens_per_doc": True}, "positive integer"),
-                         ({"truncate": False, "max_tokens_per_doc": 4}, "needs truncate=True")]:
+                         ({"truncate": False, "max_tokens_per_doc": 4}, "needs truncate=True"),
+                         ({"long_documents": "whole"}, "long_documents must be one of"),
+                         ({"truncate": False, "long_documents": "chunk"}, "contradict each other"),
+                         ({"truncate": True, "long_documents": "error"}, "contradict each other"),
+                         ({"long_documents": "chunk", "max_tokens_per_doc": 4}, "send one of the two"),
+                         ({"chunk_overlap": -1}, "chunk_overlap must be an integer >= 0"),
+                         ({"max_chunks_per_doc": 0}, "max_chunks_per_doc must be a positive integer")]:
         with pytest.raises(InvalidRequestError, match=message):
             ScoreOptions(**bad)

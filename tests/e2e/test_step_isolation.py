@@ -35,11 +35,15 @@ def ensemble_scores(client, query, documents):
     return client.infer("reranker", [q, d]).as_numpy("SCORES").reshape(-1)
 
 
-def step_inputs(ids, types, lengths, signature):
+def step_inputs(ids, types, lengths, signature, chunk_counts=None):
+    """cross_encoder's inputs; one document per pair unless chunk_counts says otherwise."""
+    if chunk_counts is None:
+        chunk_counts = np.ones(np.asarray(lengths).shape, dtype=np.int32)
     inputs = []
     for name, values, dtype, datatype in (("INPUT_IDS", ids, np.int32, "INT32"),
                                           ("TOKEN_TYPE_IDS", types, np.int32, "INT32"),
                                           ("SEQ_LENGTHS", lengths, np.int32, "INT32"),
+                                          ("CHUNK_COUNTS", chunk_counts, np.int32, "INT32"),
                                           ("SIGNATURE", signature, np.uint8, "UINT8")):
         array = np.asarray(values, dtype=dtype)
         array = array[None] if array.ndim == 1 else array
@@ -55,9 +59,10 @@ def attacks(key: bytes, config: dict) -> dict[str, tuple[list, str]]:
     vocab, window = config["vocab_size"], config["max_position_embeddings"] - config["pad_token_id"] - 1
     rng = np.random.default_rng(0)
 
-    def signed(ids, types, lengths):
+    def signed(ids, types, lengths, chunk_counts=None):
         ids, types, lengths = (np.asarray(a, dtype=np.int32) for a in (ids, types, lengths))
-        return step_inputs(ids, types, lengths, sign_pairs(key, ids, types, lengths))
+        counts = np.ones(len(lengths), dtype=np.int32) if chunk_counts is None else np.asarray(chunk_counts, np.int32)
+        return step_inputs(ids, types, lengths, sign_pairs(key, ids, types, lengths, counts), counts)
 
     ids = rng.integers(5, vocab, 400)
     zeros = np.zeros(400, dtype=np.int32)
@@ -70,10 +75,18 @@ def attacks(key: bytes, config: dict) -> dict[str, tuple[list, str]]:
         "id outside the vocabulary": (signed([0, vocab + 7, 2], [0, 0, 0], [3]), f"[0, {vocab})"),
         "negative id": (signed([0, -1, 2], [0, 0, 0], [3]), "INPUT_IDS holds -1"),
         "token type out of range": (signed([0, 9, 2], [0, 1, 0], [3]), "TOKEN_TYPE_IDS holds 1"),
-        "200,000 pairs": (signed(np.full(200_000, 7), np.zeros(200_000), np.ones(200_000)), "at most 1000"),
+        "200,000 pairs": (signed(np.full(200_000, 7), np.zeros(200_000), np.ones(200_000)),
+                          "at most 64000 per request"),
+        "chunk counts short of the pairs": (signed(ids[:10], zeros[:10], [4, 6], [1]), "CHUNK_COUNTS sum to 1"),
+        "a document of no pairs": (signed(ids[:10], zeros[:10], [4, 6], [2, 0]), "CHUNK_COUNTS[1] is 0"),
+        "1001 documents": (signed(np.full(1001, 7), np.zeros(1001), np.ones(1001)), "1001 documents; at most 1000"),
+        # The pairs the tokenizer signed, regrouped as the windows of one document.
+        "windows regrouped": (step_inputs(ids[:10], zeros[:10], [4, 6], sign_pairs(key, ids[:10], zeros[:10],
+                              np.array([4, 6]), np.array([1, 1])), [2]), "not produced by this server's tokenizer"),
         "unsigned": (step_inputs([0, 9, 2], [0, 0, 0], [3], np.zeros(32)), "not produced by this server's tokenizer"),
         "signed for other inputs": (step_inputs([0, 9, 2], [0, 0, 0], [3], sign_pairs(key, np.array([0, 8, 2]),
-                                    np.zeros(3), np.array([3]))), "not produced by this server's tokenizer"),
+                                    np.zeros(3), np.array([3]), np.array([1]))),
+                                    "not produced by this server's tokenizer"),
         "two rows": (step_inputs(np.ones((2, 3)), np.zeros((2, 3)), np.full((2, 1), 3), np.zeros((2, 32))),
                      "shape [1, n]"),
     }
@@ -139,7 +152,7 @@ def test_tokenizer_output_passed_on_by_hand_scores_as_the_ensemble_does(xlmr_ser
         d.set_data_from_numpy(np.array([doc.encode() for doc in documents], dtype=object))
         tokenized = client.infer("tokenizer", [q, d])
         inputs = step_inputs(*(tokenized.as_numpy(name) for name in
-                               ("INPUT_IDS", "TOKEN_TYPE_IDS", "SEQ_LENGTHS", "SIGNATURE")))
+                               ("INPUT_IDS", "TOKEN_TYPE_IDS", "SEQ_LENGTHS", "SIGNATURE", "CHUNK_COUNTS")))
         direct = client.infer("cross_encoder", inputs).as_numpy("SCORES").reshape(-1)
         np.testing.assert_array_equal(direct, ensemble_scores(client, query, documents))
 

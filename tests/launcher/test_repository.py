@@ -44,15 +44,17 @@ def test_rendered_configs_parse_back_with_the_values_set(tmp_path):
     settings = RepositorySettings(model_path='/models/a "b"', device="cuda", dtype="float16", engine="hf",
                                   attention_backend="sdpa", max_length=512, max_batch_tokens=4096, instances=2,
                                   gpus=(0, 3), num_threads=3, max_queue_size=7, queue_delay_us=250,
-                                  max_documents=10, extra={"tokenizer": {"max_text_bytes": "2048"}})
+                                  max_documents=10, long_documents="chunk", max_chunks_per_doc=5,
+                                  extra={"tokenizer": {"max_text_bytes": "2048"}})
     out = render_model_repository(settings, tmp_path / "repo")
     assert sorted(p.name for p in out.iterdir()) == MODELS
     cross, tokenizer = parse(out / "cross_encoder" / "config.pbtxt"), parse(out / "tokenizer" / "config.pbtxt")
     assert params(cross) == {"model_path": '/models/a "b"', "engine": "hf", "attention_backend": "sdpa",
                              "dtype": "float16", "device": "auto", "max_batch_tokens": "4096", "num_threads": "3",
-                             "max_documents": "10", "max_length": "512"}
+                             "max_documents": "10", "max_chunks_per_doc": "5", "max_length": "512"}
     assert params(tokenizer).items() >= {"model_path": '/models/a "b"', "max_length": "512", "max_documents": "10",
-                                         "max_text_bytes": "2048"}.items()
+                                         "max_text_bytes": "2048", "long_documents": "chunk",
+                                         "max_chunks_per_doc": "5"}.items()
     (group,) = cross.instance_group
     assert (group.count, group.kind, list(group.gpus)) == (2, ModelInstanceGroup.KIND_GPU, [0, 3])
     assert cross.dynamic_batching.max_queue_delay_microseconds == 250
@@ -130,6 +132,8 @@ def test_unknown_parameter_is_refused_naming_it(tmp_path):
     ({"queue_delay_us": -1}, "queue_delay_us must be >= 0"),
     ({"max_batch_tokens": -5}, "max_batch_tokens must be >= 0"),
     ({"max_documents": 0}, "max_documents must be at least 1"),
+    ({"max_chunks_per_doc": 0}, "max_chunks_per_doc must be at least 1"),
+    ({"long_documents": "split"}, "long_documents must be one of truncate, chunk, error, got 'split'"),
 ])
 def test_bad_settings_are_refused(tmp_path, settings, message):
     with pytest.raises(LauncherError, match=message):

@@ -100,3 +100,43 @@ def test_limits_come_from_the_config_parameters():
     assert (limits.max_documents, limits.max_text_bytes, limits.max_request_bytes) == (5, 1 << 20, 4096)
     # Empty or 0 means the default (8 MiB).
     assert RequestLimits.from_parameters({"max_request_bytes": "0"}).max_request_bytes == 8 << 20
+
+
+def test_long_documents_mode_from_long_documents_or_truncate():
+    from triton_rerank.serving.request_options import RequestLimits
+
+    assert read_options(None).long_documents == "truncate"
+    assert read_options('{"long_documents": "Chunk"}').long_documents == "chunk"
+    assert read_options('{"truncate": false}').long_documents == "error"
+    assert read_options('{"truncate": true, "long_documents": "chunk"}').long_documents == "chunk"
+    assert read_options('{"truncate": false, "long_documents": "error"}').long_documents == "error"
+    # The server's default applies where a request does not say; truncate=true only asks not to be refused.
+    chunking = RequestLimits(long_documents="chunk")
+    assert read_options(None, chunking).long_documents == "chunk"
+    assert read_options('{"truncate": true}', chunking).long_documents == "chunk"
+    assert read_options('{"truncate": false}', chunking).long_documents == "error"
+    assert read_options('{"truncate": true}', RequestLimits(long_documents="error")).long_documents == "truncate"
+    for bad, message in [('{"long_documents": "split"}', r"must be one of \['truncate', 'chunk', 'error'\]"),
+                         ('{"truncate": false, "long_documents": "chunk"}', "contradict each other"),
+                         ('{"truncate": true, "long_documents": "error"}', "contradict each other"),
+                         ('{"long_documents": "chunk", "max_tokens_per_doc": 8}', "not long_documents='chunk'")]:
+        with pytest.raises(RequestError, match=message):
+            read_options(bad)
+
+
+def test_chunk_overlap_and_max_chunks_per_doc():
+    from triton_rerank.serving.request_options import RequestLimits
+
+    default = read_options(None, RequestLimits(max_chunks_per_doc=5))
+    assert (default.chunk_overlap, default.max_chunks_per_doc) == (32, 5)
+    options = read_options('{"chunk_overlap": 0, "max_chunks_per_doc": "200"}')
+    assert (options.chunk_overlap, options.max_chunks_per_doc) == (0, 200)
+    for bad, message in [('{"chunk_overlap": -1}', "must be an integer >= 0"),
+                         ('{"chunk_overlap": 1.5}', "must be an integer >= 0"),
+                         ('{"max_chunks_per_doc": 0}', "must be a positive integer")]:
+        with pytest.raises(RequestError, match=message):
+            read_options(bad)
+    limits = RequestLimits.from_parameters({"long_documents": "chunk", "max_chunks_per_doc": "8", "max_documents": "10"})
+    assert (limits.long_documents, limits.max_chunks_per_doc, limits.max_windows) == ("chunk", 8, 80)
+    with pytest.raises(ValueError, match="long_documents must be one of"):
+        RequestLimits.from_parameters({"long_documents": "whole"})

@@ -69,22 +69,36 @@ def test_score_requests_packs_all_requests_and_answers_each_its_own():
     def first_token_engine(batch):
         return batch.input_ids[batch.cu_seqlens[:-1].long()].float()
 
-    def request(ids, lengths):
+    def request(ids, lengths, chunk_counts=None):
         ids = np.asarray(ids, dtype=np.int32)
-        return PackedRequest(ids, np.zeros_like(ids), np.asarray(lengths, dtype=np.int32))
+        chunk_counts = np.ones(len(lengths), dtype=np.int32) if chunk_counts is None else chunk_counts
+        return PackedRequest(ids, np.zeros_like(ids), np.asarray(lengths, dtype=np.int32),
+                             np.asarray(chunk_counts, dtype=np.int32))
 
-    requests = [request([7, 1, 8, 2, 2], [1, 4]), request([9], [1]), request([4, 4, 5, 6, 6, 6], [2, 1, 3])]
+    requests = [request([7, 1, 8, 2, 2], [1, 4]), request([9], [1]), request([4, 4, 5, 6, 6, 6], [2, 1, 3]),
+                # Windows of one document: its score is their max, wherever the max falls.
+                request([3, 8, 8, 1, 5, 5, 2], [1, 2, 1, 2, 1], [3, 1, 1])]
     scores = score_requests(first_token_engine, requests, max_batch_tokens=4)
-    assert [s.tolist() for s in scores] == [[7.0, 1.0], [9.0], [4.0, 5.0, 6.0]]
+    assert [s.tolist() for s in scores] == [[7.0, 1.0], [9.0], [4.0, 5.0, 6.0], [8.0, 5.0, 2.0]]
+
+
+def test_a_non_finite_window_is_never_hidden_by_the_max():
+    from triton_rerank.serving.scoring import max_over_windows, non_finite_error
+
+    scores = max_over_windows(np.array([1.0, np.nan, 0.5, 2.0, np.inf], dtype=np.float32), np.array([3, 2]))
+    assert np.isnan(scores[0]) and np.isinf(scores[1])
+    assert non_finite_error(scores, torch.float32).startswith("the model produced a non-finite score (nan) for "
+                                                              "document 0 and 1 more")
 
 
 def test_settings_read_the_per_request_limits_and_the_model_tables(tiny_model_dirs):
     import json
 
-    params = {"model_path": str(tiny_model_dirs["bert"]), "max_documents": "12", "max_length": "20"}
+    params = {"model_path": str(tiny_model_dirs["bert"]), "max_documents": "12", "max_length": "20",
+              "max_chunks_per_doc": "3"}
     limits = EncoderSettings.from_parameters(params).input_limits()
     config = json.loads((tiny_model_dirs["bert"] / "config.json").read_text())
-    assert (limits.max_pairs, limits.max_length) == (12, 20)
+    assert (limits.max_documents, limits.max_pairs, limits.max_length) == (12, 36, 20)
     assert (limits.vocab_size, limits.type_vocab_size) == (config["vocab_size"], config["type_vocab_size"])
 
 

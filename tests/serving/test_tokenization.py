@@ -128,7 +128,7 @@ def test_a_cut_document_refused_without_truncation_says_at_least_how_long(tiny_m
     tokenizer = PairTokenizer(tiny_model_dirs["bert"], max_length=24)
     with pytest.raises(PairTokenizationError,
                        match=r"document 1 makes a pair of \d+ tokens or more \(counted on its first \d+ characters\), "
-                             r"more than the model's max input of 24; shorten it or send truncate=true"):
+                             r"more than the model's max input of 24; shorten it, or send long_documents=truncate or chunk"):
         tokenizer.encode("query", ["short", "bamboo " * 50_000], truncate=False)
     # A document tokenized whole still gets its exact count.
     with pytest.raises(PairTokenizationError, match=r"document 0 makes a pair of \d+ tokens, more than"):
@@ -327,3 +327,63 @@ def test_max_document_tokens_keeps_that_many_tokens_of_each_document(tiny_model_
     assert packed.input_ids[packed.lengths[0]:].tolist() == hf_pair(model_dir, query, "hi", 512, direction)
     with pytest.raises(PairTokenizationError, match="needs truncate=true"):
         tokenizer.encode(query, documents, truncate=False, max_document_tokens=5)
+
+
+@pytest.mark.parametrize("arch", ["xlm-roberta", "bert"])
+@pytest.mark.parametrize("overlap", [0, 3, 13])
+def test_chunk_windows_slide_over_the_whole_document(tiny_model_dirs, arch, overlap):
+    """Window k holds document tokens [k(W - overlap), k(W - overlap) + W), each after the query."""
+    model_dir = tiny_model_dirs[arch]
+    tokenizer = PairTokenizer(model_dir, max_length=32)
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    query, long_document = "capital city", " ".join(["river water city language"] * 20)
+    packed = tokenizer.encode_chunked(query, ["hi", long_document, "water"], overlap=overlap,
+                                     max_chunks_per_doc=1000)
+    # The short documents are one pair each, exactly as encode makes them.
+    plain = tokenizer.encode(query, ["hi"])
+    assert packed.input_ids[:plain.lengths[0]].tolist() == plain.input_ids.tolist()
+    document_ids = hf(long_document, add_special_tokens=False)["input_ids"]
+    query_part = hf(query, "x")["input_ids"]
+    prefix = query_part[:query_part.index(hf.sep_token_id) + (2 if arch == "xlm-roberta" else 1)]
+    window = 32 - len(prefix) - 1
+    step = window - overlap
+    starts = range(0, max(len(document_ids) - overlap, 1), step)
+    assert packed.chunk_counts.tolist() == [1, len(starts), 1]
+    offsets = np.concatenate([[0], np.cumsum(packed.lengths)])
+    for k, start in enumerate(starts):
+        pair = packed.input_ids[offsets[1 + k]:offsets[2 + k]].tolist()
+        assert pair == prefix + document_ids[start:start + window] + [hf.sep_token_id]
+    # The last window reaches the document's end; only it may be shorter.
+    assert packed.lengths[1:-2].tolist() == [32] * (len(starts) - 1) and packed.lengths[-2] <= 32
+    assert packed.document_tokens.tolist() == [packed.lengths[0], int(packed.lengths[1:-1].sum()), packed.lengths[-1]]
+
+
+def test_chunk_windows_equal_hf_overflowing_tokens(tiny_model_dirs):
+    model_dir = tiny_model_dirs["xlm-roberta"]
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    query, document = "what is a panda", "the giant panda eats bamboo in the mountains of china " * 12
+    packed = PairTokenizer(model_dir, max_length=32).encode_chunked(query, [document], overlap=5)
+    expected = hf(query, document, truncation="only_second", max_length=32, stride=5,
+                  return_overflowing_tokens=True)["input_ids"]
+    assert packed.lengths.tolist() == [len(ids) for ids in expected]
+    assert packed.input_ids.tolist() == [i for ids in expected for i in ids]
+
+
+def test_chunking_refuses_what_it_cannot_do_and_says_how_to_fix_it(tiny_model_dirs):
+    tokenizer = PairTokenizer(tiny_model_dirs["bert"], max_length=24)
+    long_document = "bamboo " * 200  # 200 document tokens; windows of 24 - 3 - 1 = 20
+    with pytest.raises(PairTokenizationError, match=r"chunk_overlap is 20, but a window holds only 20 document "
+                                                    r"tokens .*send a chunk_overlap below 20"):
+        tokenizer.encode_chunked("query", [long_document], overlap=20)
+    # ceil((200 - 4) / 16) = 13 windows with overlap 4.
+    assert tokenizer.encode_chunked("query", [long_document], overlap=4, max_chunks_per_doc=13).chunk_counts.tolist() == [13]
+    with pytest.raises(PairTokenizationError, match=r"document 1 makes 13 windows of 20 tokens \(overlap 4\), more "
+                                                    r"than max_chunks_per_doc=12: raise max_chunks_per_doc"):
+        tokenizer.encode_chunked("query", ["short", long_document], overlap=4, max_chunks_per_doc=12)
+    with pytest.raises(PairTokenizationError, match=r"the documents make 26 windows in all; this server scores at "
+                                                    r"most 25 per request"):
+        tokenizer.encode_chunked("query", [long_document] * 2, overlap=4, max_windows=25)
+    with pytest.raises(PairTokenizationError, match="DOCUMENTS is empty"):
+        tokenizer.encode_chunked("query", [])
+    # Nothing of a refused request stays behind: the next plain request is not windowed.
+    assert tokenizer.encode("query", [long_document]).lengths.tolist() == [24]

@@ -45,14 +45,15 @@ class TritonPythonModel:
         return responses
 
     def _read(self, request):
-        ids, types, lengths, signature = (pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                                          for name in ("INPUT_IDS", "TOKEN_TYPE_IDS", "SEQ_LENGTHS", "SIGNATURE"))
-        pairs = check_packed_request(ids, types, lengths, self.limits)
-        check_signature(self.key, signature, pairs.input_ids, pairs.token_type_ids, pairs.lengths)
+        ids, types, lengths, counts, signature = (
+            pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+            for name in ("INPUT_IDS", "TOKEN_TYPE_IDS", "SEQ_LENGTHS", "CHUNK_COUNTS", "SIGNATURE"))
+        pairs = check_packed_request(ids, types, lengths, counts, self.limits)
+        check_signature(self.key, signature, pairs.input_ids, pairs.token_type_ids, pairs.lengths, pairs.chunk_counts)
         return pairs
 
     def _response(self, scores):
-        # A NaN or inf is never returned as a score.
+        # One score per document (the best of its windows). A NaN or inf is never returned as a score.
         error = non_finite_error(scores, self.settings.dtype)
         if error is not None:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INTERNAL))

@@ -29,15 +29,20 @@ class TritonPythonModel:
 
     def _encode(self, request):
         try:
-            options = read_options(request.parameters())
+            options = read_options(request.parameters(), self.limits)
             query, documents = read_query_and_documents(
                 pb_utils.get_input_tensor_by_name(request, "QUERY"),
                 pb_utils.get_input_tensor_by_name(request, "DOCUMENTS"),
                 self.limits,
             )
-            packed = self.tokenizer.encode(query, documents, truncate=options.truncate,
-                                           direction=options.truncation_direction,
-                                           max_document_tokens=options.max_tokens_per_doc)
+            if options.long_documents == "chunk":
+                packed = self.tokenizer.encode_chunked(query, documents, overlap=options.chunk_overlap,
+                                                       max_chunks_per_doc=options.max_chunks_per_doc,
+                                                       max_windows=self.limits.max_windows)
+            else:
+                packed = self.tokenizer.encode(query, documents, truncate=options.truncate,
+                                               direction=options.truncation_direction,
+                                               max_document_tokens=options.max_tokens_per_doc)
         except (RequestError, PairTokenizationError) as error:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
@@ -46,6 +51,8 @@ class TritonPythonModel:
             pb_utils.Tensor("INPUT_IDS", packed.input_ids[np.newaxis]),
             pb_utils.Tensor("TOKEN_TYPE_IDS", packed.token_type_ids[np.newaxis]),
             pb_utils.Tensor("SEQ_LENGTHS", packed.lengths[np.newaxis]),
+            pb_utils.Tensor("CHUNK_COUNTS", packed.chunk_counts[np.newaxis]),
+            pb_utils.Tensor("TOKEN_COUNTS", packed.document_tokens[np.newaxis]),
             pb_utils.Tensor("SIGNATURE", sign_pairs(self.key, packed.input_ids, packed.token_type_ids,
-                                                    packed.lengths)[np.newaxis]),
+                                                    packed.lengths, packed.chunk_counts)[np.newaxis]),
         ])
