@@ -42,6 +42,15 @@ def format_table(results: list[RerankResult], width: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def score_options(args) -> dict:
+    """The ScoreOptions fields the flags set; what is not set is left to the server's defaults."""
+    options = {"truncate": False if args.no_truncate else None, "long_documents": args.long_documents,
+               "chunk_overlap": args.chunk_overlap, "max_chunks_per_doc": args.max_chunks_per_doc}
+    if args.truncation_direction != "right":
+        options["truncation_direction"] = args.truncation_direction
+    return options
+
+
 def run(args) -> int:
     if bool(args.documents_file) == bool(args.documents):
         print("error: give the documents either as arguments or with --documents-file, not both or neither",
@@ -52,7 +61,7 @@ def run(args) -> int:
         documents = read_documents_file(args.documents_file) if args.documents_file else list(args.documents)
         with RerankClient(url, args.protocol, timeout=args.timeout) as client:
             results = client.rerank(args.query, documents, top_n=args.top_n, normalize=args.normalize,
-                                    truncate=not args.no_truncate)
+                                    **score_options(args))
     except RerankError as error:  # before OSError: ServerUnavailableError is a ConnectionError
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, InvalidRequestError) else 1
@@ -84,7 +93,16 @@ def register(subparsers) -> None:
     p.add_argument("--top-n", type=int, default=None, help="print only the best N")
     p.add_argument("--normalize", action="store_true", help="sigmoid scores (0..1) instead of raw logits")
     p.add_argument("--no-truncate", action="store_true", help="refuse too-long documents instead of cutting them")
+    p.add_argument("--long-documents", choices=["truncate", "chunk", "error"], default=None,
+                   help="a document longer than the model's window: cut it, score its overlapping windows and keep "
+                        "the best (chunk), or refuse it; default: the server's (serve --long-documents)")
+    p.add_argument("--chunk-overlap", type=int, default=None, help="tokens neighbouring windows share (server: 32)")
+    p.add_argument("--max-chunks-per-doc", type=int, default=None,
+                   help="most windows of one document; default the server's (serve --max-chunks-per-doc)")
+    p.add_argument("--truncation-direction", choices=["right", "left"], default="right",
+                   help="which end of a too-long document is cut (left keeps its end)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    p.add_argument("--json", action="store_true", help="print JSON: [{index, score, document, token_count}, ...]")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: [{index, score, document, token_count, chunk_count}, ...]")
 
     p.set_defaults(func=run)

@@ -156,17 +156,20 @@ def test_perf_input_is_perf_analyzer_json():
 def test_environment_overrides(compose):
     raw = yaml.safe_load(COMPOSE.read_text())
     env = {"MODEL_DIR": "/srv/models/my-reranker", "MODEL_PATH": "/models", "HF_CACHE": "/srv/hf",
-           "TRITON_REPLICAS": "3", "GPUS": "0,1", "INSTANCES": "2", "HTTP_PORT": "18000", "MAX_RESTARTS": "2"}
+           "TRITON_REPLICAS": "3", "GPUS": "0,1", "INSTANCES": "2", "HTTP_PORT": "18000", "MAX_RESTARTS": "2",
+           "LONG_DOCUMENTS": "chunk"}
     triton = interpolate(raw, env)["services"]["triton"]
     assert set(triton["volumes"]) == {"/srv/hf:/hf-cache", "/srv/models/my-reranker:/models:ro"}
     assert triton["deploy"]["replicas"] == "3"
-    assert {k: triton["environment"][k] for k in ("MODEL_PATH", "GPUS", "INSTANCES", "MAX_RESTARTS")} == {
-        "MODEL_PATH": "/models", "GPUS": "0,1", "INSTANCES": "2", "MAX_RESTARTS": "2"}
+    assert {k: triton["environment"][k] for k in ("MODEL_PATH", "GPUS", "INSTANCES", "MAX_RESTARTS",
+                                                  "LONG_DOCUMENTS")} == {
+        "MODEL_PATH": "/models", "GPUS": "0,1", "INSTANCES": "2", "MAX_RESTARTS": "2", "LONG_DOCUMENTS": "chunk"}
     # The entry point's own defaults, so that an unset variable changes nothing.
     assert {k: interpolate(raw, {})["services"]["triton"]["environment"][k]
-            for k in ("MAX_RESTARTS", "RESTART_WINDOW", "RESTART_BACKOFF")} == {
+            for k in ("MAX_RESTARTS", "RESTART_WINDOW", "RESTART_BACKOFF", "LONG_DOCUMENTS", "MAX_CHUNKS_PER_DOC")} == {
         "MAX_RESTARTS": str(RestartPolicy.max_restarts), "RESTART_WINDOW": f"{RestartPolicy.window:g}",
-        "RESTART_BACKOFF": f"{RestartPolicy.backoff:g}"}
+        "RESTART_BACKOFF": f"{RestartPolicy.backoff:g}", "LONG_DOCUMENTS": RepositorySettings.long_documents,
+        "MAX_CHUNKS_PER_DOC": str(RepositorySettings.max_chunks_per_doc)}
     assert interpolate(raw, env)["services"]["lb"]["ports"][0] == "18000:8000"
 
 
@@ -282,13 +285,14 @@ def parse_config(path: Path) -> model_config_pb2.ModelConfig:
 def test_entrypoint_renders_the_repository_the_tests_serve(tmp_path):
     model = fake_model(tmp_path)
     result = entrypoint("--model-path", str(model), "--target", str(tmp_path / "image"), "--dtype", "bfloat16",
-                        "--instances", "2", "--gpus", "0,1")
+                        "--instances", "2", "--gpus", "0,1", "--long-documents", "chunk", "--max-chunks-per-doc", "9")
     assert result.returncode == 0, result.stderr
     image = tmp_path / "image"
     # The same renderer, the same (packaged) source, the same settings: file for file what
     # render_model_repository gives.
     reference = render_model_repository(
-        RepositorySettings(model_path=str(model), device="cuda", dtype="bfloat16", instances=2, gpus=(0, 1)),
+        RepositorySettings(model_path=str(model), device="cuda", dtype="bfloat16", instances=2, gpus=(0, 1),
+                           long_documents="chunk", max_chunks_per_doc=9),
         tmp_path / "ref")
     files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(image) for p in image.rglob("*") if p.is_file())
@@ -303,7 +307,8 @@ def test_entrypoint_renders_the_repository_the_tests_serve(tmp_path):
         (model_config_pb2.ModelInstanceGroup.KIND_GPU, 2, [0, 1])]
     params = {k: v.string_value for k, v in cross.parameters.items()}
     # "auto": each GPU instance runs on the GPU Triton gave it ("cuda" would be cuda:0 for all).
-    assert params["device"] == "auto" and params["dtype"] == "bfloat16"
+    assert params["device"] == "auto" and params["dtype"] == "bfloat16" and params["max_chunks_per_doc"] == "9"
+    assert configs["tokenizer"].parameters["long_documents"].string_value == "chunk"
     # The model is linked into each step, so that configs clients can read name no host path.
     for step in ("tokenizer", "cross_encoder"):
         link = configs[step].parameters["model_path"].string_value

@@ -158,7 +158,8 @@ def test_cli_prints_a_ranked_table_and_json(xlmr, tmp_path):
     assert as_json.returncode == 0, as_json.stderr
     results = json.loads(as_json.stdout)
     assert [r["index"] for r in results] == order[:2]
-    assert set(results[0]) == {"index", "score", "document", "token_count"} and 0 < results[0]["score"] < 1
+    assert set(results[0]) == {"index", "score", "document", "token_count", "chunk_count"}
+    assert 0 < results[0]["score"] < 1
 
     from_stdin = cli("--url", xlmr.grpc_url, "--query", QUERY, "--documents-file", "-", "--json",
                      stdin=json.dumps(DOCUMENTS))
