@@ -63,6 +63,9 @@ class ScoreOptions:
         _check_int("max_tokens_per_doc", self.max_tokens_per_doc, 1)
         _check_int("chunk_overlap", self.chunk_overlap, 0)
         _check_int("max_chunks_per_doc", self.max_chunks_per_doc, 1)
+        if self.long_documents == "chunk" and self.truncation_direction == "left":
+            raise InvalidRequestError("truncation_direction='left' says which end truncation cuts; "
+                                      "long_documents='chunk' cuts nothing: send one of the two")
         if self.max_tokens_per_doc is not None:
             if self.truncate is False or self.long_documents == "error":
                 raise InvalidRequestError("max_tokens_per_doc shortens documents: it needs truncate=True")

@@ -49,7 +49,8 @@ class PackedInputLimits:
 
     @property
     def max_tokens(self) -> int:
-        return self.max_pairs * self.max_length
+        # As many tokens as max_documents full pairs, chunked or not: the tokenizer step's bound too.
+        return (self.max_documents or self.max_pairs) * self.max_length
 
 
 @dataclass(frozen=True)

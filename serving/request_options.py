@@ -89,7 +89,7 @@ def _as_bool(name: str, value) -> bool:
 
 def _as_int(name: str, value, minimum: int) -> int:
     # Triton hands integer parameters over as numbers; the generate extension's JSON may carry a string.
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdecimal():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
@@ -103,8 +103,12 @@ def _choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value.lower()
 
 
-def _long_documents(params: dict, server_default: str) -> str:
-    """The mode asked for: `long_documents`, or the older `truncate` (false = "error"); the server's default."""
+def _long_documents(params: dict, server_default: str, cuts: bool) -> str:
+    """The mode asked for: `long_documents`, or the older `truncate` (false = "error"); the server's default.
+
+    `cuts`: the request asks how documents are cut (left truncation, max_tokens_per_doc), which
+    only truncation does; a request that says so and names no mode is truncated.
+    """
     truncate = _as_bool("truncate", params["truncate"]) if "truncate" in params else None
     if "long_documents" in params:
         mode = _choice("long_documents", params["long_documents"], LONG_DOCUMENT_MODES)
@@ -112,10 +116,12 @@ def _long_documents(params: dict, server_default: str) -> str:
             raise RequestError(f"request parameters truncate={str(truncate).lower()} and long_documents={mode!r} "
                                "contradict each other: send long_documents alone")
         return mode
+    if truncate is False:
+        return "error"
+    if cuts:
+        return "truncate"
     if truncate is None:
         return server_default
-    if not truncate:
-        return "error"
     # truncate=true only asks that a long document not be refused; chunking does not refuse it either.
     return server_default if server_default != "error" else "truncate"
 
@@ -127,10 +133,14 @@ def read_options(parameters_json: str | None, limits: RequestLimits | None = Non
     unknown = sorted(set(params) - KNOWN_PARAMETERS)
     if unknown:
         raise RequestError(f"unknown request parameter(s) {unknown}; supported: {sorted(KNOWN_PARAMETERS)}")
-    mode = _long_documents(params, limits.long_documents)
     direction = params.get("truncation_direction", "right")
     if not isinstance(direction, str) or direction.lower() not in TRUNCATION_DIRECTIONS:
         raise RequestError(f"request parameter 'truncation_direction' must be 'right' or 'left', got {direction!r}")
+    mode = _long_documents(params, limits.long_documents,
+                           cuts=direction.lower() == "left" or params.get("max_tokens_per_doc") is not None)
+    if mode == "chunk" and direction.lower() == "left":
+        raise RequestError("truncation_direction='left' says which end of a document truncation cuts; "
+                           "long_documents='chunk' cuts nothing: send one of the two")
     max_tokens = params.get("max_tokens_per_doc")
     if max_tokens is not None:
         max_tokens = _as_int("max_tokens_per_doc", max_tokens, 1)

@@ -227,12 +227,17 @@ def score_pairs(
 
 def max_over_windows(scores: np.ndarray, chunk_counts: np.ndarray) -> np.ndarray:
     """[num_documents] float32: each document's best window, its windows being the next chunk_counts[i]
-    scores. A NaN window makes the document's score NaN (np.maximum propagates it), so it is refused."""
+    scores. A document with a non-finite window (NaN, or an overflow to -inf the max would hide)
+    gets that value, so that it is refused rather than answered."""
     if len(chunk_counts) == len(scores):
         return scores
     starts = np.zeros(len(chunk_counts), dtype=np.int64)
     np.cumsum(chunk_counts[:-1], out=starts[1:])
-    return np.maximum.reduceat(scores, starts)
+    best = np.maximum.reduceat(scores, starts)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        best[np.repeat(np.arange(len(chunk_counts)), chunk_counts)[bad]] = scores[bad]
+    return best
 
 
 def score_requests(

@@ -71,17 +71,58 @@ class PackedPairs:
         """[num_documents] int32: tokens of every pair scored for each document."""
         starts = np.zeros(len(self.chunk_counts), dtype=np.int64)
         np.cumsum(self.chunk_counts[:-1], out=starts[1:])
-        return np.add.reduceat(self.lengths, starts).astype(np.int32)
+        # Summed in int64: a request's tokens are bounded (max_documents full pairs), int32 output is enough.
+        return np.add.reduceat(self.lengths.astype(np.int64), starts).astype(np.int32)
 
     @classmethod
-    def pack(cls, encodings: list, chunk_counts: np.ndarray | None = None) -> PackedPairs:
-        """Encodings of pairs, back to back; one per document unless chunk_counts says otherwise."""
+    def pack(cls, encodings: list) -> PackedPairs:
+        """Encodings of pairs, back to back, one per document."""
         lengths = np.fromiter((len(e) for e in encodings), dtype=np.int32, count=len(encodings))
-        if chunk_counts is None:
-            chunk_counts = np.ones(len(encodings), dtype=np.int32)
         return cls(input_ids=np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings]),
                    token_type_ids=np.concatenate([np.asarray(e.type_ids, dtype=np.int32) for e in encodings]),
-                   lengths=lengths, chunk_counts=chunk_counts)
+                   lengths=lengths, chunk_counts=np.ones(len(encodings), dtype=np.int32))
+
+
+@dataclass(frozen=True)
+class _PairParts:
+    """One whole (query, document) pair encoding, as head (specials and query), document, tail (specials)."""
+
+    ids: np.ndarray
+    type_ids: np.ndarray
+    head: int  # tokens before the document
+    end: int  # index after the document's last token
+
+    @classmethod
+    def of(cls, encoding) -> _PairParts:
+        sequences = encoding.sequence_ids
+        ids, types = np.asarray(encoding.ids, dtype=np.int32), np.asarray(encoding.type_ids, dtype=np.int32)
+        if 1 not in sequences:  # an empty document: the pair is its only window
+            return cls(ids, types, len(ids), len(ids))
+        return cls(ids, types, sequences.index(1), len(sequences) - sequences[::-1].index(1))
+
+    @property
+    def document_tokens(self) -> int:
+        return self.end - self.head
+
+    def window_tokens(self, count: int, room: int, step: int) -> int:
+        """Tokens of all `count` windows: every window but the last is full."""
+        specials = len(self.ids) - self.document_tokens
+        return count * specials + (count - 1) * room + self.document_tokens - (count - 1) * step
+
+    def windows(self, count: int, room: int, step: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, types) of each window: the head, room document tokens from k x step on, the tail."""
+        if count == 1:
+            return [(self.ids, self.type_ids)]
+        head_ids, tail_ids = self.ids[:self.head], self.ids[self.end:]
+        head_types, tail_types = self.type_ids[:self.head], self.type_ids[self.end:]
+        document_type = self.type_ids[self.head]
+        out = []
+        for k in range(count):
+            start = self.head + k * step
+            part = self.ids[start:min(start + room, self.end)]
+            out.append((np.concatenate([head_ids, part, tail_ids]),
+                        np.concatenate([head_types, np.full(len(part), document_type, dtype=np.int32), tail_types])))
+        return out
 
 
 # Where a document may be cut: before an ASCII space that follows a word character. A space is
@@ -295,41 +336,52 @@ class PairTokenizer:
         return PackedPairs.pack(encodings)
 
     def encode_chunked(self, query: str, documents: list[str], overlap: int = 32, max_chunks_per_doc: int = 64,
-                       max_windows: int | None = None) -> PackedPairs:
+                       max_windows: int | None = None, max_tokens: int | None = None) -> PackedPairs:
         """The pairs of `query` with windows of each document, packed, every document's windows in order.
 
         A document that fits is one pair, as with `encode`. A longer one is split into windows of
         W = room document tokens (the model's max input less the query's and the special tokens),
-        a new one starting every W - overlap tokens; the last may be shorter. More than
-        max_chunks_per_doc windows for one document, or max_windows for the request, is refused.
+        a new one starting every W - overlap tokens; the last may be shorter: the windows the
+        tokenizers library cuts with `stride=overlap` (what question-answering models use). More
+        than max_chunks_per_doc windows for one document, max_windows for the request, or
+        max_tokens in all its pairs is refused before any window is built.
         """
         query_tokens, room = self._room(query, documents)
-        if overlap >= room:
+        # Each pair whole, once; windows are cut from its ids. (The library's own overflowing
+        # windows would be built before any limit could be checked, and it types an XLM-R
+        # window's document tokens 1 where the pair template says 0.)
+        pairs = [_PairParts.of(encoding) for encoding in self._tokenizer.encode_batch(
+            [(query, document) for document in documents])]
+        if overlap >= room and any(pair.document_tokens > room for pair in pairs):
             raise PairTokenizationError(
                 f"chunk_overlap is {overlap}, but a window holds only {room} document tokens (the model's max "
                 f"input of {self.max_length} less the query's {query_tokens} and {self.num_special_tokens} special "
                 f"tokens): send a chunk_overlap below {room}")
-        # Tokenizers' own sliding window (stride = the tokens neighbouring windows share), the
-        # one question-answering models use; the first window is what truncation would keep.
-        self._tokenizer.enable_truncation(self.max_length, stride=overlap, strategy="only_second", direction="right")
-        try:
-            encodings = self._tokenizer.encode_batch([(query, document) for document in documents])
-        finally:
-            self._tokenizer.no_truncation()
-        windows = [[encoding, *encoding.overflowing] for encoding in encodings]
-        for i, parts in enumerate(windows):
-            if len(parts) > max_chunks_per_doc:
-                raise PairTokenizationError(
-                    f"document {i} makes {len(parts)} windows of {room} tokens (overlap {overlap}), more than "
-                    f"max_chunks_per_doc={max_chunks_per_doc}: raise max_chunks_per_doc, shorten the document, "
-                    "or send long_documents=truncate")
-        total = sum(len(parts) for parts in windows)
-        if max_windows is not None and total > max_windows:
+        step = room - overlap
+        # Past the first window, one more every `step` tokens, the last reaching the document's end.
+        counts = np.array([1 if pair.document_tokens <= room else 1 + -(-(pair.document_tokens - room) // step)
+                           for pair in pairs], dtype=np.int64)
+        worst = int(counts.argmax())
+        if counts[worst] > max_chunks_per_doc:
             raise PairTokenizationError(
-                f"the documents make {total} windows in all; this server scores at most {max_windows} per request "
-                "(max_documents x max_chunks_per_doc): split the documents over several requests")
-        counts = np.fromiter((len(parts) for parts in windows), dtype=np.int32, count=len(windows))
-        return PackedPairs.pack([part for parts in windows for part in parts], counts)
+                f"document {worst} makes {counts[worst]} windows of {room} tokens (overlap {overlap}), more than "
+                f"max_chunks_per_doc={max_chunks_per_doc}: raise max_chunks_per_doc, shorten the document, "
+                "or send long_documents=truncate")
+        if max_windows is not None and counts.sum() > max_windows:
+            raise PairTokenizationError(
+                f"the documents make {counts.sum()} windows in all; this server scores at most {max_windows} per "
+                "request (max_documents x max_chunks_per_doc): split the documents over several requests")
+        tokens = sum(pair.window_tokens(int(k), room, step) for pair, k in zip(pairs, counts, strict=True))
+        if max_tokens is not None and tokens > max_tokens:
+            raise PairTokenizationError(
+                f"the windows of these documents hold {tokens} tokens in all; this server scores at most "
+                f"{max_tokens} per request (max_documents full pairs): send fewer or shorter documents, or a "
+                "smaller chunk_overlap")
+        windows = [window for pair, k in zip(pairs, counts, strict=True) for window in pair.windows(int(k), room, step)]
+        lengths = np.fromiter((len(ids) for ids, _ in windows), dtype=np.int32, count=len(windows))
+        return PackedPairs(input_ids=np.concatenate([ids for ids, _ in windows]),
+                           token_type_ids=np.concatenate([types for _, types in windows]),
+                           lengths=lengths, chunk_counts=counts.astype(np.int32))
 
     def _room(self, query: str, documents: list[str]) -> tuple[int, int]:
         """(query tokens, document tokens a pair has room for); refuses an empty request or a query too long."""

@@ -161,6 +161,7 @@ def test_score_options_as_request_parameters():
                          ({"truncate": False, "long_documents": "chunk"}, "contradict each other"),
                          ({"truncate": True, "long_documents": "error"}, "contradict each other"),
                          ({"long_documents": "chunk", "max_tokens_per_doc": 4}, "send one of the two"),
+                         ({"long_documents": "chunk", "truncation_direction": "left"}, "send one of the two"),
                          ({"chunk_overlap": -1}, "chunk_overlap must be an integer >= 0"),
                          ({"max_chunks_per_doc": 0}, "max_chunks_per_doc must be a positive integer")]:
         with pytest.raises(InvalidRequestError, match=message):

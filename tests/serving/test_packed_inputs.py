@@ -61,9 +61,9 @@ def test_each_inconsistency_is_refused_naming_it(change, message):
 
 
 def test_token_limit_caps_a_request_before_its_lengths_are_summed():
-    # Pairs within limits in number, but far more ids than max_pairs x max_length could hold.
-    with pytest.raises(PackedInputError, match=r"INPUT_IDS holds 25 tokens; at most 24"):
-        check_packed_request(row([1] * 25), row([0] * 25), row([8, 8, 9]), row([1, 1, 1]), LIMITS)
+    # Pairs within limits in number, but more ids than max_documents (2) full pairs of max_length (8): 16 tokens.
+    with pytest.raises(PackedInputError, match=r"INPUT_IDS holds 17 tokens; at most 16"):
+        check_packed_request(row([1] * 17), row([0] * 17), row([8, 8, 9]), row([1, 1, 1]), LIMITS)
 
 
 @pytest.mark.parametrize(("config", "max_length", "expected"), [
@@ -79,4 +79,5 @@ def test_limits_follow_the_models_tables(config, max_length, expected):
                                                  max_chunks_per_doc=4)
     assert (limits.vocab_size, limits.type_vocab_size, limits.max_length) == expected
     assert (limits.max_documents, limits.max_pairs) == (1000, 4000)
-    assert limits.max_tokens == 4000 * expected[2]
+    # Tokens: as many as max_documents full pairs, chunked into more pairs or not.
+    assert limits.max_tokens == 1000 * expected[2]

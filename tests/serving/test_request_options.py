@@ -116,10 +116,16 @@ def test_long_documents_mode_from_long_documents_or_truncate():
     assert read_options('{"truncate": true}', chunking).long_documents == "chunk"
     assert read_options('{"truncate": false}', chunking).long_documents == "error"
     assert read_options('{"truncate": true}', RequestLimits(long_documents="error")).long_documents == "truncate"
+    # Asking how documents are cut asks for truncation, whatever the server's default.
+    for cutting in ('{"truncation_direction": "left"}', '{"truncate": true, "max_tokens_per_doc": 8}'):
+        assert read_options(cutting, chunking).long_documents == "truncate"
+    assert read_options('{"truncate": false, "truncation_direction": "left"}', chunking).long_documents == "error"
     for bad, message in [('{"long_documents": "split"}', r"must be one of \['truncate', 'chunk', 'error'\]"),
                          ('{"truncate": false, "long_documents": "chunk"}', "contradict each other"),
                          ('{"truncate": true, "long_documents": "error"}', "contradict each other"),
-                         ('{"long_documents": "chunk", "max_tokens_per_doc": 8}', "not long_documents='chunk'")]:
+                         ('{"long_documents": "chunk", "max_tokens_per_doc": 8}', "not long_documents='chunk'"),
+                         ('{"long_documents": "chunk", "truncation_direction": "left"}', "send one of the two"),
+                         ('{"max_chunks_per_doc": "\u00b2"}', "must be a positive integer")]:
         with pytest.raises(RequestError, match=message):
             read_options(bad)
 

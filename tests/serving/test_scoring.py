@@ -85,10 +85,11 @@ def test_score_requests_packs_all_requests_and_answers_each_its_own():
 def test_a_non_finite_window_is_never_hidden_by_the_max():
     from triton_rerank.serving.scoring import max_over_windows, non_finite_error
 
-    scores = max_over_windows(np.array([1.0, np.nan, 0.5, 2.0, np.inf], dtype=np.float32), np.array([3, 2]))
-    assert np.isnan(scores[0]) and np.isinf(scores[1])
+    scores = max_over_windows(np.array([1.0, np.nan, 0.5, 2.0, np.inf, 3.0, -np.inf], dtype=np.float32),
+                              np.array([3, 2, 2]))
+    assert np.isnan(scores[0]) and scores[1] == np.inf and scores[2] == -np.inf
     assert non_finite_error(scores, torch.float32).startswith("the model produced a non-finite score (nan) for "
-                                                              "document 0 and 1 more")
+                                                              "document 0 and 2 more")
 
 
 def test_settings_read_the_per_request_limits_and_the_model_tables(tiny_model_dirs):

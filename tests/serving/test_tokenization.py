@@ -353,20 +353,28 @@ def test_chunk_windows_slide_over_the_whole_document(tiny_model_dirs, arch, over
     for k, start in enumerate(starts):
         pair = packed.input_ids[offsets[1 + k]:offsets[2 + k]].tolist()
         assert pair == prefix + document_ids[start:start + window] + [hf.sep_token_id]
+        # Token types as the pair template gives them: BERT's segments 0 then 1, XLM-R's all 0.
+        document_type = 1 if arch == "bert" else 0
+        expected_types = [0] * len(prefix) + [document_type] * (len(pair) - len(prefix))
+        assert packed.token_type_ids[offsets[1 + k]:offsets[2 + k]].tolist() == expected_types
     # The last window reaches the document's end; only it may be shorter.
     assert packed.lengths[1:-2].tolist() == [32] * (len(starts) - 1) and packed.lengths[-2] <= 32
     assert packed.document_tokens.tolist() == [packed.lengths[0], int(packed.lengths[1:-1].sum()), packed.lengths[-1]]
 
 
-def test_chunk_windows_equal_hf_overflowing_tokens(tiny_model_dirs):
-    model_dir = tiny_model_dirs["xlm-roberta"]
+@pytest.mark.parametrize("arch", ["xlm-roberta", "bert"])
+@pytest.mark.parametrize("overlap", [0, 5, 17])
+def test_chunk_windows_equal_hf_overflowing_tokens(tiny_model_dirs, arch, overlap):
+    model_dir = tiny_model_dirs[arch]
     hf = AutoTokenizer.from_pretrained(model_dir)
     query, document = "what is a panda", "the giant panda eats bamboo in the mountains of china " * 12
-    packed = PairTokenizer(model_dir, max_length=32).encode_chunked(query, [document], overlap=5)
-    expected = hf(query, document, truncation="only_second", max_length=32, stride=5,
-                  return_overflowing_tokens=True)["input_ids"]
-    assert packed.lengths.tolist() == [len(ids) for ids in expected]
-    assert packed.input_ids.tolist() == [i for ids in expected for i in ids]
+    packed = PairTokenizer(model_dir, max_length=40).encode_chunked(query, [document, "panda"], overlap=overlap,
+                                                                    max_chunks_per_doc=1000)
+    expected = [hf(query, text, truncation="only_second", max_length=40, stride=overlap,
+                   return_overflowing_tokens=True)["input_ids"] for text in (document, "panda")]
+    assert packed.chunk_counts.tolist() == [len(expected[0]), 1]
+    assert packed.lengths.tolist() == [len(ids) for windows in expected for ids in windows]
+    assert packed.input_ids.tolist() == [i for windows in expected for ids in windows for i in ids]
 
 
 def test_chunking_refuses_what_it_cannot_do_and_says_how_to_fix_it(tiny_model_dirs):
@@ -383,7 +391,14 @@ def test_chunking_refuses_what_it_cannot_do_and_says_how_to_fix_it(tiny_model_di
     with pytest.raises(PairTokenizationError, match=r"the documents make 26 windows in all; this server scores at "
                                                     r"most 25 per request"):
         tokenizer.encode_chunked("query", [long_document] * 2, overlap=4, max_windows=25)
+    # 13 windows of 24 tokens less what the last one lacks: 3 + 1 + 200 - 12 x 16 = 12 tokens.
+    assert tokenizer.encode_chunked("query", [long_document], overlap=4).lengths.sum() == 12 * 24 + 12
+    with pytest.raises(PairTokenizationError, match=r"the windows of these documents hold 600 tokens in all; this "
+                                                    r"server scores at most 599 per request"):
+        tokenizer.encode_chunked("query", [long_document, long_document], overlap=4, max_tokens=599)
     with pytest.raises(PairTokenizationError, match="DOCUMENTS is empty"):
         tokenizer.encode_chunked("query", [])
-    # Nothing of a refused request stays behind: the next plain request is not windowed.
-    assert tokenizer.encode("query", [long_document]).lengths.tolist() == [24]
+    # The overlap matters only where a document is chunked.
+    assert tokenizer.encode_chunked("query", ["short"], overlap=50).chunk_counts.tolist() == [1]
+    # Windows are cut by hand: the tokenizer's own truncation stays off.
+    assert tokenizer._tokenizer.truncation is None

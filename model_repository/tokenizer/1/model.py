@@ -38,7 +38,8 @@ class TritonPythonModel:
             if options.long_documents == "chunk":
                 packed = self.tokenizer.encode_chunked(query, documents, overlap=options.chunk_overlap,
                                                        max_chunks_per_doc=options.max_chunks_per_doc,
-                                                       max_windows=self.limits.max_windows)
+                                                       max_windows=self.limits.max_windows,
+                                                       max_tokens=self.limits.max_documents * self.tokenizer.max_length)
             else:
                 packed = self.tokenizer.encode(query, documents, truncate=options.truncate,
                                                direction=options.truncation_direction,
