@@ -9,7 +9,7 @@ A FastAPI app (uvicorn serves it) holding one tritonclient.grpc.aio connection. 
     kserve_metadata.py  KServe v2 health and metadata, asked of Triton's HTTP frontend (when its address is set)
     dialect.py     what a dialect builds on: its router (API key, tag, error responses), present()
     ensemble.py    the one ensemble call behind the limits, counted in the metrics; the ranking
-    protocol.py    the request fields the dialects share (checked text, top_n)
+    protocol.py    the request fields the dialects share (checked text, top_n, the long-document options)
     service.py     GET /health, /v1/models, /metrics
     errors.py      GatewayError, the error body shapes and FastAPI's handlers
     limits.py      refusals before any work: body size, held bytes, slow or chunk-flooding bodies, Host, load,

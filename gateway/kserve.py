@@ -61,7 +61,7 @@ _VERSION = f"{_MODEL}/versions/{MODEL_VERSION}"
 @front.post(f"{_MODEL}/infer", include_in_schema=False)
 @front.post(f"{_VERSION}/infer", include_in_schema=False)
 async def infer(request: Request):
-    """KServe v2 inference: SCORES [1, N] FP32 and TOKEN_COUNTS [1, N] INT32, as JSON data or binary."""
+    """KServe v2 inference: SCORES [1, N] FP32, TOKEN_COUNTS and CHUNK_COUNTS [1, N] INT32, as JSON data or binary."""
     gateway: GatewayState = request.app.state.gateway
     async with _decoded_body(request, gateway.settings.max_body_bytes) as body:
         call = _read(lambda: read_infer_request(body, request.headers.get(HEADER_LENGTH),
@@ -92,7 +92,7 @@ def _read(parse) -> RerankCall:
 
 async def _score(request: Request, call: RerankCall):
     gateway: GatewayState = request.app.state.gateway
-    options = score_options(call.truncate, call.truncation_direction, call.max_tokens_per_doc)
+    options = score_options(**call.options)
     return await gateway.score(request.scope["route"].path, call.query, call.documents, options)
 
 

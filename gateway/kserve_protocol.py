@@ -3,9 +3,10 @@
 Triton 2.51's own HTTP frontend answers 500 to some malformed KServe v2 requests (a negative
 shape, numbers in a BYTES tensor, a shape or id of the wrong JSON type, a truncated inference
 header, a body that is not a JSON object). These models accept exactly what the ensemble
-takes (QUERY [1] and DOCUMENTS [N] BYTES, the `truncate` parameter, SCORES / TOKEN_COUNTS)
-and say what is wrong with anything else, so that the gateway answers 400 where Triton would
-answer 500. No FastAPI here: kserve.py is the route, this module is testable alone.
+takes (QUERY [1] and DOCUMENTS [N] BYTES; its request parameters `truncate`, `long_documents`,
+`truncation_direction`, `max_tokens_per_doc`, `chunk_overlap`, `max_chunks_per_doc`; outputs
+SCORES / TOKEN_COUNTS / CHUNK_COUNTS) and say what is wrong with anything else, so that the
+gateway answers 400 where Triton would answer 500. No FastAPI here: kserve.py is the route, this module is testable alone.
 
 The binary tensor extension is supported as Triton specifies it, because tritonclient.http uses
 it by default: the JSON header is the first `Inference-Header-Content-Length` bytes of the body,
@@ -19,8 +20,8 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Annotated, Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
@@ -39,7 +40,8 @@ from .protocol import Text
 
 MODEL_VERSION = "1"  # the only version the packaged repository has
 HEADER_LENGTH = "Inference-Header-Content-Length"
-OUTPUTS = {"SCORES": "FP32", "TOKEN_COUNTS": "INT32"}  # name -> datatype, in the order answered
+# name -> datatype, in the order the ensemble's config lists them (and the order answered)
+OUTPUTS = {"SCORES": "FP32", "TOKEN_COUNTS": "INT32", "CHUNK_COUNTS": "INT32"}
 _SHOWN_ERRORS = 5  # a body with a million bad elements gets a message of a few lines
 
 
@@ -78,14 +80,36 @@ class OutputParameters(_Strict):
 
 
 class RequestedOutput(_Strict):
-    name: Literal["SCORES", "TOKEN_COUNTS"]
+    name: Literal["SCORES", "TOKEN_COUNTS", "CHUNK_COUNTS"]
     parameters: OutputParameters | None = None
 
 
-class InferParameters(_Strict):
-    truncate: bool = True
-    truncation_direction: Literal["right", "left"] = "right"
+def _lower(value):
+    # The ensemble reads its choice parameters in any case ("Left", "CHUNK").
+    return value.lower() if isinstance(value, str) else value
+
+
+# The ensemble's request parameters (serving/request_options.py), as ScoreOptions' fields.
+SCORE_PARAMETERS = ("truncate", "long_documents", "truncation_direction", "max_tokens_per_doc", "chunk_overlap",
+                    "max_chunks_per_doc")
+
+
+class ScoreParameters(_Strict):
+    """The ensemble's request parameters; None = not sent (the ensemble's, or the server's, default)."""
+
+    truncate: bool | None = None
+    long_documents: Annotated[Literal["truncate", "chunk", "error"] | None, BeforeValidator(_lower)] = None
+    truncation_direction: Annotated[Literal["right", "left"] | None, BeforeValidator(_lower)] = None
     max_tokens_per_doc: PositiveInt | None = None
+    chunk_overlap: Count | None = None
+    max_chunks_per_doc: PositiveInt | None = None
+
+    def sent(self) -> dict[str, Any]:
+        """ScoreOptions' fields that the request sets."""
+        return {name: getattr(self, name) for name in SCORE_PARAMETERS if getattr(self, name) is not None}
+
+
+class InferParameters(ScoreParameters):
     binary_data_output: bool = Field(False, description="binary_data of every output that does not set its own")
 
 
@@ -108,21 +132,13 @@ def _one_query(queries: list[str]) -> list[str]:
     return queries
 
 
-class GenerateParameters(_Strict):
-    truncate: bool | None = None
-    truncation_direction: Literal["right", "left"] | None = None
-    max_tokens_per_doc: PositiveInt | None = None
-
-
-class GenerateRequest(_Strict):
-    """Triton's generate extension: the inputs by name; other keys are request parameters."""
+class GenerateRequest(ScoreParameters):
+    """Triton's generate extension: the inputs by name; other keys are request parameters (as are those in
+    `parameters`)."""
 
     QUERY: Annotated[list[Text], BeforeValidator(_as_list), AfterValidator(_one_query)]
     DOCUMENTS: Annotated[list[Text], BeforeValidator(_as_list)]
-    truncate: bool | None = None
-    truncation_direction: Literal["right", "left"] | None = None
-    max_tokens_per_doc: PositiveInt | None = None
-    parameters: GenerateParameters | None = None
+    parameters: ScoreParameters | None = None
 
 
 @dataclass(frozen=True)
@@ -131,11 +147,9 @@ class RerankCall:
 
     query: str
     documents: list[str]
-    truncate: bool
+    options: dict[str, Any] = field(default_factory=dict)  # ScoreOptions' fields: the parameters sent
     id: str | None = None
     outputs: tuple[tuple[str, bool], ...] = tuple((name, False) for name in OUTPUTS)  # (name, binary)
-    truncation_direction: str = "right"
-    max_tokens_per_doc: int | None = None
 
 
 # --- reading requests ---------------------------------------------------------------------------
@@ -155,9 +169,8 @@ def read_infer_request(body: bytes, header_length: str | None, max_documents: in
     elements = _elements(request.inputs, binary)
     query, documents = elements["QUERY"][0], elements["DOCUMENTS"]
     parameters = request.parameters
-    return RerankCall(query, documents, parameters.truncate, request.id,
-                      _requested_outputs(request.outputs, parameters.binary_data_output),
-                      parameters.truncation_direction, parameters.max_tokens_per_doc)
+    return RerankCall(query, documents, parameters.sent(), request.id,
+                      _requested_outputs(request.outputs, parameters.binary_data_output))
 
 
 def read_generate_request(body: bytes) -> RerankCall:
@@ -165,16 +178,13 @@ def read_generate_request(body: bytes) -> RerankCall:
     request = _validate(GenerateRequest, _json_object(body, "the body"))
     if not request.DOCUMENTS:
         raise TensorError("DOCUMENTS is empty: send at least one document")
-    nested = request.parameters or GenerateParameters()
-    values = {}
-    for name, default in (("truncate", True), ("truncation_direction", "right"), ("max_tokens_per_doc", None)):
-        top, inner = getattr(request, name), getattr(nested, name)
-        if top is not None and inner is not None:
-            raise TensorError(f"{name} is given twice (top level and in parameters): send it once")
-        values[name] = next((v for v in (top, inner) if v is not None), default)
-    return RerankCall(request.QUERY[0], request.DOCUMENTS, values["truncate"],
-                      truncation_direction=values["truncation_direction"],
-                      max_tokens_per_doc=values["max_tokens_per_doc"])
+    top, nested = request.sent(), (request.parameters or ScoreParameters()).sent()
+    twice = sorted(set(top) & set(nested))
+    if twice:
+        one = len(twice) == 1
+        raise TensorError(f"{', '.join(twice)} {'is' if one else 'are'} given twice (top level and in parameters): "
+                          f"send {'it' if one else 'each'} once")
+    return RerankCall(request.QUERY[0], request.DOCUMENTS, top | nested)
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -343,9 +353,10 @@ def _requested_outputs(outputs: Sequence[RequestedOutput] | None, binary_default
 def infer_response(call: RerankCall, scored: ScoredDocuments) -> tuple[bytes, int | None]:
     """The KServe v2 response body, and the JSON header's length when binary outputs follow it.
 
-    Shapes and datatypes are the ensemble's: SCORES [1, N] FP32, TOKEN_COUNTS [1, N] INT32.
+    Shapes and datatypes are the ensemble's: SCORES [1, N] FP32, TOKEN_COUNTS and CHUNK_COUNTS [1, N] INT32.
     """
-    values = {"SCORES": scored.scores.astype("<f4"), "TOKEN_COUNTS": scored.token_counts.astype("<i4")}
+    values = {"SCORES": scored.scores.astype("<f4"), "TOKEN_COUNTS": scored.token_counts.astype("<i4"),
+              "CHUNK_COUNTS": scored.chunk_counts.astype("<i4")}
     outputs, blobs = [], []
     for name, binary in call.outputs:
         array = values[name]
@@ -369,4 +380,5 @@ def generate_response(scored: ScoredDocuments) -> dict:
         return values[0] if len(values) == 1 else values
 
     return {"model_name": MODEL_NAME, "model_version": MODEL_VERSION,
-            "SCORES": flat(scored.scores.astype(np.float32)), "TOKEN_COUNTS": flat(scored.token_counts)}
+            "SCORES": flat(scored.scores.astype(np.float32)), "TOKEN_COUNTS": flat(scored.token_counts),
+            "CHUNK_COUNTS": flat(scored.chunk_counts)}

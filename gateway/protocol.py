@@ -1,13 +1,18 @@
-"""What the dialects' request bodies share: checked text fields, top_n, and the seed example.
+"""What the dialects' request bodies share: checked text fields, top_n, the seed example, and the
+long-document extension.
 
-Each dialect's own bodies are in its module (dialects/sglang.py, tei.py, cohere.py), with field
+Each dialect's own bodies are in its module (dialects/sglang.py, tei.py, cohere.py, ...), with field
 names and defaults as in the original, so that its clients work unchanged. Unknown fields are
 ignored, as those servers do, so extra options a client sends do no harm.
+
+Every dialect's body also takes the ensemble's long-document options (LongDocumentRequest):
+`long_documents` ("truncate", "chunk" or "error"), `chunk_overlap` and `max_chunks_per_doc`. None of
+the original servers has them; a client that does not send them gets the dialect's own behaviour.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -46,3 +51,43 @@ class RerankRequest(BaseModel):
     """Base of the dialects' request bodies: unknown fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
+
+
+# The ensemble's long-document options. Integers are strict: JSON true or "32" is a mistake, not 1 or 32.
+LongDocuments = Annotated[Literal["truncate", "chunk", "error"] | None, Field(
+    default=None, description="what happens to a document whose pair with the query does not fit the model: "
+    "truncate (cut it), chunk (score it whole, as overlapping windows of the model's size, and answer its best "
+    "window's score) or error (refuse the request, 400). Absent: the route's own truncation field, if it has one, "
+    "else the server's default (triton-rerank serve --long-documents)")]
+ChunkOverlap = Annotated[int | None, Field(
+    default=None, ge=0, strict=True, description="with long_documents=chunk: tokens two neighbouring windows of a "
+    "document share (server default 32); it must be below the document tokens a window holds, else 400")]
+MaxChunksPerDoc = Annotated[int | None, Field(
+    default=None, ge=1, strict=True, description="with long_documents=chunk: the most windows one document may make "
+    "(default the server's, triton-rerank serve --max-chunks-per-doc); a document that needs more is refused (400)")]
+
+
+class LongDocumentRequest(RerankRequest):
+    """Base of the dialects' request bodies that take the long-document options (all of them)."""
+
+    long_documents: LongDocuments = None
+    chunk_overlap: ChunkOverlap = None
+    max_chunks_per_doc: MaxChunksPerDoc = None
+
+    def long_document_options(self) -> dict[str, Any]:
+        """The options as ScoreOptions' fields (`ensemble.rerank`'s keywords); None = not sent."""
+        return {"long_documents": self.long_documents, "chunk_overlap": self.chunk_overlap,
+                "max_chunks_per_doc": self.max_chunks_per_doc}
+
+    def ensemble_truncate(self, truncate: bool, own_field: str | None = None) -> bool | None:
+        """The ensemble's `truncate` for this body, given what the dialect does with a long document
+        (`truncate`: True never refuses it, False refuses it; from its own truncation field `own_field`,
+        where it has one). That, unless the body sends long_documents without setting the dialect's own
+        field: then None, so that the mode asked for decides, not a dialect default that may contradict it
+        (TEI's truncate=false with long_documents=chunk). A field the client set itself is kept: if it
+        contradicts long_documents, the request is refused (400)."""
+        if self.long_documents is None:
+            return truncate
+        if own_field is not None and own_field in self.model_fields_set and getattr(self, own_field) is not None:
+            return truncate
+        return None

@@ -1,4 +1,9 @@
-"""Cohere v2's (and Jina's) POST /v2/rerank: {id, results: [{index, relevance_score}], meta, usage}."""
+"""Cohere v2's (and Jina's) POST /v2/rerank: {id, results: [{index, relevance_score}], meta, usage}.
+
+Cohere never refuses a long document: it is cut (or chunked, where the server's default is chunk),
+unless the body asks otherwise with `long_documents`. `max_tokens_per_doc` cuts every document, so
+it asks the ensemble for truncation even where the server's default is chunk.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..dialect import Dialect, present
 from ..ensemble import rerank
-from ..protocol import SEED_EXAMPLE, ModelName, Query, RerankRequest, Text, TopN
+from ..protocol import SEED_EXAMPLE, LongDocumentRequest, ModelName, Query, Text, TopN
 
 
 class DocumentText(BaseModel):
     text: Text
 
 
-class CohereRerankRequest(RerankRequest):
+class CohereRerankRequest(LongDocumentRequest):
     model_config = ConfigDict(json_schema_extra={"examples": [SEED_EXAMPLE | {"top_n": 1}]})
 
     model: ModelName = None
@@ -27,11 +32,20 @@ class CohereRerankRequest(RerankRequest):
     top_n: TopN = None
     max_tokens_per_doc: int | None = Field(
         None, ge=1, description="keep at most this many tokens of each document (its start); a document is "
-        "also cut to fit the model's max input (triton-rerank serve --max-length)")
+        "also cut to fit the model's max input (triton-rerank serve --max-length); not with long_documents=chunk")
     return_documents: bool = Field(False, description="include {document: {text}} in each result (Jina style)")
 
     def document_texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    def score_options(self) -> dict:
+        """rerank()'s truncate and long-document keywords for this body."""
+        options = {"truncate": self.ensemble_truncate(True), "max_tokens_per_doc": self.max_tokens_per_doc,
+                   **self.long_document_options()}
+        if self.max_tokens_per_doc is not None and self.long_documents is None:
+            # The ensemble takes max_tokens_per_doc only when it truncates: say so, whatever its default.
+            options["long_documents"] = "truncate"
+        return options
 
 
 class CohereResult(BaseModel):
@@ -52,6 +66,8 @@ class CohereApiVersion(BaseModel):
 class CohereMeta(BaseModel):
     api_version: CohereApiVersion = CohereApiVersion()
     tokens: CohereTokens
+    chunks: int = Field(description="(query, window) pairs scored: one per document, plus the extra windows of "
+                        "documents scored in chunks (long_documents=chunk)")
 
 
 class Usage(BaseModel):
@@ -74,7 +90,7 @@ dialect = Dialect()
 async def cohere_rerank(body: CohereRerankRequest, request: Request):
     """Results sorted by descending relevance_score (sigmoid of the logit, 0..1), with token usage."""
     ranking = await rerank(request, body.query, body.document_texts(), top_n=body.top_n, normalize=True,
-                           max_tokens_per_doc=body.max_tokens_per_doc)
+                           **body.score_options())
     tokens = ranking.total_tokens  # every document's, not only the top_n returned
     return JSONResponse({
         "id": str(uuid.uuid4()),
@@ -82,6 +98,7 @@ async def cohere_rerank(body: CohereRerankRequest, request: Request):
         "results": [present(index=r.index, relevance_score=r.score,
                             document={"text": r.document} if body.return_documents else None)
                     for r in ranking.results],
-        "meta": {"api_version": {"version": "2"}, "tokens": {"input_tokens": tokens, "output_tokens": 0}},
+        "meta": {"api_version": {"version": "2"}, "tokens": {"input_tokens": tokens, "output_tokens": 0},
+                 "chunks": ranking.total_chunks},
         "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
     })

@@ -1,6 +1,8 @@
 """text-embeddings-inference's POST /rerank: a bare list of {index, score, text?}, sigmoid unless raw_scores.
 
-Its errors have TEI's shape, {"error", "error_type"}, which TEI's clients read.
+Its errors have TEI's shape, {"error", "error_type"}, which TEI's clients read. TEI reports usage
+in response headers (x-compute-tokens, ...), which this route does not send; so the windows of a
+chunked document are not reported here either.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..dialect import Dialect, present
 from ..ensemble import rerank
 from ..errors import GatewayError
-from ..protocol import Documents, Query, RerankRequest
+from ..protocol import Documents, LongDocumentRequest, Query
 
 
-class TEIRerankRequest(RerankRequest):
+class TEIRerankRequest(LongDocumentRequest):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"query": "What is Deep Learning?", "texts": ["Deep Learning is not...", "Deep learning is..."]}]})
 
     query: Query
     texts: Documents
     truncate: bool | None = Field(
-        False, description="cut documents that do not fit the model; false/null refuses them with 400")
+        False, description="true: do not refuse documents that do not fit the model (cut them, or chunk them where "
+        "the server's default is chunk); false/null refuses them with 400. Left out with long_documents: "
+        "long_documents decides")
     truncation_direction: str = Field(
         "Right", description="with truncate: Right cuts the end of a document that does not fit, Left its "
         "start (the end is kept); never the query", json_schema_extra={"enum": ["Right", "Left", "right", "left"]})
@@ -60,7 +64,9 @@ dialect = Dialect(TEIErrorBody)
 @dialect.post("/rerank", summary="text-embeddings-inference's rerank", response_model=list[TEIRank])
 async def tei_rerank(body: TEIRerankRequest, request: Request):
     """Documents sorted by descending score: sigmoid of the logit, or the raw logit with `raw_scores`."""
-    ranking = await rerank(request, body.query, body.texts, truncate=bool(body.truncate),
+    truncate = body.ensemble_truncate(bool(body.truncate), "truncate")
+    ranking = await rerank(request, body.query, body.texts, truncate=truncate,
                            truncation_direction=body.truncation_direction.lower(),
-                           return_documents=body.return_text, normalize=not body.raw_scores)
+                           return_documents=body.return_text, normalize=not body.raw_scores,
+                           **body.long_document_options())
     return JSONResponse([present(index=r.index, text=r.document, score=r.score) for r in ranking.results])

@@ -8,8 +8,10 @@ The forms vLLM documents for cross-encoders:
 
 Scores are the sigmoid of the logit (vLLM's default activation for a 1-label classifier), or the
 raw logit with `use_activation: false`. A pair that does not fit the model is refused (400), as
-vLLM does, unless `truncate_prompt_tokens: -1` (the model's own limit). The pairs of one query go
-to the ensemble as one request; N:N pairs with different queries, as one request per query.
+vLLM does, unless `truncate_prompt_tokens: -1` (the model's own limit), or the body sends
+`long_documents` (and no truncate_prompt_tokens). The pairs of one query go to the ensemble as one
+request; N:N pairs with different queries, as one request per query. `usage.chunks` counts the
+(query, window) pairs scored: one per pair, plus the extra windows of chunked texts.
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...client.ranking import sigmoid
-from ...client.triton_io import ScoreOptions
 from ..dialect import Dialect
-from ..ensemble import GatewayState
+from ..ensemble import GatewayState, score_options
 from ..errors import GatewayError
-from ..protocol import SEED_EXAMPLE, ModelName, Query, RerankRequest, Text
+from ..protocol import SEED_EXAMPLE, LongDocumentRequest, ModelName, Query, Text
 
 
-class VLLMScoreRequest(RerankRequest):
+class VLLMScoreRequest(LongDocumentRequest):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"model": SEED_EXAMPLE["model"], "text_1": SEED_EXAMPLE["query"], "text_2": SEED_EXAMPLE["documents"]}]})
 
@@ -40,7 +41,8 @@ class VLLMScoreRequest(RerankRequest):
     text_2: Text | list[Text] = Field(description="the text to score, or a list of them")
     use_activation: bool = Field(True, description="sigmoid of the logit (0..1); false: the raw logit")
     truncate_prompt_tokens: int | None = Field(
-        None, description="-1: cut pairs to the model's max input; absent: refuse a pair that does not fit (400)")
+        None, description="-1: do not refuse pairs that do not fit the model: cut them to its max input (or chunk "
+        "them, where the server's default is chunk); absent: refuse them (400), unless long_documents says")
 
     @model_validator(mode="after")
     def _forms(self) -> VLLMScoreRequest:
@@ -72,6 +74,8 @@ class VLLMUsage(BaseModel):
     prompt_tokens: int
     total_tokens: int
     completion_tokens: int = 0
+    chunks: int = Field(description="(query, window) pairs scored: one per pair, plus the extra windows of texts "
+                        "scored in chunks (long_documents=chunk)")
 
 
 class VLLMScoreResponse(BaseModel):
@@ -100,18 +104,20 @@ async def vllm_score(body: VLLMScoreRequest, request: Request):
     for i, (query, _) in enumerate(pairs):
         by_query.setdefault(query, []).append(i)
     route = request.scope["route"].path
-    options = ScoreOptions(truncate=body.truncate_prompt_tokens == -1)
+    options = score_options(body.ensemble_truncate(body.truncate_prompt_tokens == -1, "truncate_prompt_tokens"),
+                            **body.long_document_options())
     answers = await asyncio.gather(*(gateway.score(route, query, [pairs[i][1] for i in indices], options)
                                      for query, indices in by_query.items()))
     logits = np.zeros(len(pairs), dtype=np.float32)
-    tokens = 0
+    tokens = chunks = 0
     for indices, scored in zip(by_query.values(), answers, strict=True):
         logits[indices] = scored.scores
         tokens += scored.total_tokens
+        chunks += scored.total_chunks
     scores = sigmoid(logits) if body.use_activation else logits.astype(np.float64)
     return JSONResponse({
         "id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
         "model": body.model or gateway.settings.served_model_name,
         "data": [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)],
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0, "chunks": chunks},
     })

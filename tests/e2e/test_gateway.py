@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+from triton_rerank.client import RerankClient
 from triton_rerank.launcher.repository import RepositorySettings, render_model_repository
 from triton_rerank.launcher.server import ServerAddress, TritonServer, free_ports, process_group_alive
 
@@ -238,6 +239,109 @@ def test_vllm_score_forms_equal_the_ensemble(gateway, xlmr):
     assert refused.status_code == 400 and "truncate" in refused.json()["message"]
     assert gateway.post("/score", {"text_1": QUERY, "text_2": ["panda " * 2000],
                                    "truncate_prompt_tokens": -1}).status_code == 200
+
+
+# Far longer than the tiny models' 512-token window, in words of their tokenizers' vocabulary; its
+# start and end differ, so that its windows score differently.
+LONG_DOCUMENT = "river water city " * 500 + "the giant panda lives in the bamboo forest " * 220
+CHUNKED_DOCUMENTS = ["hi", LONG_DOCUMENT, "The giant panda is a bear native to south central China."]
+CHUNK = {"long_documents": "chunk"}
+
+
+# Chunking is compared on the BERT server, whose test tokenizer keeps whole words: its long documents
+# make many windows of few characters each (tests/e2e/test_long_documents.py covers XLM-R).
+@pytest.fixture(scope="module")
+def bert(server_pool):
+    return server_pool.get("bert")
+
+
+@pytest.fixture(scope="module")
+def bert_gateway(bert, tmp_path_factory):
+    running = start_gateway(bert.grpc_url, tmp_path_factory.mktemp("gateway") / "bert-gateway.log")
+    yield running
+    stop_gateway(running)
+
+
+@pytest.fixture(scope="module")
+def chunked(bert):
+    """The Python client's answer for CHUNKED_DOCUMENTS scored with long_documents=chunk, on the same server."""
+    with RerankClient(bert.grpc_url) as client:
+        scored = client.score(QUERY, CHUNKED_DOCUMENTS, long_documents="chunk")
+        truncated = client.score(QUERY, CHUNKED_DOCUMENTS, long_documents="truncate")
+    # What the comparisons below rely on: only the long document is chunked, into several windows,
+    # and its score is its best window's (the first window is what truncation scores).
+    assert scored.chunk_counts[[0, 2]].tolist() == [1, 1] and scored.chunk_counts[1] >= 5
+    assert scored.token_counts[1] > 2 * truncated.token_counts[1]
+    assert scored.scores[1] >= truncated.scores[1] - 1e-5
+    return scored
+
+
+def by_index(items, score: str = "score") -> dict[int, float]:
+    return {item["index"]: item[score] for item in items}
+
+
+def test_sglang_chunked_long_document_equals_the_client(bert_gateway, chunked):
+    items = bert_gateway.post("/v1/rerank", {"query": QUERY, "documents": CHUNKED_DOCUMENTS, **CHUNK}).json()
+    scores = by_index(items)
+    np.testing.assert_allclose([scores[i] for i in range(3)], chunked.scores, atol=1e-5, rtol=0)
+    assert {i["index"]: i["meta_info"]["chunks"] for i in items} == dict(enumerate(chunked.chunk_counts.tolist()))
+    assert {i["index"]: i["meta_info"]["prompt_tokens"] for i in items} == dict(
+        enumerate(chunked.token_counts.tolist()))
+
+
+def test_tei_chunked_long_document_equals_the_client(bert_gateway, chunked):
+    # No truncate: TEI's default (refuse) does not contradict long_documents.
+    ranks = bert_gateway.post("/rerank", {"query": QUERY, "texts": CHUNKED_DOCUMENTS, **CHUNK}).json()
+    scores = by_index(ranks)
+    np.testing.assert_allclose([scores[i] for i in range(3)], [sigmoid(float(x)) for x in chunked.scores],
+                               atol=1e-5, rtol=0)
+    refused = bert_gateway.post("/rerank", {"query": QUERY, "texts": CHUNKED_DOCUMENTS, "truncate": False, **CHUNK})
+    assert refused.status_code == 400 and "contradict" in refused.json()["error"]
+
+
+def test_cohere_chunked_long_document_equals_the_client(bert_gateway, chunked):
+    body = bert_gateway.post("/v2/rerank", {"query": QUERY, "documents": CHUNKED_DOCUMENTS, "top_n": 1, **CHUNK}).json()
+    assert [r["index"] for r in body["results"]] == [int(np.argmax(chunked.scores))]
+    result = body["results"][0]
+    assert result["relevance_score"] == pytest.approx(sigmoid(float(chunked.scores[result["index"]])), abs=1e-5)
+    # Every document's windows and tokens, not only the top_n returned.
+    assert body["meta"]["chunks"] == chunked.total_chunks
+    assert body["meta"]["tokens"]["input_tokens"] == body["usage"]["total_tokens"] == chunked.total_tokens
+
+
+def test_nim_chunked_long_document_equals_the_client(bert_gateway, chunked):
+    body = bert_gateway.post("/v1/ranking", {"query": {"text": QUERY}, "passages": [{"text": d} for d in CHUNKED_DOCUMENTS],
+                                        **CHUNK}).json()
+    logits = by_index(body["rankings"], "logit")
+    np.testing.assert_allclose([logits[i] for i in range(3)], chunked.scores, atol=1e-5, rtol=0)
+
+
+def test_vllm_chunked_long_document_equals_the_client(bert_gateway, chunked):
+    body = bert_gateway.post("/score", {"text_1": QUERY, "text_2": CHUNKED_DOCUMENTS, **CHUNK}).json()
+    np.testing.assert_allclose([d["score"] for d in body["data"]], [sigmoid(float(x)) for x in chunked.scores],
+                               atol=1e-5, rtol=0)
+    assert body["usage"]["chunks"] == chunked.total_chunks
+    assert body["usage"]["prompt_tokens"] == chunked.total_tokens
+
+
+CHUNK_BODIES = {
+    "/v1/rerank": {"query": QUERY, "documents": CHUNKED_DOCUMENTS},
+    "/rerank": {"query": QUERY, "texts": CHUNKED_DOCUMENTS},
+    "/v2/rerank": {"query": QUERY, "documents": CHUNKED_DOCUMENTS},
+    "/v1/ranking": {"query": {"text": QUERY}, "passages": [{"text": d} for d in CHUNKED_DOCUMENTS]},
+    "/v1/score": {"text_1": QUERY, "text_2": CHUNKED_DOCUMENTS},
+}
+
+
+@pytest.mark.parametrize("path", list(CHUNK_BODIES))
+def test_an_overlap_as_long_as_the_window_is_the_ensembles_400(bert_gateway, path):
+    answer = bert_gateway.post(path, CHUNK_BODIES[path] | {"long_documents": "chunk", "chunk_overlap": 100000})
+    assert answer.status_code == 400, answer.text
+    message = answer.json()["error" if path == "/rerank" else "message"]
+    assert "chunk_overlap" in message, message
+    # A value the schema refuses never reaches Triton: 422, naming the field.
+    negative = bert_gateway.post(path, CHUNK_BODIES[path] | {"long_documents": "chunk", "chunk_overlap": -1})
+    assert negative.status_code == 422 and "chunk_overlap" in negative.text
 
 
 def test_64_concurrent_requests_all_correct(gateway, xlmr):

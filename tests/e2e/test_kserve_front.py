@@ -130,11 +130,13 @@ def test_valid_json_request_equals_triton(xlmr, gateway):
         k: triton[k] for k in ("id", "model_name", "model_version")}
     # Triton lists the outputs in no fixed order; each has the same name, datatype and shape.
     by_name = {o["name"]: o for o in triton["outputs"]}
-    assert [o["name"] for o in answer["outputs"]] == ["SCORES", "TOKEN_COUNTS"]
+    assert [o["name"] for o in answer["outputs"]] == ["SCORES", "TOKEN_COUNTS", "CHUNK_COUNTS"]
+    assert set(by_name) == {"SCORES", "TOKEN_COUNTS", "CHUNK_COUNTS"}
     for output in answer["outputs"]:
         assert {k: output[k] for k in ("datatype", "shape")} == {k: by_name[output["name"]][k] for k in ("datatype", "shape")}
     np.testing.assert_allclose(answer["outputs"][0]["data"], scores.reshape(-1), atol=1e-6, rtol=0)
     assert answer["outputs"][1]["data"] == tokens.reshape(-1).tolist()
+    assert answer["outputs"][2]["data"] == by_name["CHUNK_COUNTS"]["data"] == [1] * len(DOCUMENTS)
 
 
 def test_tritonclient_http_through_the_gateway_equals_triton(xlmr, gateway):
@@ -155,3 +157,100 @@ def test_tritons_own_refusals_keep_their_message(gateway):
     refused = post(gateway, INFER, body, {})
     assert refused.status_code == 400
     assert "document 0" in refused.json()["error"] and "truncate" in refused.json()["error"]
+
+
+# Longer than the tiny model's 512-token window, in words of its vocabulary; start and end differ.
+LONG_DOCUMENT = "river water city " * 500 + "the giant panda lives in the bamboo forest " * 220
+CHUNKED = [DOCUMENTS[0], LONG_DOCUMENT, DOCUMENTS[1]]
+CHUNK_PARAMETERS = {"long_documents": "chunk", "chunk_overlap": 16}
+
+
+# Chunking is compared on the BERT server, whose test tokenizer keeps whole words: its long documents
+# make many windows of few characters each (tests/e2e/test_long_documents.py covers XLM-R).
+@pytest.fixture(scope="module")
+def bert(server_pool):
+    return server_pool.get("bert")
+
+
+@pytest.fixture(scope="module")
+def bert_gateway(bert):
+    (port,) = free_ports(1)
+    thread = GatewayThread(GatewaySettings(triton_url=bert.grpc_url, port=port, log_level="warning")).start()
+    yield f"http://127.0.0.1:{port}"
+    thread.stop()
+
+
+def test_chunked_json_request_equals_triton(bert, bert_gateway):
+    body = infer_body(documents={"shape": [len(CHUNKED)], "data": CHUNKED}, id="c-1", parameters=CHUNK_PARAMETERS)
+    ours = post(bert_gateway, INFER, body, {})
+    theirs = post(f"http://{bert.http_url}", INFER, body, {})
+    assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+    answer, triton = ours.json(), theirs.json()
+    assert answer["id"] == triton["id"] == "c-1"
+    by_name = {o["name"]: o for o in triton["outputs"]}
+    assert [o["name"] for o in answer["outputs"]] == ["SCORES", "TOKEN_COUNTS", "CHUNK_COUNTS"]
+    assert set(by_name) == {"SCORES", "TOKEN_COUNTS", "CHUNK_COUNTS"}
+    for output in answer["outputs"]:
+        theirs_ = by_name[output["name"]]
+        assert {k: output[k] for k in ("datatype", "shape")} == {k: theirs_[k] for k in ("datatype", "shape")}
+        if output["name"] == "SCORES":
+            np.testing.assert_allclose(output["data"], theirs_["data"], atol=1e-5, rtol=0)
+        else:
+            assert output["data"] == theirs_["data"], output["name"]
+    windows = by_name["CHUNK_COUNTS"]["data"]
+    assert windows[0] == windows[2] == 1 and windows[1] >= 5  # the comparison covers a chunked document
+
+
+def chunked_outputs(url: str, outputs: list[str], binary: bool):
+    """tritonclient.http asking for some outputs only, as binary tensors or JSON."""
+    query = httpclient.InferInput("QUERY", [1], "BYTES")
+    query.set_data_from_numpy(np.array([QUERY.encode()], dtype=object))
+    docs = httpclient.InferInput("DOCUMENTS", [len(CHUNKED)], "BYTES")
+    docs.set_data_from_numpy(np.array([d.encode() for d in CHUNKED], dtype=object))
+    requested = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in outputs]
+    with httpclient.InferenceServerClient(url) as client:
+        result = client.infer("reranker", [query, docs], outputs=requested, parameters=CHUNK_PARAMETERS)
+    # Triton lists the outputs in no fixed order; the gateway in the order asked.
+    assert sorted(o["name"] for o in result.get_response()["outputs"]) == sorted(outputs)
+    return [result.as_numpy(name) for name in outputs]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("outputs", [["CHUNK_COUNTS"], ["CHUNK_COUNTS", "SCORES"], ["TOKEN_COUNTS", "CHUNK_COUNTS"]])
+def test_chunk_counts_asked_for_alone_equal_triton(bert, bert_gateway, outputs, binary):
+    # Triton 2.51 refuses a request for one tokenizer-step output alone (CHUNK_COUNTS or TOKEN_COUNTS:
+    # "unexpected deadlock"); the gateway answers it. Triton's tensors come from a request for all three.
+    everything = ["SCORES", "TOKEN_COUNTS", "CHUNK_COUNTS"]
+    theirs = dict(zip(everything, chunked_outputs(bert.http_url, everything, binary), strict=True))
+    ours = chunked_outputs(bert_gateway.removeprefix("http://"), outputs, binary)
+    for name, mine in zip(outputs, ours, strict=True):
+        triton = theirs[name]
+        assert mine.dtype == triton.dtype and mine.shape == triton.shape == (1, len(CHUNKED)), name
+        np.testing.assert_allclose(mine, triton, atol=1e-5 if name == "SCORES" else 0, rtol=0)
+    assert theirs["CHUNK_COUNTS"][0, 1] >= 5
+
+
+def test_chunked_generate_equals_triton(bert, bert_gateway):
+    body = json.dumps({"QUERY": QUERY, "DOCUMENTS": CHUNKED, **CHUNK_PARAMETERS}).encode()
+    ours = post(bert_gateway, GENERATE, body, {}).json()
+    theirs = post(f"http://{bert.http_url}", GENERATE, body, {}).json()
+    # Triton's answer also has sequence_id, sequence_start and sequence_end, which mean nothing for the ensemble.
+    assert set(ours) == {"model_name", "model_version", "SCORES", "TOKEN_COUNTS", "CHUNK_COUNTS"} < set(theirs)
+    assert ours["CHUNK_COUNTS"] == theirs["CHUNK_COUNTS"] and ours["CHUNK_COUNTS"][1] >= 5
+    assert ours["TOKEN_COUNTS"] == theirs["TOKEN_COUNTS"]
+    np.testing.assert_allclose(ours["SCORES"], theirs["SCORES"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path", [INFER, GENERATE])
+def test_an_overlap_as_long_as_the_window_is_400_from_both(bert, bert_gateway, path):
+    """Triton refuses it (INVALID_ARG); the gateway passes Triton's message on."""
+    if path == INFER:
+        body = infer_body(documents={"shape": [len(CHUNKED)], "data": CHUNKED},
+                          parameters={"long_documents": "chunk", "chunk_overlap": 100000})
+    else:
+        body = json.dumps({"QUERY": QUERY, "DOCUMENTS": CHUNKED, "long_documents": "chunk",
+                           "chunk_overlap": 100000}).encode()
+    theirs = post(f"http://{bert.http_url}", path, body, {})
+    ours = post(bert_gateway, path, body, {})
+    assert theirs.status_code == ours.status_code == 400, (theirs.text, ours.text)
+    assert "chunk_overlap" in theirs.json()["error"] and "chunk_overlap" in ours.json()["error"]

@@ -25,7 +25,7 @@ class FakeTriton:
     def __init__(self):
         self.calls = []
 
-    async def score(self, query, documents, truncate=True, **options):
+    async def score(self, query, documents, truncate=None, **options):
         self.calls.append((query, list(documents), truncate))
         lengths = np.array([len(d) for d in documents])
         return ScoredDocuments(lengths.astype(np.float32), lengths.astype(np.int32))
@@ -78,7 +78,8 @@ def test_a_new_dialect_gets_the_ensemble_limits_errors_metrics_and_schema():
     body = client.post("/v1/toy", json={"question": "q", "passages": DOCUMENTS}).json()
     assert [r["i"] for r in body["ranked"]] == [1, 2, 3, 0] and "text" not in body["ranked"][0]
     assert body["tokens"] == sum(len(d) for d in DOCUMENTS)
-    assert fake.calls == [("q", DOCUMENTS, True)]
+    # It says nothing about long documents: truncate None, the server's default.
+    assert fake.calls == [("q", DOCUMENTS, None)]
     # Its own error shape on every refusal: validation, the document limit, the body size, the method.
     assert client.post("/v1/toy", json={"question": " ", "passages": ["a"]}).json() == {
         "detail": "validation: question: query is empty: send the search query to rank the documents against"}

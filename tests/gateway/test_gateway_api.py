@@ -24,9 +24,9 @@ class FakeTriton:
     def __init__(self, error=None, delay=0.0, ready=True):
         self.error, self.delay, self.ready = error, delay, ready
         self.calls = []
-        self.options = []  # the keyword options of each call (truncation_direction, max_tokens_per_doc)
+        self.options = []  # the keyword options of each call (ScoreOptions' fields but truncate)
 
-    async def score(self, query, documents, truncate=True, **options):
+    async def score(self, query, documents, truncate=None, **options):
         self.calls.append((query, list(documents), truncate))
         self.options.append(options)
         if self.delay:
@@ -60,7 +60,9 @@ def test_sglang_bare_list_sorted_with_raw_logits_and_meta_info():
     assert [i["document"] for i in items] == [DOCUMENTS[i["index"]] for i in items]
     assert list(items[0]) == ["score", "document", "index", "meta_info"]
     assert items[0]["meta_info"]["prompt_tokens"] == len(DOCUMENTS[1])
+    # SGLang has no truncation field and never refuses a long document.
     assert fake.calls == [("what is panda?", DOCUMENTS, True)]
+    assert fake.options[-1]["long_documents"] is None
 
 
 def test_sglang_top_n_and_return_documents_false():
@@ -116,8 +118,10 @@ def test_cohere_results_relevance_and_usage():
     assert body["meta"]["tokens"]["input_tokens"] == tokens and body["usage"]["total_tokens"] == tokens
     assert body["model"] == "rerank-v3.5" and body["id"]
     assert fake.calls[-1][1] == DOCUMENTS
-    # max_tokens_per_doc shortens every document (Cohere always truncates).
+    # max_tokens_per_doc shortens every document (Cohere always truncates): truncation asked for by name,
+    # since the ensemble takes max_tokens_per_doc in no other mode, whatever the server's default.
     assert fake.options[-1]["max_tokens_per_doc"] == 64 and fake.calls[-1][2] is True
+    assert fake.options[-1]["long_documents"] == "truncate"
     with_docs = client.post("/v2/rerank", json={"query": "q", "documents": ["hi"], "return_documents": True}).json()
     assert with_docs["results"][0]["document"] == {"text": "hi"} and with_docs["model"] == "bge"
 

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from triton_rerank.client.errors import InvalidRequestError, ServerUnavailableError
 from triton_rerank.client.ranking import ScoredDocuments
+from triton_rerank.client.triton_io import ScoreOptions
 from triton_rerank.gateway.app import GatewaySettings, create_app
 from triton_rerank.gateway.dialects import DIALECTS
 
@@ -27,7 +28,8 @@ DOCUMENTS = {"name": "DOCUMENTS", "datatype": "BYTES", "shape": [3], "data": ["h
 
 
 class FakeTriton:
-    """Score = -(index + 1) / 4 (exact in float32); token count = characters; can fail."""
+    """Score = -(index + 1) / 4 (exact in float32); token count = characters; with long_documents=chunk a
+    document of c characters makes 1 + c // 4 windows (else 1); can fail."""
 
     where = "Triton at fake:8001 (grpc)"
 
@@ -36,7 +38,7 @@ class FakeTriton:
         self.calls = []
         self.options = []
 
-    async def score(self, query, documents, truncate=True, **options):
+    async def score(self, query, documents, truncate=None, **options):
         self.calls.append((query, list(documents), truncate))
         self.options.append(options)
         if self.delay:
@@ -44,7 +46,9 @@ class FakeTriton:
         if self.error:
             raise self.error
         scores = -(np.arange(len(documents), dtype=np.float32) + 1) / 4
-        return ScoredDocuments(scores, np.array([len(d) for d in documents], dtype=np.int32))
+        chunked = options.get("long_documents") == "chunk"
+        windows = np.array([1 + len(d) // 4 if chunked else 1 for d in documents], dtype=np.int32)
+        return ScoredDocuments(scores, np.array([len(d) for d in documents], dtype=np.int32), windows)
 
     async def is_ready(self, timeout=2.0):
         return True
@@ -128,7 +132,8 @@ MALFORMED = [
     ("truncate a string", request(parameters={"truncate": "maybe"}), "parameters.truncate: Input should be a valid boolean"),
     ("truncate a number", request(parameters={"truncate": 1}), "parameters.truncate: Input should be a valid boolean"),
     ("unknown parameter", request(parameters={"priority": 1}), "parameters.priority: unknown field"),
-    ("unknown output", request(outputs=[{"name": "LOGITS"}]), "outputs[0].name: Input should be 'SCORES' or 'TOKEN_COUNTS'"),
+    ("unknown output", request(outputs=[{"name": "LOGITS"}]),
+     "outputs[0].name: Input should be 'SCORES', 'TOKEN_COUNTS' or 'CHUNK_COUNTS'"),
     ("output name not a string", request(outputs=[{"name": 3}]), "outputs[0].name"),
     ("outputs not a list", request(outputs=3), "outputs: Input should be a valid list"),
     ("output twice", request(outputs=[{"name": "SCORES"}, {"name": "SCORES"}]), "output SCORES is requested 2 times"),
@@ -216,16 +221,19 @@ def test_valid_json_request_gets_triton_shaped_json_outputs():
     assert "inference-header-content-length" not in response.headers
     assert response.json() == {"id": "req-7", "model_name": "reranker", "model_version": "1", "outputs": [
         {"name": "SCORES", "datatype": "FP32", "shape": [1, 3], "data": [-0.25, -0.5, -0.75]},
-        {"name": "TOKEN_COUNTS", "datatype": "INT32", "shape": [1, 3], "data": [2, 5, 6]}]}
+        {"name": "TOKEN_COUNTS", "datatype": "INT32", "shape": [1, 3], "data": [2, 5, 6]},
+        {"name": "CHUNK_COUNTS", "datatype": "INT32", "shape": [1, 3], "data": [1, 1, 1]}]}
     assert fake.calls == [("what is panda?", ["hi", "panda", "bamboo"], False)]
-    # truncate defaults to true, as the ensemble's parameter does; outputs as asked, in the order asked.
+    # truncate not sent: not sent on (the server's default decides, as on the ensemble); outputs as
+    # asked, in the order asked.
     only = client.post(INFER, json=request(outputs=[{"name": "TOKEN_COUNTS"}])).json()
     assert [o["name"] for o in only["outputs"]] == ["TOKEN_COUNTS"] and "id" not in only
-    assert fake.calls[-1][2] is True
+    assert fake.calls[-1][2] is None
 
 
 @pytest.mark.parametrize("binary_inputs", [True, False])
-@pytest.mark.parametrize("outputs", [None, [("SCORES", True)], [("TOKEN_COUNTS", False), ("SCORES", True)]])
+@pytest.mark.parametrize("outputs", [None, [("SCORES", True)], [("TOKEN_COUNTS", False), ("SCORES", True)],
+                                     [("CHUNK_COUNTS", True)], [("CHUNK_COUNTS", False), ("SCORES", False)]])
 def test_tritonclient_http_bodies_round_trip(binary_inputs, outputs):
     """tritonclient.http's own request encoder and response parser: binary and JSON tensors, both ways."""
     client, fake = client_for()
@@ -236,15 +244,15 @@ def test_tritonclient_http_bodies_round_trip(binary_inputs, outputs):
     docs.set_data_from_numpy(np.array([d.encode() for d in documents], dtype=object), binary_data=binary_inputs)
     requested = [httpclient.InferRequestedOutput(n, binary_data=b) for n, b in outputs] if outputs else None
     body, header_length = httpclient.InferenceServerClient.generate_request_body(
-        [query, docs], outputs=requested, request_id="r1", parameters={"truncate": False})
+        [query, docs], outputs=requested, request_id="r1", parameters={"long_documents": "chunk"})
     headers = {"Inference-Header-Content-Length": str(header_length)} if header_length else {}
     response = post_raw(client, INFER, body, headers)
     assert response.status_code == 200, response.text
-    assert fake.calls == [("what is panda?", documents, False)]
+    assert fake.calls == [("what is panda?", documents, None)] and fake.options[-1]["long_documents"] == "chunk"
     result = httpclient.InferenceServerClient.parse_response_body(
         response.content, header_length=response.headers.get("inference-header-content-length"))
     assert result.get_response()["id"] == "r1"
-    names = [n for n, _ in outputs] if outputs else ["SCORES", "TOKEN_COUNTS"]
+    names = [n for n, _ in outputs] if outputs else ["SCORES", "TOKEN_COUNTS", "CHUNK_COUNTS"]
     assert [o["name"] for o in result.get_response()["outputs"]] == names
     if "SCORES" in names:
         scores = result.as_numpy("SCORES")
@@ -253,6 +261,9 @@ def test_tritonclient_http_bodies_round_trip(binary_inputs, outputs):
     if "TOKEN_COUNTS" in names:
         counts = result.as_numpy("TOKEN_COUNTS")
         assert counts.dtype == np.int32 and counts.tolist() == [[len(d) for d in documents]]
+    if "CHUNK_COUNTS" in names:
+        windows = result.as_numpy("CHUNK_COUNTS")
+        assert windows.dtype == np.int32 and windows.tolist() == [[1 + len(d) // 4 for d in documents]]
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
@@ -295,11 +306,12 @@ def test_inflated_bodies_count_against_the_shared_body_budget():
 def test_generate_extension_answers_as_triton_does():
     client, fake = client_for()
     two = client.post(GENERATE, json={"QUERY": "q", "DOCUMENTS": ["hi", "panda"], "truncate": False}).json()
-    assert two == {"model_name": "reranker", "model_version": "1", "SCORES": [-0.25, -0.5], "TOKEN_COUNTS": [2, 5]}
+    assert two == {"model_name": "reranker", "model_version": "1", "SCORES": [-0.25, -0.5], "TOKEN_COUNTS": [2, 5],
+                   "CHUNK_COUNTS": [1, 1]}
     # One element: a bare value, as Triton writes it. A lone string is a one-element tensor.
     one = client.post("/v2/models/reranker/versions/1/generate",
                       json={"QUERY": ["q"], "DOCUMENTS": "hi", "parameters": {"truncate": True}}).json()
-    assert one["SCORES"] == -0.25 and one["TOKEN_COUNTS"] == 2
+    assert one["SCORES"] == -0.25 and one["TOKEN_COUNTS"] == 2 and one["CHUNK_COUNTS"] == 1
     assert fake.calls == [("q", ["hi", "panda"], False), ("q", ["hi"], True)]
 
 
@@ -396,16 +408,46 @@ def test_kserve_routes_are_counted_but_not_a_dialect_nor_in_the_schema():
                                                                        "/score", "/v1/score"]
 
 
+def sent_to_triton(fake) -> dict:
+    """The request parameters the gateway's last ensemble call carries (what the client sends Triton)."""
+    return ScoreOptions(fake.calls[-1][2], **fake.options[-1]).parameters()
+
+
 def test_truncation_direction_and_max_tokens_per_doc_reach_the_ensemble():
     client, fake = client_for()
     assert client.post(INFER, json=request(parameters={"truncation_direction": "left", "max_tokens_per_doc": 8})
                        ).status_code == 200
-    assert fake.options[-1] == {"truncation_direction": "left", "max_tokens_per_doc": 8}
+    assert sent_to_triton(fake) == {"truncation_direction": "left", "max_tokens_per_doc": 8}
     assert client.post(GENERATE, json={"QUERY": "q", "DOCUMENTS": ["a"], "truncation_direction": "left"}).status_code == 200
-    assert fake.options[-1] == {"truncation_direction": "left", "max_tokens_per_doc": None}
+    assert sent_to_triton(fake) == {"truncation_direction": "left"}
     assert client.post(GENERATE, json={"QUERY": "q", "DOCUMENTS": ["a"],
                                        "parameters": {"max_tokens_per_doc": 3}}).status_code == 200
-    assert fake.options[-1] == {"truncation_direction": "right", "max_tokens_per_doc": 3}
+    assert sent_to_triton(fake) == {"max_tokens_per_doc": 3}
+
+
+CHUNKED = {"long_documents": "chunk", "chunk_overlap": 8, "max_chunks_per_doc": 5}
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    (INFER, request(parameters=CHUNKED)),
+    (INFER, request(parameters={**CHUNKED, "long_documents": "Chunk", "truncate": True})),
+    (GENERATE, {"QUERY": "q", "DOCUMENTS": ["hi", "panda", "bamboo"], **CHUNKED}),
+    (GENERATE, {"QUERY": "q", "DOCUMENTS": ["hi", "panda", "bamboo"], "parameters": CHUNKED}),
+    (GENERATE, {"QUERY": "q", "DOCUMENTS": ["hi", "panda", "bamboo"], "long_documents": "chunk",
+                "parameters": {"chunk_overlap": 8, "max_chunks_per_doc": 5}}),
+])
+def test_long_document_parameters_reach_the_ensemble_and_chunk_counts_come_back(path, body):
+    client, fake = client_for()
+    answer = client.post(path, json=body)
+    assert answer.status_code == 200, answer.text
+    # long_documents alone: truncate=true only says "do not refuse", which chunk does not.
+    assert sent_to_triton(fake) == CHUNKED
+    windows = [1, 2, 2]  # the fake's windows of "hi", "panda", "bamboo"
+    if path == GENERATE:
+        assert answer.json()["CHUNK_COUNTS"] == windows
+    else:
+        assert answer.json()["outputs"][2] == {"name": "CHUNK_COUNTS", "datatype": "INT32", "shape": [1, 3],
+                                               "data": windows}
 
 
 @pytest.mark.parametrize(("path", "body", "message"), [
@@ -414,6 +456,21 @@ def test_truncation_direction_and_max_tokens_per_doc_reach_the_ensemble():
     (INFER, request(parameters={"truncate": False, "max_tokens_per_doc": 4}), "needs truncate=True"),
     (GENERATE, {"QUERY": "q", "DOCUMENTS": ["a"], "truncation_direction": "left",
                 "parameters": {"truncation_direction": "right"}}, "truncation_direction is given twice"),
+    (INFER, request(parameters={"long_documents": "split"}),
+     "parameters.long_documents: Input should be 'truncate', 'chunk' or 'error'"),
+    (INFER, request(parameters={"long_documents": 1}), "parameters.long_documents"),
+    (INFER, request(parameters={"chunk_overlap": -1}),
+     "parameters.chunk_overlap: Input should be greater than or equal to 0"),
+    (INFER, request(parameters={"chunk_overlap": "32"}), "parameters.chunk_overlap: Input should be a valid integer"),
+    (INFER, request(parameters={"max_chunks_per_doc": 0}),
+     "parameters.max_chunks_per_doc: Input should be greater than 0"),
+    (INFER, request(parameters={"max_chunks_per_doc": True}), "parameters.max_chunks_per_doc"),
+    (INFER, request(parameters={"truncate": False, "long_documents": "chunk"}), "contradict each other"),
+    (INFER, request(parameters={"long_documents": "chunk", "max_tokens_per_doc": 4}), "send one of the two"),
+    (GENERATE, {"QUERY": "q", "DOCUMENTS": ["a"], "long_documents": "chunk", "chunk_overlap": 1,
+                "parameters": {"long_documents": "chunk", "chunk_overlap": 2}},
+     "chunk_overlap, long_documents are given twice"),
+    (GENERATE, {"QUERY": "q", "DOCUMENTS": ["a"], "max_chunks_per_doc": -3}, "max_chunks_per_doc"),
 ])
 def test_bad_truncation_options_are_400s_saying_why(path, body, message):
     client, fake = client_for()

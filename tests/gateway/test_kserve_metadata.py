@@ -19,7 +19,7 @@ class NoScorer:
 
     where = "nowhere"
 
-    async def score(self, query, documents, truncate=True, **options):
+    async def score(self, query, documents, truncate=None, **options):
         raise AssertionError("a read must not reach the ensemble")
 
     async def is_ready(self, timeout=2.0):

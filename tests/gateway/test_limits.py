@@ -31,7 +31,7 @@ class FakeTriton:
     def __init__(self):
         self.calls = []
 
-    async def score(self, query, documents, truncate=True, **options):
+    async def score(self, query, documents, truncate=None, **options):
         self.calls.append(documents)
         return ScoredDocuments(np.zeros(len(documents), dtype=np.float32), np.ones(len(documents), dtype=np.int32))
 

@@ -22,7 +22,7 @@ class FakeTriton:
     def __init__(self):
         self.calls = []
 
-    async def score(self, query, documents, truncate=True, **options):
+    async def score(self, query, documents, truncate=None, **options):
         self.calls.append((query, list(documents), truncate))
         lengths = np.array([len(d) for d in documents])
         return ScoredDocuments(lengths.astype(np.float32) / 4, (lengths + len(query)).astype(np.int32))
@@ -93,7 +93,7 @@ def test_vllm_one_query_many_texts_in_input_order_with_usage():
     np.testing.assert_allclose([d["score"] for d in body["data"]], [sigmoid(len(p) / 4) for p in PASSAGES],
                                rtol=1e-6)
     tokens = sum(len(p) + 1 for p in PASSAGES)
-    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0, "chunks": 4}
     assert fake.calls == [("q", PASSAGES, False)]
 
 
