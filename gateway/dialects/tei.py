@@ -1,8 +1,8 @@
 """text-embeddings-inference's POST /rerank: a bare list of {index, score, text?}, sigmoid unless raw_scores.
 
-Its errors have TEI's shape, {"error", "error_type"}, which TEI's clients read. TEI reports usage
-in response headers (x-compute-tokens, ...), which this route does not send; so the windows of a
-chunked document are not reported here either.
+Its errors have TEI's shape, {"error", "error_type"}, which TEI's clients read. Usage goes in
+response headers, as TEI sends it: x-compute-tokens (every pair scored), x-total-time (ms), and
+x-compute-chunks (windows scored; the long-document extension).
 """
 
 from __future__ import annotations
@@ -69,4 +69,7 @@ async def tei_rerank(body: TEIRerankRequest, request: Request):
                            truncation_direction=body.truncation_direction.lower(),
                            return_documents=body.return_text, normalize=not body.raw_scores,
                            **body.long_document_options())
-    return JSONResponse([present(index=r.index, text=r.document, score=r.score) for r in ranking.results])
+    usage = {"x-compute-tokens": str(ranking.total_tokens), "x-compute-chunks": str(ranking.total_chunks),
+             "x-total-time": str(round(ranking.seconds * 1000))}
+    return JSONResponse([present(index=r.index, text=r.document, score=r.score) for r in ranking.results],
+                        headers=usage)

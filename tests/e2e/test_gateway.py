@@ -291,8 +291,11 @@ def test_sglang_chunked_long_document_equals_the_client(bert_gateway, chunked):
 
 def test_tei_chunked_long_document_equals_the_client(bert_gateway, chunked):
     # No truncate: TEI's default (refuse) does not contradict long_documents.
-    ranks = bert_gateway.post("/rerank", {"query": QUERY, "texts": CHUNKED_DOCUMENTS, **CHUNK}).json()
-    scores = by_index(ranks)
+    answer = bert_gateway.post("/rerank", {"query": QUERY, "texts": CHUNKED_DOCUMENTS, **CHUNK})
+    # Usage in TEI's response headers, the windows with it.
+    assert answer.headers["x-compute-chunks"] == str(chunked.total_chunks)
+    assert answer.headers["x-compute-tokens"] == str(chunked.total_tokens)
+    scores = by_index(answer.json())
     np.testing.assert_allclose([scores[i] for i in range(3)], [sigmoid(float(x)) for x in chunked.scores],
                                atol=1e-5, rtol=0)
     refused = bert_gateway.post("/rerank", {"query": QUERY, "texts": CHUNKED_DOCUMENTS, "truncate": False, **CHUNK})

@@ -197,14 +197,17 @@ def test_vllm_usage_has_the_windows_of_every_pair():
     assert pairs["data"][2]["score"] == pytest.approx(1 / (1 + math.exp(-len(DOCUMENTS[2]) / WINDOW)), rel=1e-12)
 
 
-def test_nim_and_tei_answers_keep_their_shape():
-    """Neither has a usage field in its body (TEI's usage headers are not sent): chunking changes no field."""
+def test_nim_and_tei_answers_keep_their_shape_and_tei_reports_usage_in_headers():
+    """Neither has a usage field in its body: chunking changes no field. TEI reports usage in headers."""
     client, _ = client_for()
     nim = client.post("/v1/ranking", json=BODIES["/v1/ranking"] | CHUNK)
     assert list(nim.json()) == ["rankings"] and all(set(r) == {"index", "logit"} for r in nim.json()["rankings"])
     tei = client.post("/rerank", json=BODIES["/rerank"] | CHUNK)
     assert all(set(r) == {"index", "score"} for r in tei.json())
-    assert not [name for name in tei.headers if name.lower().startswith("x-")]
+    assert tei.headers["x-compute-chunks"] == str(sum(windows_of(d) for d in DOCUMENTS)) == "10"
+    assert tei.headers["x-compute-tokens"] == str(sum(len(d) for d in DOCUMENTS))
+    assert int(tei.headers["x-total-time"]) >= 0
+    assert client.post("/rerank", json=BODIES["/rerank"]).headers["x-compute-chunks"] == str(len(DOCUMENTS))
 
 
 def test_the_schema_documents_the_extension_and_the_window_counts():
