@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu", "auto"], default=_env("DEVICE", "cuda"),
                    help="cuda: KIND_GPU instances; cpu: KIND_CPU; auto: Triton decides")
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default=_env("DTYPE", "auto"),
-                   help="cross-encoder precision; auto = float16 on GPU")
+                   help="cross-encoder precision; auto = float16 on GPU, on CPU bfloat16 where it has AMX or "
+                        "AVX512-BF16, else float32")
     p.add_argument("--engine", choices=["packed", "hf"], default=_env("ENGINE", "packed"))
     p.add_argument("--attention-backend", choices=["", "triton", "sdpa"], default=_env("ATTENTION_BACKEND", ""),
                    help="empty = triton on GPU, sdpa on CPU")

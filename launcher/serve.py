@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..gateway.command import add_gateway_options, gateway_settings
 from ..gateway.settings import GatewayStartError
-from ..models.dtypes import DTYPE_NAMES
+from ..models.dtypes import DTYPE_NAMES, auto_dtype
 from ..serving.model_files import ModelNotFoundError, resolve_model_path
 from .errors import LauncherError
 from .repository import RepositorySettings, add_long_document_options, render_model_repository
@@ -44,7 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the cross-encoder runs; auto = GPU when Triton sees one")
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
-                   help="cross-encoder precision; auto = float16 on GPU, float32 on CPU")
+                   help="cross-encoder precision; auto = float16 on GPU, on CPU bfloat16 where it has AMX or "
+                        "AVX512-BF16, else float32")
     p.add_argument("--attention-backend", choices=["triton", "sdpa"], default=None,
                    help="attention of the packed encoder; default triton on GPU, sdpa on CPU")
     p.add_argument("--engine", choices=["packed", "hf"], default="packed",
@@ -112,7 +113,8 @@ def run(args) -> int:
         return 2
     # SIGTERM (docker stop, systemd) takes the same clean path as Ctrl-C.
     stop_on_sigterm()
-    print(f"starting tritonserver for {model_dir} (log: {server.log_file})", flush=True)
+    print(f"starting tritonserver for {model_dir}, encoder {encoder_precision(args.device, args.dtype)} "
+          f"(log: {server.log_file})", flush=True)
     gateway = None
     try:
         server.start()
@@ -162,6 +164,16 @@ def _gateway(args, address: ServerAddress):
                                 default_model_name=args.model_path, triton_http_url=address.local_http_url,
                                 kserve_port=args.http_port)
     return GatewayThread(settings)
+
+
+def encoder_precision(device: str, dtype: str) -> str:
+    """The encoder's dtype as the startup line tells it: what --dtype auto means here, and why."""
+    if dtype != "auto":
+        return f"dtype {dtype}"
+    cpu, why = auto_dtype("cpu")
+    if device == "cpu":
+        return f"dtype {cpu} (auto: {why})"
+    return f"dtype auto (float16 on a GPU; on this CPU {cpu}: {why})"
 
 
 def ready_banner(address: ServerAddress, gateway=None) -> str:

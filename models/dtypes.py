@@ -1,12 +1,42 @@
 """The activation dtypes the service runs in, by the names the command line and config.pbtxt use.
 
 The names are importable without torch (command-line parsers list them); ``torch_dtype`` maps a
-name to torch's dtype.
+name to torch's dtype. ``auto_dtype`` is what `dtype=auto` means on a device.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+# CPU flags (Linux /proc/cpuinfo) of bf16 matrix instructions, which torch's CPU kernels (oneDNN)
+# use for bfloat16 matmuls: Intel AMX, or AVX512-BF16 (Intel Cooper Lake on, AMD Zen 4 on).
+_BF16_FLAGS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"))
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def auto_dtype(device_type: str, flags: set[str] | None = None) -> tuple[str, str]:
+    """(dtype name, why) that dtype=auto picks: float16 on CUDA; on a CPU bfloat16 where it has bf16
+    matrix instructions (AMX or AVX512-BF16: 2-2.5x float32's matmul rate), else float32."""
+    if device_type == "cuda":
+        return "float16", "CUDA"
+    flags = cpu_flags() if flags is None else flags
+    for flag, name in _BF16_FLAGS:
+        if flag in flags:
+            return "bfloat16", f"this CPU has {name}"
+    return "float32", "this CPU has no AMX or AVX512-BF16"
 
 
 def torch_dtype(name: str):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.dtypes import torch_dtype
+from ..models.dtypes import auto_dtype, torch_dtype
 from .packed_inputs import PackedInputLimits, PackedRequest
 
 # Token budget of one forward when config.pbtxt says 0: small micro-batches stay in a CPU's caches
@@ -143,6 +143,7 @@ class EncoderSettings:
     engine: str = "packed"
     attention_backend: str | None = None
     dtype: torch.dtype = torch.float32
+    dtype_reason: str = ""  # why this dtype ("auto: this CPU has AVX512-BF16"), for the startup log
     device: torch.device = torch.device("cpu")
     max_batch_tokens: int = 16384
     num_threads: int = 0
@@ -166,8 +167,10 @@ class EncoderSettings:
             device = f"cuda:{device_id}" if instance_kind == "GPU" and torch.cuda.is_available() else "cpu"
         device = torch.device(device)
         dtype = params.get("dtype", "auto") or "auto"
+        dtype_reason = "set in config.pbtxt"
         if dtype == "auto":
-            dtype = "float16" if device.type == "cuda" else "float32"
+            dtype, dtype_reason = auto_dtype(device.type)
+            dtype_reason = f"auto: {dtype_reason}"
         max_batch_tokens = int(params.get("max_batch_tokens") or 0)
         if max_batch_tokens < 0:
             raise ValueError(f"max_batch_tokens must be positive (or 0 for the device default), got {max_batch_tokens}")
@@ -178,6 +181,7 @@ class EncoderSettings:
             engine=params.get("engine", "packed") or "packed",
             attention_backend=params.get("attention_backend") or None,
             dtype=torch_dtype(dtype),
+            dtype_reason=dtype_reason,
             device=device,
             max_batch_tokens=max_batch_tokens,
             num_threads=int(params.get("num_threads") or 0),

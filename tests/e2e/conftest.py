@@ -28,6 +28,9 @@ class RunningServer:
 def start_server(model_dir: Path, run_dir: Path, arch: str, **settings) -> RunningServer:
     http, grpc, metrics = free_ports(3)
     address = ServerAddress("127.0.0.1", http, grpc, metrics)
+    # float32 unless a test says otherwise: scores are compared with transformers' float32 (dtype=auto
+    # would be bfloat16 on CPUs with AMX or AVX512-BF16).
+    settings.setdefault("dtype", "float32")
     repository = render_model_repository(
         RepositorySettings(model_path=str(model_dir), device="cpu", **settings), run_dir / "model_repository"
     )

@@ -36,3 +36,25 @@ def test_pairs_tokens_and_micro_batches_are_counted(xlmr_server):
     assert delta("rerank_micro_batch_tokens_count") >= 1
     assert delta("rerank_micro_batch_tokens_sum") == int(token_counts.sum())
     assert delta("rerank_compute_seconds_total") > 0
+
+
+def encoder_info(server) -> list[dict]:
+    text = requests.get(f"http://127.0.0.1:{server.address.metrics_port}/metrics", timeout=10).text
+    return [sample.labels for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == "rerank_encoder_info" and sample.value == 1]
+
+
+def test_the_encoder_info_names_the_dtype_set(xlmr_server):
+    (labels,) = encoder_info(xlmr_server)
+    assert (labels["engine"], labels["dtype"], labels["device"], labels["model"]) == (
+        "packed", "float32", "cpu", "cross_encoder")
+
+
+def test_dtype_auto_follows_the_cpu_and_says_why(start_extra_server, tiny_model_dirs):
+    from triton_rerank.models.dtypes import auto_dtype
+
+    server = start_extra_server(tiny_model_dirs["bert"], "bert", dtype="auto")
+    expected, why = auto_dtype("cpu")
+    assert [labels["dtype"] for labels in encoder_info(server)] == [expected]
+    log = server.server.log_file.read_text(errors="replace")
+    assert f"{expected} (auto: {why}) on cpu" in log, log[-2000:]

@@ -59,6 +59,11 @@ def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_pa
                 break
         banner = "".join(output)
         assert "is ready" in banner and f"rerank API  http://127.0.0.1:{api}" in banner, banner
+        # The startup line says what --dtype auto means on this CPU, and why.
+        from triton_rerank.models.dtypes import auto_dtype
+
+        dtype, why = auto_dtype("cpu")
+        assert f"encoder dtype {dtype} (auto: {why})" in banner, banner
 
         for example in readme_python_examples():
             code = localize(example, http, grpc, api)

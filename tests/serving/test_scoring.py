@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from triton_rerank.models.dtypes import auto_dtype
 from triton_rerank.serving.packed_inputs import PackedRequest
 from triton_rerank.serving.scoring import (
     EncoderSettings,
@@ -113,10 +114,34 @@ def test_a_relative_model_path_is_found_in_the_model_directory(tiny_model_dirs, 
 def test_settings_resolve_auto_device_and_dtype(tiny_model_dirs):
     params = {"model_path": str(tiny_model_dirs["bert"]), "device": "auto", "dtype": "auto"}
     settings = EncoderSettings.from_parameters(params, instance_kind="CPU")
-    assert settings.device == torch.device("cpu") and settings.dtype == torch.float32
+    # auto on a CPU: bfloat16 where this one has bf16 matrix instructions, float32 elsewhere.
+    expected = {"bfloat16": torch.bfloat16, "float32": torch.float32}[auto_dtype("cpu")[0]]
+    assert settings.device == torch.device("cpu") and settings.dtype == expected
+    assert settings.dtype_reason.startswith("auto: this CPU has")
     assert settings.max_batch_tokens == 4096  # the CPU default when config.pbtxt says 0
+    forced = EncoderSettings.from_parameters({**params, "dtype": "float32"}, instance_kind="CPU")
+    assert (forced.dtype, forced.dtype_reason) == (torch.float32, "set in config.pbtxt")
     with pytest.raises(ValueError, match="dtype must be one of"):
         EncoderSettings.from_parameters({**params, "dtype": "float8"})
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({"avx2", "avx512f", "amx_tile", "amx_bf16"}, ("bfloat16", "this CPU has AMX")),
+    ({"avx2", "avx512f", "avx512_bf16"}, ("bfloat16", "this CPU has AVX512-BF16")),
+    ({"avx2", "avx512f", "avx512_vnni"}, ("float32", "this CPU has no AMX or AVX512-BF16")),
+    (set(), ("float32", "this CPU has no AMX or AVX512-BF16")),
+])
+def test_auto_dtype_follows_the_cpus_bf16_instructions(flags, expected):
+    assert auto_dtype("cpu", flags) == expected
+    assert auto_dtype("cuda", flags) == ("float16", "CUDA")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from triton_rerank.models.dtypes import cpu_flags
+
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx512_bf16 sse\n")
+    assert cpu_flags(tmp_path / "cpuinfo") == {"fpu", "avx512_bf16", "sse"}
+    assert cpu_flags(tmp_path / "missing") == set()
 
 
 def test_non_finite_scores_become_an_error():

@@ -23,7 +23,11 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"{KEY_ENV} is not set: cross_encoder accepts inputs the tokenizer step did "
                                      "not sign (each request is still checked); `triton-rerank serve` sets it")
         self.engine = build_engine(self.settings)
+        settings = self.settings
+        pb_utils.Logger.log_info(f"cross_encoder: {settings.engine} engine, {str(settings.dtype).removeprefix('torch.')} "
+                                 f"({settings.dtype_reason}) on {settings.device}")
         self.metrics = ScoringMetrics(pb_utils, {"model": args["model_name"], "version": args["model_version"]})
+        self.metrics.describe_encoder(settings.engine, str(settings.dtype).removeprefix("torch."), str(settings.device))
 
     def execute(self, requests):
         # Each request is checked alone; only those that pass are packed and scored together, so a
