@@ -290,7 +290,12 @@ class EncoderLayer(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """RoBERTa's classifier (dense, tanh, out_proj) and BERT's pooler + classifier compute the same."""
+    """RoBERTa's classifier (dense, tanh, out_proj) and BERT's pooler + classifier compute the same.
+
+    Kept in float32 whatever the encoder's dtype (load_cross_encoder): one token per pair makes it
+    nearly free, and in bfloat16 the score itself would be rounded to 8 significant bits (a logit
+    near 4 moves by up to 1/64), which ties pairs that float32 ranks apart.
+    """
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -370,7 +375,7 @@ class PackedCrossEncoder(nn.Module):
             x = layer(x, attention, ops, keep=first if i == len(self.layers) - 1 else None)
         if not self.layers:
             x = x[first]
-        return self.head(x).float()  # [B]
+        return self.head(x.float())  # [B] float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,4 +460,5 @@ def load_cross_encoder(model_path: str | Path, *, dtype: torch.dtype = torch.flo
         model = PackedCrossEncoder(cfg, attention_backend=attention_backend)
     state = convert_hf_state_dict(cfg, read_state_dict(path))
     assign_weights(model, state, dtype=dtype, device=device, source_names=hf_name_map(cfg))
+    model.head.float()  # see ClassificationHead
     return model.eval().requires_grad_(False)
