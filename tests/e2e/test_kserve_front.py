@@ -78,13 +78,17 @@ def xlmr(server_pool):
     return server_pool.get("xlm-roberta")
 
 
-@pytest.fixture(scope="module")
-def gateway(xlmr):
-    """The gateway in this process (uvicorn in a thread), a gRPC client of the server."""
+def gateway_in_process(server):
+    """The gateway in this process (uvicorn in a thread), a gRPC client of the server: its URL while in use."""
     (port,) = free_ports(1)
-    thread = GatewayThread(GatewaySettings(triton_url=xlmr.grpc_url, port=port, log_level="warning")).start()
+    thread = GatewayThread(GatewaySettings(triton_url=server.grpc_url, port=port, log_level="warning")).start()
     yield f"http://127.0.0.1:{port}"
     thread.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(xlmr):
+    yield from gateway_in_process(xlmr)
 
 
 def post(url: str, path: str, body: bytes, headers: dict) -> requests.Response:
@@ -174,10 +178,7 @@ def bert(server_pool):
 
 @pytest.fixture(scope="module")
 def bert_gateway(bert):
-    (port,) = free_ports(1)
-    thread = GatewayThread(GatewaySettings(triton_url=bert.grpc_url, port=port, log_level="warning")).start()
-    yield f"http://127.0.0.1:{port}"
-    thread.stop()
+    yield from gateway_in_process(bert)
 
 
 def test_chunked_json_request_equals_triton(bert, bert_gateway):
