@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..serving.tokenization import window_count
 from . import report
 from .workload import DL19_FILE, Request, load_dl19, resolve_data_dir, spread_indices, vocabulary_words
 
@@ -156,13 +157,6 @@ def build_documents(pool: PassagePool, num_requests: int, docs_per_request: int,
     return LongDocumentSet(requests, tokens, source)
 
 
-def windows_per_document(document_tokens: int, room: int, overlap: int) -> int:
-    """Windows the sliding window cuts a document into: one per (room - overlap) tokens after the first."""
-    if document_tokens <= room:
-        return 1
-    return 1 + math.ceil((document_tokens - room) / (room - overlap))
-
-
 def most_windows(documents: LongDocumentSet, count_tokens: Callable[[list[str]], list[int]], pair_room: int,
                  overlap: int) -> int:
     """The most windows any document of the workload makes: its max_chunks_per_doc (the server's
@@ -170,7 +164,7 @@ def most_windows(documents: LongDocumentSet, count_tokens: Callable[[list[str]],
     queries = [r.query for r in documents.requests]
     query_tokens = dict(zip(queries, count_tokens(queries), strict=True))
     tokens = iter(documents.document_tokens)
-    return max(windows_per_document(next(tokens), pair_room - query_tokens[r.query], overlap)
+    return max(window_count(next(tokens), pair_room - query_tokens[r.query], overlap)
                for r in documents.requests for _ in r.documents)
 
 

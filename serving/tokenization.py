@@ -83,6 +83,14 @@ class PackedPairs:
                    lengths=lengths, chunk_counts=np.ones(len(encodings), dtype=np.int32))
 
 
+def window_count(document_tokens: int, room: int, overlap: int) -> int:
+    """Windows of `room` document tokens sharing `overlap` that cover a document: one, and past it one
+    more every room - overlap tokens, the last reaching the document's end."""
+    if document_tokens <= room:
+        return 1
+    return 1 + -(-(document_tokens - room) // (room - overlap))
+
+
 @dataclass(frozen=True)
 class _PairParts:
     """One whole (query, document) pair encoding, as head (specials and query), document, tail (specials)."""
@@ -358,9 +366,7 @@ class PairTokenizer:
                 f"input of {self.max_length} less the query's {query_tokens} and {self.num_special_tokens} special "
                 f"tokens): send a chunk_overlap below {room}")
         step = room - overlap
-        # Past the first window, one more every `step` tokens, the last reaching the document's end.
-        counts = np.array([1 if pair.document_tokens <= room else 1 + -(-(pair.document_tokens - room) // step)
-                           for pair in pairs], dtype=np.int64)
+        counts = np.array([window_count(pair.document_tokens, room, overlap) for pair in pairs], dtype=np.int64)
         worst = int(counts.argmax())
         if counts[worst] > max_chunks_per_doc:
             raise PairTokenizationError(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from triton_rerank.bench import long_documents as ld
+from triton_rerank.serving.tokenization import window_count
 
 
 def word_counts(texts: list[str]) -> list[int]:
@@ -53,7 +54,7 @@ def test_bad_lengths_are_refused():
 @pytest.mark.parametrize(("tokens", "windows"), [(10, 1), (500, 1), (501, 2), (968, 2), (969, 3), (1000, 3)])
 def test_windows_per_document_follow_the_sliding_window(tokens, windows):
     # Room 500, overlap 32: windows start at 0, 468, 936, ...
-    assert ld.windows_per_document(tokens, 500, 32) == windows
+    assert window_count(tokens, 500, 32) == windows
 
 
 def test_windows_per_document_match_the_hf_tokenizer(tiny_model_dirs):
@@ -72,7 +73,7 @@ def test_windows_per_document_match_the_hf_tokenizer(tiny_model_dirs):
             encoding = tokenizer(request.query, document, truncation="only_second", max_length=window, stride=32,
                                  return_overflowing_tokens=True)
             tokens = len(tokenizer(document, add_special_tokens=False)["input_ids"])
-            assert ld.windows_per_document(tokens, room, 32) == len(encoding["input_ids"])
+            assert window_count(tokens, room, 32) == len(encoding["input_ids"])
 
 
 def one_pass(contender: str, concurrency: int, run: int, seconds: float, scores, chunks=(2, 3), tokens=(900, 1400)):

@@ -124,6 +124,7 @@ def test_reported_numbers_are_those_of_the_scores(tiny_model_dirs, reference_sco
 
     fp32 = scores_pair_by_pair(model_dir, workload, torch.float32)
     bf16 = scores_pair_by_pair(model_dir, workload, torch.bfloat16)
+    # Exact on any CPU: the same engine, the same one-pair forwards, in this process, on this machine.
     np.testing.assert_array_equal(result.passes[0].scores, fp32)
     np.testing.assert_array_equal(result.passes[1].scores, bf16)
     diff = np.abs(bf16.astype(np.float64) - fp32)
