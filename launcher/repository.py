@@ -13,6 +13,7 @@ importlib.resources, so a non-editable `pip install` works), or any directory la
 from __future__ import annotations
 
 import importlib.resources
+import json
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 from tritonclient.grpc.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
+from ..models.families import RERANKER_KINDS, reranker_kind
 from ..serving.request_options import LONG_DOCUMENT_MODES
 from .errors import LauncherError
 
@@ -34,9 +36,12 @@ CONFIG = "config.pbtxt"
 # The ensemble's steps whose parameters the settings fill in.
 TOKENIZER = "tokenizer"
 SCORER = "cross_encoder"
+ENSEMBLE = "reranker"
 # Where a rendered step finds a local model: a link in its version directory, so that the config
 # (readable by any client at /v2/models/<step>/config) names no host path.
 MODEL_LINK = "1/hf_model"
+# Where a rendered tokenizer step finds the prompt template it was given (a copy, for the same reason).
+TEMPLATE_COPY = "1/prompt_template.jinja"
 
 
 def packaged_model_repository() -> Traversable:
@@ -112,6 +117,12 @@ class RepositorySettings:
     max_queue_size: int = 0
     # The encoder's dynamic-batching wait (max_queue_delay_microseconds); None = as in config.pbtxt.
     queue_delay_us: int | None = None
+    # "cross-encoder" or "decoder" (a Qwen3-Reranker); "auto" reads the model's config.json.
+    reranker_kind: str = "auto"
+    # Decoder rerankers: a Jinja prompt template file on this host ("" = the model's own prompt),
+    # and the instruction of requests that send none ("" = the model's own default).
+    prompt_template: str = ""
+    default_instruction: str = ""
     # More parameters, {model: {key: value}}; each key must be one the model's config.pbtxt has.
     extra: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -134,12 +145,18 @@ class RepositorySettings:
 
     def parameters(self) -> dict[str, dict[str, str]]:
         """{model: {parameter: value}} this rendering sets."""
+        kind = self.resolved_kind()
         values = {
             TOKENIZER: {"model_path": self.model_path, "max_length": str(self.max_length),
                         "max_documents": str(self.max_documents), "long_documents": self.long_documents,
-                        "max_chunks_per_doc": str(self.max_chunks_per_doc)},
+                        "max_chunks_per_doc": str(self.max_chunks_per_doc), "reranker_kind": kind,
+                        "prompt_template": TEMPLATE_COPY if self.prompt_template else "",
+                        "default_instruction": self.default_instruction},
+            # What SCORES mean, for the gateway and other clients that read the ensemble's config.
+            ENSEMBLE: {"reranker_kind": kind},
             SCORER: {
                 "model_path": self.model_path,
+                "reranker_kind": kind,
                 "engine": self.engine,
                 "attention_backend": self.attention_backend,
                 "dtype": self.dtype,
@@ -157,7 +174,26 @@ class RepositorySettings:
             values.setdefault(model, {}).update({key: str(value) for key, value in extra.items()})
         return values
 
+    def resolved_kind(self) -> str:
+        """The reranker kind: as set, else read from a local model's config.json ("auto" for a Hub id,
+        which each step then reads itself)."""
+        config = Path(self.model_path).expanduser() / "config.json"
+        if not config.is_file():
+            return self.reranker_kind
+        try:
+            return reranker_kind(json.loads(config.read_text()), self.reranker_kind)
+        except ValueError as error:
+            raise LauncherError(str(error)) from None
+
     def check(self) -> None:
+        if self.reranker_kind not in ("auto", *RERANKER_KINDS):
+            raise LauncherError(f"reranker_kind must be auto or one of {', '.join(RERANKER_KINDS)}, "
+                                f"got {self.reranker_kind!r}")
+        if self.prompt_template and not Path(self.prompt_template).expanduser().is_file():
+            raise LauncherError(f"prompt template {self.prompt_template} is not a file")
+        if (self.prompt_template or self.default_instruction) and self.resolved_kind() == "cross-encoder":
+            raise LauncherError("a prompt template and a default instruction are for decoder rerankers "
+                                "(Qwen3-Reranker); this model is a cross-encoder, which takes neither")
         for name in ("max_length", "max_batch_tokens", "num_threads", "max_queue_size"):
             if getattr(self, name) < 0:
                 raise LauncherError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -225,6 +261,9 @@ def render_model_repository(settings: RepositorySettings, target: Path, source: 
         shutil.rmtree(target)
     copy_tree(source, target)
     link_local_models(configs, target)
+    if settings.prompt_template:
+        (target / TOKENIZER / TEMPLATE_COPY).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(settings.prompt_template).expanduser(), target / TOKENIZER / TEMPLATE_COPY)
     for name, config in configs.items():
         write_config(config, target / name, f"Rendered by triton-rerank from {source}/{name}/{CONFIG} "
                                             "(the commented source).")
@@ -273,3 +312,17 @@ def add_long_document_options(parser, long_documents: str = "truncate", max_chun
     parser.add_argument("--max-chunks-per-doc", type=int, default=max_chunks_per_doc,
                         help="windows per chunked document unless a request says otherwise; a request may score "
                              "at most max-documents x this many windows")
+
+
+def add_decoder_options(parser, reranker_kind: str = "auto", chat_template: str | None = None,
+                        default_instruction: str | None = None) -> None:
+    """--reranker-kind, --chat-template and --default-instruction (decoder rerankers such as Qwen3-Reranker)."""
+    parser.add_argument("--reranker-kind", choices=["auto", *RERANKER_KINDS], default=reranker_kind,
+                        help="how the model reranks: a cross-encoder (BERT/XLM-R classifier) or a decoder reranker "
+                             "(Qwen3ForCausalLM, scored by logit(yes) - logit(no)); auto reads config.json")
+    parser.add_argument("--chat-template", default=chat_template or None, metavar="FILE",
+                        help="decoder rerankers: a Jinja prompt template (as SGLang's qwen3_reranker.jinja) "
+                             "instead of the model's own Qwen3-Reranker prompt")
+    parser.add_argument("--default-instruction", default=default_instruction or None, metavar="TEXT",
+                        help="decoder rerankers: the instruction of requests that send none; default the model's "
+                             "('Given a web search query, retrieve relevant passages that answer the query')")

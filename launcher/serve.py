@@ -17,7 +17,12 @@ from ..gateway.settings import GatewayStartError
 from ..models.dtypes import DTYPE_NAMES, auto_dtype
 from ..serving.model_files import ModelNotFoundError, resolve_model_path
 from .errors import LauncherError
-from .repository import RepositorySettings, add_long_document_options, render_model_repository
+from .repository import (
+    RepositorySettings,
+    add_decoder_options,
+    add_long_document_options,
+    render_model_repository,
+)
 from .restart import ServerKeeper, add_restart_options, restart_policy
 from .server import ServerAddress, StopRequested, TritonServer, free_ports, loopback, stop_on_sigterm
 
@@ -55,6 +60,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=0,
                    help="token budget of one encoder forward; 0 = 4096 on CPU, 16384 on GPU")
     add_long_document_options(p)
+    add_decoder_options(p)
     p.add_argument("--instances", type=int, default=1, help="cross_encoder model instances")
     p.add_argument("--num-threads", type=int, default=0, help="torch threads per CPU instance; 0 = torch default")
     p.add_argument("--host", default="127.0.0.1", help="address every listener binds (0.0.0.0 to expose)")
@@ -101,6 +107,8 @@ def run(args) -> int:
         # One limit for every door: the gateway's, the tokenizer step's and the scoring step's.
         max_documents=args.max_documents,
         long_documents=args.long_documents, max_chunks_per_doc=args.max_chunks_per_doc,
+        reranker_kind=args.reranker_kind, prompt_template=args.chat_template or "",
+        default_instruction=args.default_instruction or "",
     )
     address = server_address(args)
     try:

@@ -11,6 +11,13 @@ from __future__ import annotations
 ROBERTA_TYPES = ("xlm-roberta", "roberta", "camembert")
 BERT_TYPES = ("bert",)
 CROSS_ENCODER_TYPES = ROBERTA_TYPES + BERT_TYPES
+# Decoder LLMs scored by their next-token logits for "yes" and "no" (Qwen3-Reranker).
+DECODER_TYPES = ("qwen3",)
+DECODER_ARCHITECTURES = ("Qwen3ForCausalLM",)
+
+# How a model reranks: "cross-encoder" (a one-logit classification head on the pair) or "decoder"
+# (a causal LM's logit(yes) - logit(no) after a prompt). "auto" reads config.json.
+RERANKER_KINDS = ("cross-encoder", "decoder")
 
 
 def position_offset(model_type: str, pad_token_id: int) -> int:
@@ -34,3 +41,36 @@ def max_input_length(config: dict) -> int:
     pad = config.get("pad_token_id")
     pad = default_pad_token_id(model_type) if pad is None else int(pad)
     return int(config["max_position_embeddings"]) - position_offset(model_type, pad)
+
+
+def reranker_kind(config: dict, forced: str = "auto") -> str:
+    """ "cross-encoder" or "decoder" for a config.json dict; `forced` (not "auto") is checked and returned.
+
+    Detection reads `architectures` first (a Qwen3ForCausalLM is a decoder reranker), then
+    `model_type`. A config it cannot place is a ValueError that names the flag to force the kind.
+    """
+    model_type = config.get("model_type", "")
+    if forced not in ("auto", *RERANKER_KINDS):
+        raise ValueError(f"reranker kind must be auto or one of {', '.join(RERANKER_KINDS)}, got {forced!r}")
+    if forced == "decoder" and model_type not in DECODER_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not a decoder this server runs (it runs "
+                         f"{', '.join(DECODER_TYPES)})")
+    if forced == "cross-encoder" and model_type not in CROSS_ENCODER_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not a cross-encoder this server runs (it runs "
+                         f"{', '.join(CROSS_ENCODER_TYPES)})")
+    if forced != "auto":
+        return forced
+    architectures = config.get("architectures") or []
+    if any(a in DECODER_ARCHITECTURES for a in architectures):
+        return "decoder"
+    if model_type in CROSS_ENCODER_TYPES:
+        return "cross-encoder"
+    if model_type in DECODER_TYPES and not architectures:
+        return "decoder"
+    named = f"architectures {architectures} and model_type {model_type!r}" if architectures else \
+        f"model_type {model_type!r}"
+    raise ValueError(
+        f"cannot tell how to rerank with a model of {named}: this server runs cross-encoders "
+        f"({', '.join(CROSS_ENCODER_TYPES)} sequence classifiers with one label) and decoder rerankers "
+        f"({', '.join(DECODER_ARCHITECTURES)}, scored by logit(yes) - logit(no)); pass --reranker-kind "
+        "decoder or cross-encoder if the model is one of these")

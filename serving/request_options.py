@@ -31,6 +31,9 @@ class RequestOptions:
     # Tokens two neighbouring windows share (chunk), and the most windows of one document.
     chunk_overlap: int = 32
     max_chunks_per_doc: int = 64
+    # The task a decoder reranker judges relevance for (Qwen3-Reranker's "Instruct"); None = the
+    # server's default instruction. Cross-encoders take none.
+    instruction: str | None = None
 
     @property
     def truncate(self) -> bool:
@@ -75,7 +78,7 @@ class RequestLimits:
 
 
 KNOWN_PARAMETERS = {"truncate", "long_documents", "truncation_direction", "max_tokens_per_doc", "chunk_overlap",
-                    "max_chunks_per_doc"}
+                    "max_chunks_per_doc", "instruction"}
 TRUNCATION_DIRECTIONS = ("right", "left")
 
 
@@ -150,7 +153,27 @@ def read_options(parameters_json: str | None, limits: RequestLimits | None = Non
     overlap = _as_int("chunk_overlap", params.get("chunk_overlap", RequestOptions.chunk_overlap), 0)
     max_chunks = _as_int("max_chunks_per_doc", params.get("max_chunks_per_doc", limits.max_chunks_per_doc), 1)
     return RequestOptions(long_documents=mode, truncation_direction=direction.lower(), max_tokens_per_doc=max_tokens,
-                          chunk_overlap=overlap, max_chunks_per_doc=max_chunks)
+                          chunk_overlap=overlap, max_chunks_per_doc=max_chunks,
+                          instruction=_instruction(params.get("instruction"), limits))
+
+
+def _instruction(value, limits: RequestLimits) -> str | None:
+    """The request's instruction: a string within the per-string limit, without NUL characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RequestError(f"request parameter 'instruction' must be a string, got {type(value).__name__}")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limits.max_text_bytes:
+        raise RequestError(f"request parameter 'instruction' is {size} bytes; this server takes at most "
+                           f"{limits.max_text_bytes} bytes per string")
+    if "\x00" in value:
+        raise RequestError("request parameter 'instruction' contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("request parameter 'instruction' is not valid UTF-8 (it holds a lone surrogate)") from None
+    return value
 
 
 def _byte_size(item) -> int:

@@ -260,7 +260,7 @@ def fake_model(tmp_path: Path) -> Path:
     """A directory the model resolver accepts (the entry point renders; it loads nothing)."""
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"model_type": "bert"}')
     return model
 
 

@@ -353,7 +353,7 @@ def test_triton_environment_parses_and_renders_the_overlays_repository(k8s, tmp_
 
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"model_type": "bert"}')
     env = {k: v for k, v in os.environ.items() if k not in entrypoint_variables()} | values
     result = subprocess.run([sys.executable, str(ENTRYPOINT), "--render-only", "--model-path", str(model),
                              "--target", str(tmp_path / "repo")], capture_output=True, text=True, timeout=120,

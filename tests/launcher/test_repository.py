@@ -1,6 +1,7 @@
 """The model repository: the packaged source and the one renderer, read back as ModelConfig messages."""
 
 import importlib.resources
+import json
 import shutil
 import zipfile
 from pathlib import Path
@@ -11,6 +12,7 @@ from tritonclient.grpc.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
 from triton_rerank.launcher.errors import LauncherError
 from triton_rerank.launcher.repository import (
+    TEMPLATE_COPY,
     RepositorySettings,
     copy_tree,
     packaged_model_repository,
@@ -51,7 +53,8 @@ def test_rendered_configs_parse_back_with_the_values_set(tmp_path):
     cross, tokenizer = parse(out / "cross_encoder" / "config.pbtxt"), parse(out / "tokenizer" / "config.pbtxt")
     assert params(cross) == {"model_path": '/models/a "b"', "engine": "hf", "attention_backend": "sdpa",
                              "dtype": "float16", "device": "auto", "max_batch_tokens": "4096", "num_threads": "3",
-                             "max_documents": "10", "max_chunks_per_doc": "5", "max_length": "512"}
+                             "max_documents": "10", "max_chunks_per_doc": "5", "max_length": "512",
+                             "reranker_kind": "auto"}  # no local config.json to read: each step reads it
     assert params(tokenizer).items() >= {"model_path": '/models/a "b"', "max_length": "512", "max_documents": "10",
                                          "max_text_bytes": "2048", "long_documents": "chunk",
                                          "max_chunks_per_doc": "5"}.items()
@@ -182,7 +185,7 @@ def test_renders_from_a_resource_that_is_not_a_directory(tmp_path):
 def test_a_local_model_is_linked_so_configs_name_no_host_path(tmp_path):
     model_dir = tmp_path / "secret-host-dir" / "model"
     model_dir.mkdir(parents=True)
-    (model_dir / "config.json").write_text("{}")
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "bert"}))
     out = render_model_repository(RepositorySettings(model_path=str(model_dir)), tmp_path / "repo")
     for step in ("tokenizer", "cross_encoder"):
         config_text = (out / step / "config.pbtxt").read_text()
@@ -204,3 +207,45 @@ def test_the_scoring_step_gets_the_tokenizers_request_limits(tmp_path):
     source = read_repository()
     assert (source["cross_encoder"].parameters["max_documents"].string_value
             == source["tokenizer"].parameters["max_documents"].string_value)
+
+
+def _model_dir(path, config: dict):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_reranker_kind_is_detected_and_told_to_every_step(tmp_path):
+    qwen = _model_dir(tmp_path / "qwen", {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]})
+    template = tmp_path / "prompt.jinja"
+    template.write_text("{{ query }} {{ document }}")
+    settings = RepositorySettings(model_path=str(qwen), prompt_template=str(template),
+                                  default_instruction="Find the answer")
+    out = render_model_repository(settings, tmp_path / "repo")
+    configs = {name: parse(out / name / "config.pbtxt") for name in MODELS}
+    assert {name: params(c)["reranker_kind"] for name, c in configs.items()} == {
+        "cross_encoder": "decoder", "reranker": "decoder", "tokenizer": "decoder"}
+    tokenizer = params(configs["tokenizer"])
+    assert tokenizer["default_instruction"] == "Find the answer"
+    # The template is copied into the repository, so that the config names no host path.
+    assert tokenizer["prompt_template"] == TEMPLATE_COPY
+    assert (out / "tokenizer" / TEMPLATE_COPY).read_text() == template.read_text()
+
+    bert = _model_dir(tmp_path / "bert", {"model_type": "bert"})
+    out = render_model_repository(RepositorySettings(model_path=str(bert)), tmp_path / "repo2")
+    assert params(parse(out / "reranker" / "config.pbtxt"))["reranker_kind"] == "cross-encoder"
+    assert params(parse(out / "tokenizer" / "config.pbtxt"))["prompt_template"] == ""
+
+
+@pytest.mark.parametrize(("config", "settings", "message"), [
+    ({"model_type": "bert"}, {"default_instruction": "x"}, "cross-encoder, which takes neither"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, {}, "--reranker-kind"),
+    ({"model_type": "qwen3"}, {"prompt_template": "/no/such/file.jinja"}, "is not a file"),
+    ({"model_type": "qwen3"}, {"reranker_kind": "lm"}, "reranker_kind must be"),
+    ({"model_type": "bert"}, {"reranker_kind": "decoder"}, "not a decoder"),
+])
+def test_reranker_kind_mistakes_are_refused_before_anything_is_written(tmp_path, config, settings, message):
+    model = _model_dir(tmp_path / "model", config)
+    with pytest.raises(LauncherError, match=message):
+        render_model_repository(RepositorySettings(model_path=str(model), **settings), tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()

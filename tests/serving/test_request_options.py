@@ -146,3 +146,19 @@ def test_chunk_overlap_and_max_chunks_per_doc():
     assert (limits.long_documents, limits.max_chunks_per_doc, limits.max_windows) == ("chunk", 8, 80)
     with pytest.raises(ValueError, match="long_documents must be one of"):
         RequestLimits.from_parameters({"long_documents": "whole"})
+
+
+def test_instruction_is_an_optional_string_within_the_string_limit():
+    import json
+
+    from triton_rerank.serving.request_options import RequestLimits
+
+    assert read_options(None).instruction is None
+    assert read_options('{"instruction": "Find recipes"}').instruction == "Find recipes"
+    assert read_options('{"instruction": ""}').instruction == ""  # an empty task is the client's choice
+    limits = RequestLimits(max_text_bytes=16)
+    assert read_options(json.dumps({"instruction": "é" * 8}), limits).instruction == "é" * 8  # 16 bytes
+    for value, message in [("é" * 9, "18 bytes; this server takes at most 16"), (["a"], "must be a string"),
+                           (3, "must be a string"), ("a\x00b", "NUL")]:
+        with pytest.raises(RequestError, match=message):
+            read_options(json.dumps({"instruction": value}), limits)

@@ -24,7 +24,7 @@ class TritonPythonModel:
                                      "not sign (each request is still checked); `triton-rerank serve` sets it")
         self.engine = build_engine(self.settings)
         settings = self.settings
-        pb_utils.Logger.log_info(f"cross_encoder: {settings.engine} engine, {str(settings.dtype).removeprefix('torch.')} "
+        pb_utils.Logger.log_info(f"cross_encoder: {settings.reranker_kind} reranker, {settings.engine} engine, {str(settings.dtype).removeprefix('torch.')} "
                                  f"({settings.dtype_reason}) on {settings.device}")
         self.metrics = ScoringMetrics(pb_utils, {"model": args["model_name"], "version": args["model_version"]})
         self.metrics.describe_encoder(settings.engine, str(settings.dtype).removeprefix("torch."), str(settings.device))
