@@ -30,6 +30,7 @@ from .triton_io import (
     check_request,
     make_inputs,
     read_outputs,
+    reranker_kind_of,
     server_address,
 )
 
@@ -157,7 +158,7 @@ class RerankClient(_ClientSettings):
         """Raw logits, token and window counts of every document, in input order.
 
         options are ScoreOptions' fields: long_documents, chunk_overlap, max_chunks_per_doc,
-        truncation_direction, max_tokens_per_doc.
+        truncation_direction, max_tokens_per_doc, instruction (decoder rerankers).
         """
         options = ScoreOptions(truncate, **options)
         documents = check_request(query, documents)
@@ -185,6 +186,14 @@ class RerankClient(_ClientSettings):
         documents = check_request(query, documents)
         scored = self.score(query, documents, truncate, **options)
         return rank(scored, documents, top_n, return_documents, normalize)
+
+    def reranker_kind(self) -> str:
+        """What SCORES are: "decoder" (logit(yes) - logit(no); sigmoid = P(yes)), "cross-encoder" (a
+        classifier's logit), or "auto" when the server's ensemble does not say."""
+        client = self._client()
+        if self.protocol == "grpc":
+            return reranker_kind_of(client.get_model_config(self.model_name, as_json=True))
+        return reranker_kind_of(client.get_model_config(self.model_name))
 
     def is_ready(self) -> bool:
         """True when the server answers and the reranker model is ready."""
@@ -285,7 +294,7 @@ class AsyncRerankClient(_ClientSettings):
         """Raw logits, token and window counts of every document, in input order.
 
         options are ScoreOptions' fields: long_documents, chunk_overlap, max_chunks_per_doc,
-        truncation_direction, max_tokens_per_doc.
+        truncation_direction, max_tokens_per_doc, instruction (decoder rerankers).
         """
         options = ScoreOptions(truncate, **options)
         documents = check_request(query, documents)
@@ -313,6 +322,13 @@ class AsyncRerankClient(_ClientSettings):
         documents = check_request(query, documents)
         scored = await self.score(query, documents, truncate, **options)
         return rank(scored, documents, top_n, return_documents, normalize)
+
+    async def reranker_kind(self) -> str:
+        """As RerankClient.reranker_kind."""
+        client = self._client()
+        if self.protocol == "grpc":
+            return reranker_kind_of(await client.get_model_config(self.model_name, as_json=True))
+        return reranker_kind_of(await client.get_model_config(self.model_name))
 
     async def is_ready(self, timeout: float = 2.0) -> bool:
         """True when the server answers within `timeout` and the reranker model is ready."""

@@ -40,6 +40,8 @@ class ScoreOptions:
     max_tokens_per_doc:   keep at most this many tokens of each document (truncating only)
     chunk_overlap:        tokens neighbouring windows share (chunk; server default 32)
     max_chunks_per_doc:   the most windows of one document (chunk; default the server's)
+    instruction:          decoder rerankers (Qwen3-Reranker): the task relevance is judged for;
+                          None = the server's default instruction. A cross-encoder refuses it.
     """
 
     truncate: bool | None = None
@@ -48,8 +50,11 @@ class ScoreOptions:
     long_documents: str | None = None
     chunk_overlap: int | None = None
     max_chunks_per_doc: int | None = None
+    instruction: str | None = None
 
     def __post_init__(self):
+        if self.instruction is not None and not isinstance(self.instruction, str):
+            raise InvalidRequestError(f"instruction must be a string, got {type(self.instruction).__name__}")
         if self.truncation_direction not in TRUNCATION_DIRECTIONS:
             raise InvalidRequestError(f"truncation_direction must be one of {TRUNCATION_DIRECTIONS}, "
                                       f"got {self.truncation_direction!r}")
@@ -86,6 +91,8 @@ class ScoreOptions:
         for name in ("max_tokens_per_doc", "chunk_overlap", "max_chunks_per_doc"):
             if getattr(self, name) is not None:
                 params[name] = min(getattr(self, name), 2**31 - 1)
+        if self.instruction is not None:
+            params["instruction"] = self.instruction
         return params
 
 
@@ -155,3 +162,12 @@ def read_outputs(result, expected: int) -> ScoredDocuments:
         raise RerankServerError(f"the server returned {scores.size} scores for {expected} documents")
     return ScoredDocuments(scores.astype(np.float32, copy=False), token_counts.astype(np.int32, copy=False),
                            chunk_counts.astype(np.int32, copy=False))
+
+
+def reranker_kind_of(config: dict) -> str:
+    """What the ensemble's SCORES are, from its model configuration (a dict as tritonclient's HTTP
+    client returns it, or the gRPC one's as_json form): "decoder" (logit(yes) - logit(no) of a
+    decoder reranker), "cross-encoder", or "auto" when the server does not say."""
+    config = config.get("config", config)
+    parameter = config.get("parameters", {}).get("reranker_kind", {})
+    return parameter.get("string_value") or parameter.get("stringValue") or "auto"

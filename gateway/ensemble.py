@@ -35,6 +35,8 @@ class Scorer(Protocol):
 
     async def is_ready(self, timeout: float = 2.0) -> bool: ...
 
+    async def reranker_kind(self) -> str: ...
+
     async def close(self) -> None: ...
 
 
@@ -47,6 +49,21 @@ class GatewayState:
     limiter: AdmissionLimiter
     metrics: GatewayMetrics
     started_at: int = field(default_factory=lambda: int(time.time()))
+    _kind: str | None = None  # the ensemble's reranker_kind, once read
+
+    async def reranker_kind(self) -> str:
+        """What the ensemble's SCORES are ("decoder": logit(yes) - logit(no); "cross-encoder"; "auto" when
+        it does not say), read from Triton once. A failure to ask is a 503, as any call to a Triton that
+        is not answering."""
+        if self._kind is None:
+            try:
+                self._kind = await self.scorer.reranker_kind()
+            except RerankError as error:
+                raise from_client_error(error) from error
+            except Exception as error:  # tritonclient raises its own types for a server that is down
+                raise GatewayError(503, f"cannot read the reranker's configuration from Triton ({error})",
+                                   "unavailable") from error
+        return self._kind
 
     async def score(self, route: str, query: str, documents: list[str],
                     options: ScoreOptions = DEFAULT_OPTIONS) -> ScoredDocuments:

@@ -2,14 +2,17 @@
 
     GET /v2/health/live   /v2/health/ready   /v2
     GET /v2/models/{model}[/versions/{version}]   /v2/models/{model}[/versions/{version}]/ready
+    GET /v2/models/reranker[/versions/{version}]/config
 
 Where the gateway is the only public HTTP door to Triton (`triton-rerank serve`: Triton's HTTP
 frontend listens on loopback, the gateway's KServe front on the public HTTP port), these are the
 reads tritonclient.http makes besides inference. Each is sent on to Triton's HTTP endpoint as a
 bodiless GET of the same route, the model name quoted as one path segment, and Triton's answer
-(status and JSON) comes back unchanged. Nothing else of Triton's HTTP API is forwarded: model
-configuration, statistics, the repository, shared memory, trace and logging stay closed, as behind
-deploy/nginx.conf (perf_analyzer reads the configuration over gRPC).
+(status and JSON) comes back unchanged. The ensemble's configuration is the service's contract (its
+inputs, outputs and `reranker_kind`: what SCORES mean, which RerankClient.reranker_kind reads);
+the steps' configurations are not forwarded. Nothing else of Triton's HTTP API is: statistics, the
+repository, shared memory, trace and logging stay closed, as behind deploy/nginx.conf
+(perf_analyzer reads the configuration over gRPC).
 
 Only registered when the gateway knows Triton's HTTP address (GatewaySettings.triton_http_url).
 No API key: load balancers and orchestrators probe health without one, and metadata is what any
@@ -26,6 +29,7 @@ from urllib.request import urlopen
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..client.triton_io import MODEL_NAME
 from .errors import RETRY_AFTER_SECONDS
 
 # Triton's metadata answers are a few KiB; more is not an answer to pass on.
@@ -92,3 +96,11 @@ async def model_metadata(request: Request, model: str):
 @router.get("/v2/models/{model}/versions/{version}/ready", include_in_schema=False)
 async def model_ready(request: Request):
     return await _forward(request, f"{_model_path(request)}/ready")
+
+
+@router.get(f"/v2/models/{MODEL_NAME}/config", include_in_schema=False)
+@router.get(f"/v2/models/{MODEL_NAME}/versions/{{version}}/config", include_in_schema=False)
+async def ensemble_config(request: Request):
+    return await _forward(request, f"/v2/models/{MODEL_NAME}" + (
+        f"/versions/{quote(request.path_params['version'], safe='')}" if "version" in request.path_params else "")
+        + "/config")

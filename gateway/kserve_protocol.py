@@ -4,7 +4,7 @@ Triton 2.51's own HTTP frontend answers 500 to some malformed KServe v2 requests
 shape, numbers in a BYTES tensor, a shape or id of the wrong JSON type, a truncated inference
 header, a body that is not a JSON object). These models accept exactly what the ensemble
 takes (QUERY [1] and DOCUMENTS [N] BYTES; its request parameters `truncate`, `long_documents`,
-`truncation_direction`, `max_tokens_per_doc`, `chunk_overlap`, `max_chunks_per_doc`; outputs
+`truncation_direction`, `max_tokens_per_doc`, `chunk_overlap`, `max_chunks_per_doc`, `instruction`; outputs
 SCORES / TOKEN_COUNTS / CHUNK_COUNTS) and say what is wrong with anything else, so that the
 gateway answers 400 where Triton would answer 500. No FastAPI here: kserve.py is the route, this module is testable alone.
 
@@ -91,7 +91,7 @@ def _lower(value):
 
 # The ensemble's request parameters (serving/request_options.py), as ScoreOptions' fields.
 SCORE_PARAMETERS = ("truncate", "long_documents", "truncation_direction", "max_tokens_per_doc", "chunk_overlap",
-                    "max_chunks_per_doc")
+                    "max_chunks_per_doc", "instruction")
 
 
 class ScoreParameters(_Strict):
@@ -103,6 +103,7 @@ class ScoreParameters(_Strict):
     max_tokens_per_doc: PositiveInt | None = None
     chunk_overlap: Count | None = None
     max_chunks_per_doc: PositiveInt | None = None
+    instruction: Text | None = None
 
     def sent(self) -> dict[str, Any]:
         """ScoreOptions' fields that the request sets."""

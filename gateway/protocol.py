@@ -47,6 +47,12 @@ ModelName = Annotated[str | None, Field(
     default=None, description="accepted for compatibility; the served model answers")]
 
 
+Instruction = Annotated[Text | None, Field(
+    default=None, description="decoder rerankers (Qwen3-Reranker): the task relevance is judged for, e.g. 'Given a "
+    "web search query, retrieve relevant passages that answer the query' (the server's default when absent); a "
+    "cross-encoder refuses it (400)")]
+
+
 class RerankRequest(BaseModel):
     """Base of the dialects' request bodies: unknown fields are ignored."""
 

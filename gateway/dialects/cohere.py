@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..dialect import Dialect, present
 from ..ensemble import rerank
-from ..protocol import SEED_EXAMPLE, LongDocumentRequest, ModelName, Query, Text, TopN
+from ..protocol import SEED_EXAMPLE, Instruction, LongDocumentRequest, ModelName, Query, Text, TopN
 
 
 class DocumentText(BaseModel):
@@ -34,6 +34,7 @@ class CohereRerankRequest(LongDocumentRequest):
         None, ge=1, description="keep at most this many tokens of each document (its start); a document is "
         "also cut to fit the model's max input (triton-rerank serve --max-length); not with long_documents=chunk")
     return_documents: bool = Field(False, description="include {document: {text}} in each result (Jina style)")
+    instruction: Instruction = None
 
     def document_texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -41,7 +42,7 @@ class CohereRerankRequest(LongDocumentRequest):
     def score_options(self) -> dict:
         """rerank()'s truncate and long-document keywords for this body."""
         options = {"truncate": self.ensemble_truncate(True), "max_tokens_per_doc": self.max_tokens_per_doc,
-                   **self.long_document_options()}
+                   "instruction": self.instruction, **self.long_document_options()}
         if self.max_tokens_per_doc is not None and self.long_documents is None:
             # The ensemble takes max_tokens_per_doc only when it truncates: say so, whatever its default.
             options["long_documents"] = "truncate"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..dialect import Dialect, present
 from ..ensemble import rerank
 from ..errors import GatewayError
-from ..protocol import Documents, LongDocumentRequest, Query
+from ..protocol import Documents, Instruction, LongDocumentRequest, Query
 
 
 class TEIRerankRequest(LongDocumentRequest):
@@ -32,6 +32,7 @@ class TEIRerankRequest(LongDocumentRequest):
         "start (the end is kept); never the query", json_schema_extra={"enum": ["Right", "Left", "right", "left"]})
     raw_scores: bool = Field(False, description="raw logits instead of sigmoid scores")
     return_text: bool = Field(False, description="include each document's text in the answer")
+    instruction: Instruction = None
 
     @field_validator("truncation_direction")
     @classmethod
@@ -68,7 +69,7 @@ async def tei_rerank(body: TEIRerankRequest, request: Request):
     ranking = await rerank(request, body.query, body.texts, truncate=truncate,
                            truncation_direction=body.truncation_direction.lower(),
                            return_documents=body.return_text, normalize=not body.raw_scores,
-                           **body.long_document_options())
+                           instruction=body.instruction, **body.long_document_options())
     usage = {"x-compute-tokens": str(ranking.total_tokens), "x-compute-chunks": str(ranking.total_chunks),
              "x-total-time": str(round(ranking.seconds * 1000))}
     return JSONResponse([present(index=r.index, text=r.document, score=r.score) for r in ranking.results],

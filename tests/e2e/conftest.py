@@ -1,5 +1,6 @@
 """A real tritonserver per tiny model, started once per session on free ports."""
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +102,27 @@ def start_extra_server(tmp_path):
     yield start
     for running in started:
         stop_server(running)
+
+
+class ReadmeExamples:
+    """The README's Python examples, and how to point them at a test's server."""
+
+    path = Path(__file__).resolve().parents[2] / "README.md"
+
+    def examples(self, decoder: bool = False) -> list[str]:
+        """Examples for a cross-encoder server, or (decoder) those for a decoder reranker (they pass an instruction)."""
+        examples = re.findall(r"```python\n(.*?)```", self.path.read_text(), flags=re.S)
+        return [e for e in examples if ("instruction=" in e) == decoder]
+
+    @staticmethod
+    def localize(code: str, http: int, grpc: int, api: int) -> str:
+        """README examples name the default ports; point them at this test's server."""
+        for default, port in (("8000", http), ("8001", grpc), ("30000", api)):
+            for host in ("localhost", "127.0.0.1"):
+                code = code.replace(f"{host}:{default}", f"127.0.0.1:{port}")
+        return code
+
+
+@pytest.fixture(scope="session")
+def readme() -> ReadmeExamples:
+    return ReadmeExamples()

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,27 +17,13 @@ import requests
 from triton_rerank.gateway.protocol import SEED_EXAMPLE
 from triton_rerank.launcher.server import free_ports, process_group_alive
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 
-
-def readme_python_examples() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-
-
-def test_readme_has_http_and_grpc_examples():
-    examples = readme_python_examples()
+def test_readme_has_http_and_grpc_examples(readme):
+    examples = readme.examples()
     assert any("tritonclient.http" in e for e in examples) and any("tritonclient.grpc" in e for e in examples)
 
 
-def localize(code: str, http: int, grpc: int, api: int) -> str:
-    """README examples name the default ports; point them at this test's server."""
-    for default, port in (("8000", http), ("8001", grpc), ("30000", api)):
-        for host in ("localhost", "127.0.0.1"):
-            code = code.replace(f"{host}:{default}", f"127.0.0.1:{port}")
-    return code
-
-
-def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_path):
+def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_path, readme):
     http, grpc, metrics, api = free_ports(4)
     command = [
         sys.executable, "-m", "triton_rerank", "serve", "--model-path", str(tiny_model_dirs["bert"]),
@@ -65,8 +50,8 @@ def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_pa
         dtype, why = auto_dtype("cpu")
         assert f"encoder dtype {dtype} (auto: {why})" in banner, banner
 
-        for example in readme_python_examples():
-            code = localize(example, http, grpc, api)
+        for example in readme.examples():
+            code = readme.localize(example, http, grpc, api)
             result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
             assert result.returncode == 0, result.stderr
             assert re.search(r"[-+]?\d+\.\d+", result.stdout), result.stdout

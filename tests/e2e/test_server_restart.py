@@ -268,11 +268,13 @@ def test_the_crash_request_to_every_port_serve_exposes_leaves_it_answering(tiny_
             via_gateway = client.infer("reranker", inputs).as_numpy("SCORES")
             np.testing.assert_allclose(via_gateway, direct.infer("reranker", inputs).as_numpy("SCORES"), atol=1e-6)
             np.testing.assert_allclose(via_gateway.ravel(), expected, atol=1e-5)
-            # What is not there is refused in KServe's shape, so tritonclient says why.
-            with pytest.raises(InferenceServerException, match="GET /v2/models/reranker/config: Not Found"):
-                client.get_model_config("reranker")
+            # The ensemble's configuration (the contract) is there; what is not is refused in KServe's
+            # shape, so tritonclient says why.
+            assert client.get_model_config("reranker") == direct.get_model_config("reranker")
+            with pytest.raises(InferenceServerException, match="GET /v2/models/tokenizer/config: Not Found"):
+                client.get_model_config("tokenizer")
         # Triton's admin APIs are not there at all (they answer 403 on Triton's own port).
-        for method, path in [("POST", "/v2/repository/index"), ("GET", "/v2/models/reranker/config"),
+        for method, path in [("POST", "/v2/repository/index"), ("GET", "/v2/models/tokenizer/config"),
                              ("POST", "/v2/systemsharedmemory/region/r/register"), ("GET", "/v2/logging"),
                              ("GET", "/v2/trace/setting"), ("GET", "/v2/models/stats")]:
             status = requests.request(method, f"http://{public}{path}", data=b"{}", timeout=10).status_code

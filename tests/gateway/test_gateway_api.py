@@ -39,6 +39,9 @@ class FakeTriton:
     async def is_ready(self, timeout=2.0):
         return self.ready
 
+    async def reranker_kind(self):
+        return "cross-encoder"
+
     async def close(self):
         pass
 

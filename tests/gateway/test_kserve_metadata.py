@@ -25,6 +25,9 @@ class NoScorer:
     async def is_ready(self, timeout=2.0):
         return True
 
+    async def reranker_kind(self):
+        return "cross-encoder"
+
     async def close(self):
         pass
 
@@ -101,7 +104,8 @@ def test_a_model_name_stays_one_path_segment(triton_http):
 @pytest.mark.parametrize(("method", "path", "status"), [
     ("GET", "/v2/models/stats", 403),
     ("GET", "/v2/models/reranker/stats", 404),
-    ("GET", "/v2/models/reranker/config", 404),
+    ("GET", "/v2/models/tokenizer/config", 404),  # the steps' configurations stay closed
+    ("GET", "/v2/models/cross_encoder/versions/1/config", 404),
     ("POST", "/v2/repository/index", 404),
     ("POST", "/v2/repository/models/reranker/unload", 404),
     ("GET", "/v2/systemsharedmemory/status", 404),
@@ -115,6 +119,14 @@ def test_nothing_else_of_tritons_http_api_is_forwarded(triton_http, method, path
     answer = gateway(triton_http.url).request(method, path, content=b"{}" if method == "POST" else None)
     assert answer.status_code == status, answer.text
     assert triton_http.asked == []
+
+
+@pytest.mark.parametrize("path", ["/v2/models/reranker/config", "/v2/models/reranker/versions/1/config"])
+def test_the_ensembles_configuration_is_forwarded(triton_http, path):
+    # The service's contract, with reranker_kind (what SCORES mean), which RerankClient.reranker_kind reads.
+    answer = gateway(triton_http.url).get(path)
+    assert answer.status_code == 200 and answer.json() == {"path": path}
+    assert triton_http.asked == [("GET", path)]
 
 
 def test_unreachable_triton_is_a_503_with_retry_after():
@@ -131,10 +143,10 @@ def test_without_tritons_http_address_the_reads_are_not_served(triton_http):
 
 def test_what_is_not_served_under_v2_is_refused_in_kserves_shape(triton_http):
     client = gateway(triton_http.url)
-    answer = client.get("/v2/models/reranker/config")
+    answer = client.get("/v2/models/tokenizer/config")
     # {"error": ...}: what tritonclient reads (tests/e2e/test_server_restart.py asks it for real).
     assert answer.status_code == 404 and list(answer.json()) == ["error"]
-    assert "GET /v2/models/reranker/config: Not Found" in answer.json()["error"]
+    assert "GET /v2/models/tokenizer/config: Not Found" in answer.json()["error"]
     # Cohere's /v2/rerank keeps its own shape; a path outside /v2/ keeps the gateway's.
     assert "message" in client.post("/v2/rerank", json={}).json()
     assert "message" in client.get("/nowhere").json()

@@ -38,6 +38,9 @@ class FakeTriton:
     async def is_ready(self, timeout=2.0):
         return True
 
+    async def reranker_kind(self):
+        return "cross-encoder"
+
     async def close(self):
         pass
 
