@@ -1,17 +1,23 @@
-"""Variable-length (packed) bidirectional attention forward, flash-attention style.
+"""Variable-length (packed) attention forward, bidirectional or causal, flash-attention style.
 
 Supported:
-- q, k, v: [total_tokens, heads, head_dim], one dtype among fp16 / bf16 / fp32; any token and
-  head strides (e.g. views into a fused [total, 3, heads, head_dim] QKV projection) as long as the
-  last dim is contiguous.
+- q: [total_tokens, heads, head_dim]; k, v: [total_tokens, kv_heads, head_dim] with heads a
+  multiple of kv_heads (grouped-query attention: query head h reads kv head
+  h // (heads // kv_heads); kv_heads == heads is multi-head, kv_heads == 1 multi-query attention).
+- one dtype among fp16 / bf16 / fp32; any token and head strides (e.g. views into a fused
+  [total, 3, heads, head_dim] or [total, heads + 2 * kv_heads, head_dim] QKV projection) as long
+  as the last dim is contiguous.
 - head_dim 32..128; non-powers of two (e.g. 80, 96) are padded to the next power of two with masking.
 - sequences packed back to back and described by ``cu_seqlens`` (int32, [batch + 1], starting at
   0, non-decreasing; empty sequences are allowed).
-- non-causal attention with no mask besides the sequence boundaries (cross-encoder inputs are
-  unpadded, so no key-padding mask is needed).
+- no mask besides the sequence boundaries (inputs are unpadded, so no key-padding mask is
+  needed), or with ``causal=True`` a causal mask: query i of a sequence attends to keys 0..i of
+  the same sequence (queries and keys have the same length, so top-left and bottom-right
+  alignment coincide). Key blocks entirely above the diagonal are never loaded.
 - forward only; online softmax with fp32 statistics and accumulator; output has q's dtype.
 
-Not supported: causal masks, dropout, GQA/MQA (different head counts), backward.
+Not supported: arbitrary masks, sliding windows, query and key lengths that differ (KV cache),
+dropout, backward.
 """
 
 from __future__ import annotations
@@ -33,6 +39,76 @@ _LOG2E = math.log2(math.e)
 
 
 @triton.jit
+def _attn_key_blocks(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_n,
+    offs_d,
+    d_mask,
+    seqlen,
+    qk_scale,
+    lo,
+    hi,
+    MASK_KEYS: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) with the key blocks starting at lo, lo + BLOCK_N, ... < hi.
+
+    MASK_KEYS: a block may reach past the sequence end (loads and scores are masked per column).
+    MASK_CAUSAL: a block may hold keys after some of the queries (scores above the diagonal get
+    -inf). Callers turn both off for blocks that need neither, so those run without the compares.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK_KEYS:
+            n_mask = cols < seqlen
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+        else:
+            kv_mask = d_mask[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+
+        # fp32 inputs: tl.dot defaults to tf32 on tensor cores (~1e-3 relative error); ask for
+        # exact fp32 so the fp32 path is a faithful reference-grade kernel.
+        if IEEE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * qk_scale
+        # Masked scores get -inf so they vanish from max and sum. The first key block of every
+        # program is block 0, and key 0 is visible to every query row (seqlen >= 1 here, and key 0
+        # is on or below the diagonal of every row), so m_new is finite from the first step on
+        # (later calls start from that finite m_i) and exp2(m_i - m_new) never sees inf - inf.
+        if MASK_KEYS:
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        if MASK_CAUSAL:
+            qk = tl.where(cols[None, :] <= offs_m[:, None], qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # P is rounded to V's dtype so the second product also runs on tensor cores (as in
+        # flash-attention); the accumulator stays fp32.
+        if IEEE_DOT:
+            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _varlen_attn_fwd_kernel(
     Q,
     K,
@@ -48,18 +124,23 @@ def _varlen_attn_fwd_kernel(
     stride_ot,
     stride_oh,
     num_heads,
+    num_kv_groups,  # query heads per kv head: num_heads // kv_heads
     qk_scale,  # softmax_scale * log2(e): the softmax runs on exp2
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     # Heads on axis 0 (limit 2**31 - 1 programs) so batch * heads never hits axis 1's 65535 limit.
     pid_bh = tl.program_id(0)
     start_m = tl.program_id(1)
     seq = pid_bh // num_heads
     head = pid_bh % num_heads
+    # Grouped-query attention: consecutive query heads share one kv head (Hugging Face's
+    # repeat_kv order), so the programs of one group read the same K/V tiles.
+    kv_head = head // num_kv_groups
 
     seq_start = tl.load(cu_seqlens + seq)
     seqlen = tl.load(cu_seqlens + seq + 1) - seq_start
@@ -78,43 +159,67 @@ def _varlen_attn_fwd_kernel(
     q_ptrs = Q + (tok0 + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
-    k_base = K + tok0 * stride_kt + head * stride_kh
-    v_base = V + tok0 * stride_vt + head * stride_vh
+    k_base = K + tok0 * stride_kt + kv_head * stride_kh
+    v_base = V + tok0 * stride_vt + kv_head * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, seqlen, BLOCK_N):
-        cols = start_n + offs_n
-        n_mask = cols < seqlen
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-
-        # fp32 inputs: tl.dot defaults to tf32 on tensor cores (~1e-3 relative error); ask for
-        # exact fp32 so the fp32 path is a faithful reference-grade kernel.
-        if IEEE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        # Padded key columns get -inf so they vanish from max and sum. Column 0 of the first
-        # block is always valid (seqlen >= 1 here), so m_new is finite from the first step and
-        # exp2(m_i - m_new) never sees inf - inf.
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        # P is rounded to V's dtype so the second product also runs on tensor cores (as in
-        # flash-attention); the accumulator stays fp32.
-        if IEEE_DOT:
-            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if CAUSAL:
+        # Key blocks that end at or before this query block's first row lie below the diagonal
+        # for every row and inside the sequence: they run without masks. The remaining blocks,
+        # up to this block's last row, need the diagonal mask; keys past the last row are above
+        # the diagonal for every row and are never loaded.
+        lo = (start_m * BLOCK_M) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(seqlen, (start_m + 1) * BLOCK_M)
+        acc, l_i, m_i = _attn_key_blocks(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_n,
+            offs_d,
+            d_mask,
+            seqlen,
+            qk_scale,
+            0,
+            lo,
+            MASK_KEYS=False,
+            MASK_CAUSAL=False,
+            BLOCK_N=BLOCK_N,
+            IEEE_DOT=IEEE_DOT,
+        )
+    else:
+        lo = 0
+        hi = seqlen
+    acc, l_i, m_i = _attn_key_blocks(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n,
+        offs_d,
+        d_mask,
+        seqlen,
+        qk_scale,
+        lo,
+        hi,
+        MASK_KEYS=True,
+        MASK_CAUSAL=CAUSAL,
+        BLOCK_N=BLOCK_N,
+        IEEE_DOT=IEEE_DOT,
+    )
 
     acc = acc / l_i[:, None]
     o_ptrs = Out + (tok0 + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :]
@@ -172,13 +277,24 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total_tokens: int, max_seq
         raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({longest})")
 
 
-def _check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dtypes) -> int:
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dtypes) -> int:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=3, dtypes=dtypes)
-    if k.shape != q.shape or v.shape != q.shape:
+    if k.shape != v.shape:
         raise ValueError(
-            f"q, k, v must have the same shape [total_tokens, heads, head_dim], got "
+            f"k and v must have the same shape [total_tokens, kv_heads, head_dim], got "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(
+            f"k and v must have q's total_tokens and head_dim (only their head count may differ), got "
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(
+            f"q's head count ({heads}) must be a multiple of k and v's head count ({kv_heads}) "
+            f"for grouped-query attention; got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -203,12 +319,17 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dtypes) -> int
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
     if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
         raise ValueError(f"softmax_scale must be a python float or None, got {type(softmax_scale).__name__}")
+    # It becomes a constexpr (a separate compiled variant): a tensor or None here would be a bug.
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a python bool, got {type(causal).__name__}")
     return max_seqlen
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None):
-    """softmax(q k^T * scale) v within each packed sequence; returns a new contiguous tensor."""
-    max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dtypes=SUPPORTED_DTYPES)
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, causal=False):
+    """softmax(q k^T * scale) v within each packed sequence (causal: key j <= query i); a new contiguous tensor."""
+    max_seqlen = _check_inputs(
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dtypes=SUPPORTED_DTYPES
+    )
     device = check_device(_varlen_attn_fwd_kernel, q=q, k=k, v=v, cu_seqlens=cu_seqlens)
     total, heads, head_dim = q.shape
     if cu_seqlens.device.type == "cpu":
@@ -216,7 +337,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None):
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=device)
     batch = cu_seqlens.numel() - 1
-    if total == 0 or batch == 0 or max_seqlen == 0:
+    if total == 0 or batch == 0 or max_seqlen == 0 or heads == 0:
         return out
 
     cfg = _launch_config(head_dim, q.dtype, on_gpu=not is_interpreted(_varlen_attn_fwd_kernel))
@@ -236,35 +357,47 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None):
         out.stride(0),
         out.stride(1),
         heads,
+        heads // k.shape[1],
         scale * _LOG2E,
         HEAD_DIM=head_dim,
         BLOCK_D=cfg.block_d,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         IEEE_DOT=q.dtype == torch.float32,
+        CAUSAL=causal,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out
 
 
-def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None):
+def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, causal=False):
     """Plain torch version of ``varlen_attention``: a loop over sequences, math in fp32.
 
     Also accepts float64 inputs (then the math is float64), which the tests use as ground truth.
     """
     dtypes = SUPPORTED_DTYPES + (torch.float64,)
-    max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dtypes=dtypes)
+    max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dtypes=dtypes)
     total, heads, head_dim = q.shape
     check_cu_seqlens_values(cu_seqlens, total, max_seqlen)
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros((total, heads, head_dim), dtype=q.dtype, device=q.device)
+    if heads == 0:
+        return out
+    # Grouped-query attention: kv head j serves query heads j * groups ... (j + 1) * groups - 1,
+    # which is what repeat_interleave along the head dim produces (Hugging Face's repeat_kv).
+    groups = heads // k.shape[1]
     bounds = cu_seqlens.tolist()
     for start, end in pairwise(bounds):
         if end == start:
             continue
-        qs, ks, vs = (t[start:end].transpose(0, 1).to(compute) for t in (q, k, v))  # [H, L, D]
-        probs = torch.softmax((qs @ ks.transpose(1, 2)) * scale, dim=-1)
+        qs = q[start:end].transpose(0, 1).to(compute)  # [H, L, D]
+        ks, vs = (t[start:end].repeat_interleave(groups, dim=1).transpose(0, 1).to(compute) for t in (k, v))
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        if causal:
+            above = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(above, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
         out[start:end] = (probs @ vs).transpose(0, 1).to(q.dtype)
     return out

@@ -22,11 +22,16 @@ import time
 import pytest
 
 # Variants are plain data so the pytest process never needs a compilable kernel. Every variant is
-# built for sm_80 (Ampere, the oldest supported); sm_90 gets all but two attention head dims, which
+# built for sm_80 (Ampere, the oldest supported); sm_90 gets all but some attention variants, which
 # take ~1.5-3.5 s each on a 2-core machine and only change tile widths, to keep this test < ~90 s.
+# Attention: (dtype, head_dim, causal). Grouped-query attention is a runtime argument (kv heads per
+# query head), so it needs no variant of its own; causal is a constexpr, built for the head dims
+# decoders use (64, and 128: every Qwen3 size).
 ATTENTION = [
-    ("attention", dtype, head_dim) for dtype in ("fp16", "bf16", "fp32") for head_dim in (32, 64, 96, 128)
-]
+    ("attention", dtype, head_dim, False)
+    for dtype in ("fp16", "bf16", "fp32")
+    for head_dim in (32, 64, 96, 128)
+] + [("attention", dtype, head_dim, True) for dtype in ("fp16", "bf16", "fp32") for head_dim in (64, 128)]
 # hidden picks BLOCK and num_warps only (n_cols is a runtime argument): 768 -> 1024/4 warps,
 # 4096 -> 4096/8 warps, 16384 (the maximum) -> 16384/16 warps.
 LAYER_NORM = [
@@ -36,9 +41,19 @@ LAYER_NORM = [
     for residual in (True, False)
 ]
 BIAS_GELU = [("bias_gelu", dtype) for dtype in ("fp16", "bf16", "fp32")]
-VARIANTS = [(*v, 80) for v in ATTENTION + LAYER_NORM + BIAS_GELU] + [
-    (*v, 90) for v in ATTENTION + LAYER_NORM + BIAS_GELU if v[0] != "attention" or v[2] in (64, 128)
+# hidden 128: per-head q/k norms (one warp, never a residual); 4096 and 16384 as for LayerNorm.
+RMS_NORM = [
+    ("rms_norm", dtype, hidden, residual)
+    for dtype in ("fp16", "bf16", "fp32")
+    for hidden, residual in ((128, False), (4096, True), (4096, False), (16384, True))
 ]
+SWIGLU = [("swiglu", dtype) for dtype in ("fp16", "bf16", "fp32")]
+ELEMENTWISE = LAYER_NORM + BIAS_GELU + RMS_NORM + SWIGLU
+VARIANTS = (
+    [(*v, 80) for v in ATTENTION + ELEMENTWISE]
+    + [(*v, 90) for v in ATTENTION if v[2] == 128 or (v[2] == 64 and not v[3])]
+    + [(*v, 90) for v in ELEMENTWISE]
+)
 
 # The most dynamic shared memory per block on sm_86 / sm_89 (A10, L4: typical inference GPUs);
 # sm_80 allows 163 KB and sm_90 227 KB, so a variant under this limit launches on all of them.
@@ -64,7 +79,7 @@ def _build(variant):
     if kind == "attention":
         mod = importlib.import_module("triton_rerank.kernels.varlen_attention")
 
-        head_dim = variant[2]
+        head_dim, causal = variant[2], variant[3]
         cfg = mod._launch_config(head_dim, torch_dtype[dtype], on_gpu=True)
         kernel = mod._varlen_attn_fwd_kernel
         pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "cu_seqlens": "i32"}
@@ -75,6 +90,7 @@ def _build(variant):
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             IEEE_DOT=dtype == "fp32",
+            CAUSAL=causal,
         )
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif kind == "layer_norm":
@@ -86,6 +102,24 @@ def _build(variant):
         pointers = {"X": dtype, "R": dtype, "W": dtype, "B": dtype, "Y": dtype}
         floats = {"eps"}
         constexprs = dict(BLOCK=cfg.block, HAS_RESIDUAL=residual)
+        options = dict(num_warps=cfg.num_warps)
+    elif kind == "rms_norm":
+        mod = importlib.import_module("triton_rerank.kernels.rms_norm")
+
+        hidden, residual = variant[2], variant[3]
+        cfg = mod._launch_config(hidden)
+        kernel = mod._rms_norm_fwd_kernel
+        pointers = {"X": dtype, "R": dtype, "W": dtype, "Y": dtype, "S": dtype}
+        floats = {"eps"}
+        constexprs = dict(BLOCK=cfg.block, HAS_RESIDUAL=residual)
+        options = dict(num_warps=cfg.num_warps)
+    elif kind == "swiglu":
+        mod = importlib.import_module("triton_rerank.kernels.swiglu")
+
+        cfg = mod._launch_config(4096, on_gpu=True)
+        kernel = mod._silu_mul_fwd_kernel
+        pointers = {"GU": dtype, "Y": dtype}
+        constexprs = dict(BLOCK=cfg.block)
         options = dict(num_warps=cfg.num_warps)
     else:
         mod = importlib.import_module("triton_rerank.kernels.bias_gelu")

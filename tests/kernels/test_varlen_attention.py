@@ -1,8 +1,9 @@
-"""Tests for kernels/varlen_attention.py.
+"""Tests for kernels/varlen_attention.py (bidirectional and causal, multi-head and grouped-query).
 
 Accuracy rule (flash-attention's): with ``ref64`` the reference on the float64 copies of the same
 (already rounded) inputs, and ``torch_lp`` attention computed by torch in the input dtype (matmuls,
-softmax and P @ V all in that dtype, flash-attention's ``attention_ref(upcast=False)``),
+softmax and P @ V all in that dtype, flash-attention's ``attention_ref(upcast=False)``, with the
+same causal mask and the kv heads repeated for grouped-query attention),
 
     max|kernel - ref64| <= 2 * max|torch_lp - ref64| + floor
 
@@ -12,6 +13,7 @@ run compiled, with bf16 and longer sequences added.
 """
 
 import os
+import sys
 from itertools import pairwise
 
 import torch
@@ -22,6 +24,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from triton_rerank.kernels.varlen_attention import (  # noqa: E402
+    AttnLaunchConfig,
     _launch_config,
     check_cu_seqlens_values,
     varlen_attention,
@@ -63,37 +66,44 @@ def _cu_seqlens(lengths):
     return torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
 
 
-def _make_qkv(lengths, heads, head_dim, dtype, seed=0):
+def _make_qkv(lengths, heads, head_dim, dtype, seed=0, kv_heads=None):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     total = sum(lengths)
+    kv_heads = heads if kv_heads is None else kv_heads
     return [
-        torch.randn(total, heads, head_dim, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
-        for _ in range(3)
+        torch.randn(total, h, head_dim, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+        for h in (heads, kv_heads, kv_heads)
     ]
 
 
-def _torch_attention_in_dtype(q, k, v, cu_seqlens, scale):
+def _torch_attention_in_dtype(q, k, v, cu_seqlens, scale, causal=False):
     """Attention the way torch computes it in q's dtype (no upcast): the error baseline."""
     out = torch.zeros_like(q)
+    groups = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
     for start, end in pairwise(bounds):
         if end == start:
             continue
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        probs = torch.softmax((qs @ ks.transpose(1, 2)) * scale, dim=-1).to(vs.dtype)
+        qs = q[start:end].transpose(0, 1)
+        ks, vs = (t[start:end].repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k, v))
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        if causal:
+            above = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(above, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(vs.dtype)
         out[start:end] = (probs @ vs).transpose(0, 1)
     return out
 
 
-def _check_accuracy(q, k, v, cu_seqlens, max_seqlen, floor, softmax_scale=None):
-    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+def _check_accuracy(q, k, v, cu_seqlens, max_seqlen, floor, softmax_scale=None, causal=False):
+    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal=causal)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
     assert torch.isfinite(out).all()
 
     q64, k64, v64 = (t.double() for t in (q, k, v))
-    ref64 = varlen_attention_reference(q64, k64, v64, cu_seqlens, max_seqlen, softmax_scale)
+    ref64 = varlen_attention_reference(q64, k64, v64, cu_seqlens, max_seqlen, softmax_scale, causal=causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    torch_lp = _torch_attention_in_dtype(q, k, v, cu_seqlens, scale)
+    torch_lp = _torch_attention_in_dtype(q, k, v, cu_seqlens, scale, causal=causal)
 
     ours = (out.double() - ref64).abs().max().item()
     torchs = (torch_lp.double() - ref64).abs().max().item()
@@ -109,15 +119,17 @@ def test_matches_float64_reference(lengths, heads, head_dim, dtype, floor):
     _check_accuracy(q, k, v, _cu_seqlens(lengths), max(lengths), floor)
 
 
+@pytest.mark.parametrize("causal, kv_heads", [(False, 2), (True, 1)], ids=["bidirectional", "causal_mqa"])
 @pytest.mark.parametrize("dtype, floor", DTYPES)
-def test_reference_wrapper_agrees(dtype, floor):
-    # The fp32-math reference (what the encoder's fallback path uses) obeys the same bound.
+def test_reference_wrapper_agrees(dtype, floor, causal, kv_heads):
+    # The fp32-math reference (what the fallback path uses) obeys the same bound.
     lengths = [3, 50]
-    q, k, v = _make_qkv(lengths, 2, 32, dtype, seed=1)
+    q, k, v = _make_qkv(lengths, 2, 32, dtype, seed=1, kv_heads=kv_heads)
     cu = _cu_seqlens(lengths)
-    ref = varlen_attention_reference(q, k, v, cu, 50)
-    ref64 = varlen_attention_reference(q.double(), k.double(), v.double(), cu, 50)
-    torchs = (_torch_attention_in_dtype(q, k, v, cu, 32**-0.5).double() - ref64).abs().max().item()
+    ref = varlen_attention_reference(q, k, v, cu, 50, causal=causal)
+    ref64 = varlen_attention_reference(q.double(), k.double(), v.double(), cu, 50, causal=causal)
+    torch_lp = _torch_attention_in_dtype(q, k, v, cu, 32**-0.5, causal=causal)
+    torchs = (torch_lp.double() - ref64).abs().max().item()
     assert ref.dtype == dtype
     assert (ref.double() - ref64).abs().max().item() <= 2 * torchs + floor
 
@@ -192,6 +204,130 @@ def test_max_seqlen_larger_than_needed():
     _check_accuracy(q, k, v, _cu_seqlens(lengths), 200, 1e-6)
 
 
+# (sequence lengths, heads, kv_heads, head_dim) for the causal and grouped-query variants. Lengths
+# straddle the interpreter's tiles (BLOCK_M 64, BLOCK_N 32): 63/64/65 end just before, on and after
+# a query block, 130 spans three, so a query block both skips whole key blocks (the unmasked part
+# of the causal loop) and masks its diagonal ones; empty and 1-token sequences sit in between.
+# Groups of 1 (multi-head), 2, 3, 4, and multi-query (kv_heads 1).
+GQA_SHAPES = [
+    pytest.param([1, 17, 63, 0, 130], 4, 2, 80, id="1-17-63-0-130_h4kv2_d80pad"),
+    pytest.param([64, 65], 4, 1, 32, id="64-65_h4kv1_d32_mqa"),
+    pytest.param([65, 0, 17], 2, 2, 128, id="65-0-17_h2kv2_d128"),
+    pytest.param([130, 1], 8, 2, 64, id="130-1_h8kv2_d64"),
+    pytest.param([5, 63], 3, 1, 64, id="5-63_h3kv1_d64_mqa"),
+]
+if CUDA:
+    GQA_SHAPES += [
+        pytest.param([512, 300, 1, 257, 64], 16, 8, 128, id="512-300-1-257-64_h16kv8_d128"),
+        pytest.param([1000, 129, 2], 32, 4, 128, id="1000-129-2_h32kv4_d128"),
+        pytest.param([200, 511], 6, 1, 96, id="200-511_h6kv1_d96pad_mqa"),
+        pytest.param([777, 64, 65], 8, 8, 64, id="777-64-65_h8kv8_d64"),
+    ]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("dtype, floor", DTYPES)
+@pytest.mark.parametrize("lengths, heads, kv_heads, head_dim", GQA_SHAPES)
+def test_causal_and_gqa_match_float64_reference(lengths, heads, kv_heads, head_dim, dtype, floor, causal):
+    q, k, v = _make_qkv(lengths, heads, head_dim, dtype, seed=10, kv_heads=kv_heads)
+    _check_accuracy(q, k, v, _cu_seqlens(lengths), max(lengths), floor, causal=causal)
+
+
+@pytest.mark.parametrize("dtype, floor", DTYPES)
+def test_causal_peaked_scores(dtype, floor):
+    # Large logits with the diagonal mask: the running max must come only from visible keys.
+    lengths = [90, 31]
+    q, k, v = _make_qkv(lengths, 4, 32, dtype, seed=11, kv_heads=2)
+    q = (q.float() * 4).to(dtype)
+    _check_accuracy(q, k, v, _cu_seqlens(lengths), 90, floor, softmax_scale=0.6, causal=True)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_causal_first_token_sees_only_itself(kv_heads):
+    # Query 0 of each sequence has exactly one visible key, so its output is its kv head's value row.
+    lengths = [1, 40, 0, 70]
+    q, k, v = _make_qkv(lengths, 4, 32, torch.float16, seed=12, kv_heads=kv_heads)
+    out = varlen_attention(q, k, v, _cu_seqlens(lengths), max(lengths), causal=True)
+    kv_of_head = torch.arange(4, device=DEVICE) // (4 // kv_heads)
+    for start, end in pairwise(_cu_seqlens(lengths).tolist()):
+        if end > start:
+            torch.testing.assert_close(out[start], v[start, kv_of_head], rtol=0, atol=0)
+
+
+def test_causal_ignores_later_tokens():
+    """Changing the keys/values of tokens after position i must not change outputs 0..i at all."""
+    lengths = [100, 45]
+    q, k, v = _make_qkv(lengths, 2, 64, torch.float16, seed=13, kv_heads=1)
+    cu = _cu_seqlens(lengths)
+    out = varlen_attention(q, k, v, cu, 100, causal=True)
+    k2, v2 = k.clone(), v.clone()
+    # Tokens 70.. of sequence 0: inside the second query block (64..99), so the change lands both
+    # in masked diagonal columns of rows 64..69 and in key blocks rows 0..63 never load.
+    k2[70:100] = 100.0
+    v2[70:100] = -100.0
+    out2 = varlen_attention(q, k2, v2, cu, 100, causal=True)
+    assert torch.equal(out[:70], out2[:70])
+    assert torch.equal(out[100:], out2[100:])
+    assert not torch.equal(out[70:100], out2[70:100])
+    # Without the mask the earlier rows do see the change.
+    assert not torch.equal(varlen_attention(q, k, v, cu, 100)[:70], varlen_attention(q, k2, v2, cu, 100)[:70])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_gqa_equals_repeated_kv_heads(causal):
+    # Grouped-query attention is multi-head attention on kv heads repeated in place
+    # (repeat_interleave, Hugging Face's repeat_kv order); same arithmetic, so identical results.
+    lengths = [33, 70]
+    q, k, v = _make_qkv(lengths, 6, 32, torch.float32, seed=14, kv_heads=2)
+    cu = _cu_seqlens(lengths)
+    out = varlen_attention(q, k, v, cu, 70, causal=causal)
+    k_rep, v_rep = (t.repeat_interleave(3, dim=1) for t in (k, v))
+    assert torch.equal(out, varlen_attention(q, k_rep, v_rep, cu, 70, causal=causal))
+
+
+@pytest.mark.parametrize("dtype, floor", DTYPES)
+def test_fused_gqa_qkv_views(dtype, floor):
+    """q/k/v as views of one [total, (heads + 2 * kv_heads) * head_dim] projection, as a decoder passes them."""
+    lengths = [17, 1, 66]
+    total, heads, kv_heads, head_dim = sum(lengths), 4, 2, 64
+    gen = torch.Generator(device="cpu").manual_seed(15)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(total, width, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    q = qkv[:, :q_width].view(total, heads, head_dim)
+    k = qkv[:, q_width : q_width + kv_width].view(total, kv_heads, head_dim)
+    v = qkv[:, q_width + kv_width :].view(total, kv_heads, head_dim)
+    assert not k.is_contiguous() and k.stride(0) == width
+    cu = _cu_seqlens(lengths)
+    out = _check_accuracy(q, k, v, cu, max(lengths), floor, causal=True)
+    out_contig = varlen_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu, max(lengths), causal=True
+    )
+    assert torch.equal(out, out_contig)
+
+
+# Tile shapes the GPU configs use relative to each other: BLOCK_N > BLOCK_M (fp32: 32 x 64), where
+# the causal diagonal spans part of one key block and the unmasked part must stop short of the
+# query block's start; BLOCK_N == BLOCK_M; BLOCK_M = 4 * BLOCK_N (fp16/bf16 d96/128: 128 x 32).
+TILES = [
+    pytest.param(16, 32, id="m16n32"),
+    pytest.param(32, 32, id="m32n32"),
+    pytest.param(64, 16, id="m64n16"),
+]
+
+
+@pytest.mark.parametrize("block_m, block_n", TILES)
+def test_causal_with_other_tile_shapes(monkeypatch, block_m, block_n):
+    def config(head_dim, dtype, on_gpu=True):
+        return AttnLaunchConfig(block_m, block_n, max(16, 1 << (head_dim - 1).bit_length()), 4, 1)
+
+    # The package re-exports the function under the module's name, so reach the module via sys.modules.
+    monkeypatch.setattr(sys.modules[varlen_attention.__module__], "_launch_config", config)
+    lengths = [1, 47, 16, 80]
+    q, k, v = _make_qkv(lengths, 4, 32, torch.float32, seed=16, kv_heads=2)
+    _check_accuracy(q, k, v, _cu_seqlens(lengths), max(lengths), 1e-6, causal=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", [32, 48, 64, 80, 96, 128])
 def test_launch_config(head_dim, dtype):
@@ -226,8 +362,39 @@ INVALID = [
     pytest.param(
         _replace(cu_seqlens=lambda a: a["cu_seqlens"].tolist()), "torch.Tensor", id="cu_seqlens_list"
     ),
-    pytest.param(_replace(k=lambda a: a["k"][:, :1].contiguous()), "same shape", id="k_fewer_heads"),
-    pytest.param(_replace(v=lambda a: a["v"][:-1]), "same shape", id="v_fewer_tokens"),
+    pytest.param(
+        _replace(k=lambda a: a["k"][:, :1].contiguous()),
+        "k and v must have the same shape",
+        id="k_v_heads_differ",
+    ),
+    pytest.param(_replace(v=lambda a: a["v"][:-1]), "k and v must have the same shape", id="v_fewer_tokens"),
+    pytest.param(
+        _replace(k=lambda a: a["k"][:-1], v=lambda a: a["v"][:-1]),
+        "q's total_tokens and head_dim",
+        id="kv_fewer_tokens",
+    ),
+    pytest.param(
+        _replace(**{n: (lambda a, n=n: torch.zeros(8, 2, 64, device=DEVICE)) for n in "kv"}),
+        "q's total_tokens and head_dim",
+        id="kv_other_head_dim",
+    ),
+    pytest.param(
+        _replace(**{n: (lambda a, n=n: torch.zeros(8, 4, 32, device=DEVICE)) for n in "kv"}),
+        r"head count \(2\) must be a multiple of k and v's head count \(4\)",
+        id="kv_more_heads",
+    ),
+    pytest.param(
+        _replace(q=lambda a: torch.zeros(8, 3, 32, device=DEVICE)),
+        r"head count \(3\) must be a multiple of k and v's head count \(2\)",
+        id="q_heads_not_multiple",
+    ),
+    pytest.param(
+        _replace(**{n: (lambda a, n=n: torch.zeros(8, 0, 32, device=DEVICE)) for n in "kv"}),
+        r"multiple of k and v's head count \(0\)",
+        id="kv_zero_heads",
+    ),
+    pytest.param(_replace(causal=lambda a: 1), "causal must be a python bool", id="causal_int"),
+    pytest.param(_replace(causal=lambda a: None), "causal must be a python bool", id="causal_none"),
     pytest.param(_replace(v=lambda a: a["v"].half()), "share a dtype", id="v_fp16"),
     pytest.param(_replace(q=lambda a: a["q"].flatten(1)), "3-D", id="q_2d"),
     pytest.param(
