@@ -17,6 +17,12 @@ One builder, in layers:
   ms-marco-MiniLM-L-6-v2 shape with the bert-base-uncased tokenizer from ../shared/data).
 The GPU check builds its bge-reranker-v2-m3 with `random_model` + `save_model_dir` too.
 
+Decoder rerankers (Qwen3-Reranker: a `Qwen3ForCausalLM` scored by logit("yes") - logit("no")):
+`random_decoder(config)`, `build_random_decoder(out, config, tokenizer)` (real shapes of
+../shared/data/configs/Qwen3-Reranker-*.json) and `make_test_decoder(out)` (tiny, with the real
+Qwen3 tokenizer of ../shared/data, also `triton-rerank make-test-model --arch qwen3`); they write
+`save_model_dir`'s files with the Qwen3 tokenizer's tokenizer.json copied as is.
+
 The directories are ordinary Hugging Face model directories: transformers, our loader and
 Infinity (sentence-transformers' CrossEncoder) load them as they load a real checkpoint.
 torch, transformers and tokenizers are imported inside the functions only.
@@ -320,6 +326,129 @@ def build_bench_model(out: str | Path, data_dir: str | Path | None = None, seed:
 
 
 # --------------------------------------------------------------------------------------------
+# Decoder rerankers: random-weight Qwen3ForCausalLM directories with the Qwen3 tokenizer
+# --------------------------------------------------------------------------------------------
+
+QWEN3_TOKENIZER_FILE = "tokenizers/qwen3/tokenizer.json"
+QWEN3_VOCAB_SIZE = 151669  # the Qwen3 tokenizer's 151,643 BPE tokens + 26 added tokens
+QWEN3_RERANKER_CONFIG_FILES = {size: f"configs/Qwen3-Reranker-{size}.json" for size in ("0.6B", "4B", "8B")}
+# What the Qwen3 releases' tokenizer_config.json says, less the chat template: "<|endoftext|>"
+# pads, "<|im_end|>" ends a turn, no BOS. Left padding, as Qwen3-Reranker's recipe pads a batch
+# and reads each prompt's next-token logits at position -1.
+QWEN3_TOKENIZER_CONFIG: dict = {
+    "tokenizer_class": "Qwen2TokenizerFast",
+    "bos_token": None,
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|endoftext|>",
+    "unk_token": None,
+    "add_bos_token": False,
+    "add_prefix_space": False,
+    "clean_up_tokenization_spaces": False,
+    "errors": "replace",
+    "split_special_tokens": False,
+    "padding_side": "left",
+}
+
+
+def decoder_config(config: dict | str | Path):
+    """The transformers config of a causal LM (Qwen3ForCausalLM for model_type qwen3) of `config`."""
+    from transformers import AutoConfig
+
+    cfg = config_dict(config)
+    model_type = cfg.pop("model_type")
+    return AutoConfig.for_model(model_type, **cfg)
+
+
+def random_decoder(config: dict | str | Path, seed: int = 0, dtype=None, *, device: str | None = None,
+                   attn_implementation: str | None = None, init: Callable[[Any], None] | None = None):
+    """A random-weight `AutoModelForCausalLM` (Qwen3ForCausalLM) of `config`, in eval mode.
+
+    Weights come from transformers' own init after `torch.manual_seed(seed)`, built directly on
+    `device` in `dtype` (an 8 B model never exists in float32); `init(model)` may redraw anything.
+    Init scale is the config's `initializer_range` (0.02 in the real configs: right for speed, but
+    logit(yes) - logit(no) then hardly depends on the document; `make_test_decoder` uses 0.2).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = decoder_config(config)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    if init is not None:
+        init(model)
+    return model.eval()
+
+
+def write_decoder_tokenizer(out: str | Path, tokenizer_file: str | Path, config: dict) -> None:
+    """The Qwen3 tokenizer.json (copied byte for byte) and a tokenizer_config.json transformers' AutoTokenizer loads."""
+    import shutil
+
+    out = Path(out)
+    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    tokenizer_config = {**QWEN3_TOKENIZER_CONFIG, "model_max_length": max_input_length(config)}
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+
+
+def build_random_decoder(out: str | Path, config_file: dict | str | Path, tokenizer_file: str | Path,
+                         seed: int = 0, dtype=None, *, init: Callable[[Any], None] | None = None) -> Path:
+    """Writes a random-weight decoder reranker of `config_file` (e.g. Qwen3-Reranker-0.6B.json) with its tokenizer.
+
+    The config's vocabulary must hold the tokenizer's (151,669 for the real configs and tokenizer).
+    `dtype` is the dtype it is built and saved in (the releases are bfloat16; None: float32).
+    """
+    from tokenizers import Tokenizer
+
+    cfg = config_dict(config_file)
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+    if vocab > cfg["vocab_size"]:
+        raise ValueError(f"the tokenizer has {vocab} tokens, more than the config's vocab_size {cfg['vocab_size']}")
+    model = random_decoder(cfg, seed, dtype, init=init)
+    out = save_model_dir(out, model)
+    write_decoder_tokenizer(out, tokenizer_file, model.config.to_dict())
+    return out
+
+
+def qwen3_tokenizer_file(data_dir: str | Path | None = None) -> Path:
+    """The Qwen3 tokenizer.json of the shared data folder; FileNotFoundError where there is none."""
+    data = resolve_data_dir(str(data_dir) if data_dir else None)
+    file = data / QWEN3_TOKENIZER_FILE if data else None
+    if file is None or not file.is_file():
+        raise FileNotFoundError(f"no {QWEN3_TOKENIZER_FILE} in the data folder ({data or 'none found'}): the Qwen3 "
+                                "tokenizer comes from ../shared/data")
+    return file
+
+
+def tiny_decoder_config(*, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                        head_dim: int = 32, tie_word_embeddings: bool = False) -> dict:
+    """config.json of a small Qwen3ForCausalLM with the real Qwen3 vocabulary (so the real tokenizer fits)."""
+    return dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=QWEN3_VOCAB_SIZE,
+                hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=2 * hidden_size,
+                max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
+                tie_word_embeddings=tie_word_embeddings, bos_token_id=151643, eos_token_id=151645,
+                # Qwen3's 0.02 leaves attention near uniform and the last token (the same for every
+                # prompt) dominating: logit(yes) - logit(no) would barely differ between documents.
+                # 0.2 spreads a DL19-style request's scores over a few units.
+                initializer_range=0.2)
+
+
+def make_test_decoder(out: str | Path, *, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                      head_dim: int = 32, seed: int = 0, tie_word_embeddings: bool = False,
+                      data_dir: str | Path | None = None) -> Path:
+    """Writes a tiny random-weight Qwen3 reranker with the real Qwen3 tokenizer (from the data folder) to `out`.
+
+    head_dim 32 is the smallest the triton attention kernel accepts.
+    """
+    config = tiny_decoder_config(hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads,
+                                 head_dim=head_dim, tie_word_embeddings=tie_word_embeddings)
+    return build_random_decoder(out, config, qwen3_tokenizer_file(data_dir), seed)
+
+
+# --------------------------------------------------------------------------------------------
 # `triton-rerank make-test-model`
 # --------------------------------------------------------------------------------------------
 
@@ -331,11 +460,13 @@ def register(subparsers) -> None:
         description="Writes a Hugging Face model directory (config.json, model.safetensors, tokenizer.json) "
         "of a random-weight 1-label classifier, for tests, benchmarks and offline demos: by default a small "
         "XLM-R or BERT with a tokenizer trained here; with --config the shape of a real config.json (with "
-        "--tokenizer, its real tokenizer). Its scores carry no meaning as relevance.",
+        "--tokenizer, its real tokenizer). With --arch qwen3 (or a qwen3 --config) a Qwen3ForCausalLM decoder "
+        "reranker with the Qwen3 tokenizer of ../shared/data instead. Its scores carry no meaning as relevance.",
     )
     p.add_argument("out", help="output directory")
-    p.add_argument("--arch", choices=ARCHES, default="xlm-roberta",
-                   help="family of the tiny model (default: %(default)s); with --config its model_type decides")
+    p.add_argument("--arch", choices=(*ARCHES, "qwen3"), default="xlm-roberta",
+                   help="family of the tiny model (default: %(default)s; qwen3: a decoder reranker with the Qwen3 "
+                   "tokenizer of ../shared/data); with --config its model_type decides")
     p.add_argument("--config", default=None, help="a config.json (or a model directory) whose shape to build")
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer.json to ship (the vocabulary sizes the embedding table); default: train a "
@@ -343,12 +474,27 @@ def register(subparsers) -> None:
     p.add_argument("--hidden-size", type=int, default=None, help="hidden size (tiny default 64); head size = "
                    "hidden / heads must be 32-128 for the triton attention kernel")
     p.add_argument("--layers", type=int, default=None, help="layers (tiny default 2)")
-    p.add_argument("--heads", type=int, default=None, help="attention heads (tiny default 2)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (tiny default 2; qwen3: 4, with half "
+                   "as many key/value heads, of size 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the trained tokenizer "
                    "(default: %(default)s)")
 
     def run(args) -> int:
-        if args.config is None and args.tokenizer is None:
+        decoder = (config_dict(args.config)["model_type"] if args.config else args.arch) == "qwen3"
+        if decoder and args.config is None and args.tokenizer is None:
+            heads = args.heads or 4
+            out = make_test_decoder(args.out, hidden_size=args.hidden_size or 64, layers=args.layers or 2,
+                                    heads=heads, kv_heads=heads // 2 if heads % 2 == 0 else heads, seed=args.seed)
+            what = "qwen3 decoder reranker"
+        elif decoder:
+            config = config_dict(args.config) if args.config else tiny_decoder_config()
+            for key, value in (("hidden_size", args.hidden_size), ("num_hidden_layers", args.layers),
+                               ("num_attention_heads", args.heads)):
+                if value is not None:
+                    config[key] = value
+            out = build_random_decoder(args.out, config, args.tokenizer or qwen3_tokenizer_file(), args.seed)
+            what = f"qwen3 decoder reranker ({config['num_hidden_layers']} layers, hidden {config['hidden_size']})"
+        elif args.config is None and args.tokenizer is None:
             out = make_test_model(args.out, args.arch, hidden_size=args.hidden_size or 64, layers=args.layers or 2,
                                   heads=args.heads or 2, seed=args.seed)
             what = f"{args.arch} cross-encoder"

@@ -103,3 +103,96 @@ def test_make_test_model_command(tmp_path, capsys):
                      "--heads", "3"]) == 0
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert (config["model_type"], config["hidden_size"], config["intermediate_size"]) == ("bert", 96, 384)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder rerankers (Qwen3)
+# --------------------------------------------------------------------------------------------
+
+SMALL_QWEN3 = {"model_type": "qwen3", "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 1,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96,
+               "max_position_embeddings": 256, "rope_theta": 1000000.0, "tie_word_embeddings": False}
+
+
+def _qwen3_tokenizer_file():
+    try:
+        return rm.qwen3_tokenizer_file()
+    except FileNotFoundError:
+        pytest.skip("the shared data folder with the Qwen3 tokenizer is not here")
+
+
+def test_random_decoder_follows_the_seed_the_dtype_and_the_hook():
+    a, b, c = rm.random_decoder(SMALL_QWEN3, 3), rm.random_decoder(SMALL_QWEN3, seed=3), rm.random_decoder(SMALL_QWEN3, 4)
+    assert type(a).__name__ == "Qwen3ForCausalLM" and not a.training
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(a.state_dict()[key], b.state_dict()[key])
+    assert not torch.equal(a.state_dict()[key], c.state_dict()[key])
+    assert a.config.rope_parameters["rope_theta"] == 1e6 and a.config.num_key_value_heads == 2
+    seen = []
+    half = rm.random_decoder(SMALL_QWEN3, dtype=torch.bfloat16, init=seen.append)
+    assert seen == [half] and half.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_build_random_decoder_of_a_real_config(tmp_path):
+    from triton_rerank.models.qwen3_reranker import load_qwen3_reranker
+
+    tokenizer_file = _qwen3_tokenizer_file()
+    real = json.loads((rm.resolve_data_dir(None) / rm.QWEN3_RERANKER_CONFIG_FILES["0.6B"]).read_text())
+    # The real config with a small width and depth: its vocabulary, RoPE and tying stay.
+    config = {**real, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 32, "intermediate_size": 96}
+    out = rm.build_random_decoder(tmp_path / "m", config, tokenizer_file, seed=1, dtype=torch.bfloat16)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()}
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["architectures"] == ["Qwen3ForCausalLM"] and saved["vocab_size"] == 151669
+    assert saved["tie_word_embeddings"] is True and saved["max_position_embeddings"] == 40960
+    state = load_file(out / "model.safetensors")
+    assert state["model.embed_tokens.weight"].dtype == torch.bfloat16 and "lm_head.weight" not in state
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    model = load_qwen3_reranker(out)
+    assert model.label_token_ids == (9693, 2152) and model.config.rope_theta == 1e6
+    with pytest.raises(ValueError, match="more than the config's vocab_size 300"):
+        rm.build_random_decoder(tmp_path / "small", SMALL_QWEN3, tokenizer_file)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_make_test_decoder(tmp_path, tied):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from triton_rerank.models.qwen3_reranker import load_qwen3_reranker
+
+    _qwen3_tokenizer_file()
+    out = rm.make_test_decoder(tmp_path / "m", tie_word_embeddings=tied)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"], config["vocab_size"]) == ("qwen3", ["Qwen3ForCausalLM"],
+                                                                                      151669)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 32)
+    assert config["tie_word_embeddings"] is tied
+    assert ("lm_head.weight" in load_file(out / "model.safetensors")) is not tied
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert (tokenizer.pad_token, tokenizer.padding_side, tokenizer.model_max_length) == ("<|endoftext|>", "left", 2048)
+    prompt = "<|im_start|>user\n<Query>: what is a panda?\n<Document>: 熊猫 eats bamboo<|im_end|>\n"
+    assert tokenizer(prompt)["input_ids"] == Tokenizer.from_file(str(out / "tokenizer.json")).encode(prompt).ids
+
+    # Scores differ between documents: the init is wide enough for the context to matter.
+    model = load_qwen3_reranker(out)
+    reference = Tokenizer.from_file(str(out / "tokenizer.json"))
+    ids = [torch.tensor(reference.encode(prompt + doc + "\n").ids) for doc in ("hi", "a giant bear", "python code")]
+    cu = torch.tensor([0, *torch.tensor([len(x) for x in ids]).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.inference_mode():
+        scores = model(torch.cat(ids), cu, int(cu.diff().max()))
+    assert float(scores.max() - scores.min()) > 0.1
+
+
+def test_make_test_model_command_qwen3(tmp_path, capsys):
+    from triton_rerank import cli
+
+    _qwen3_tokenizer_file()
+    assert cli.main(["make-test-model", str(tmp_path / "q"), "--arch", "qwen3", "--layers", "1"]) == 0
+    assert "qwen3 decoder reranker" in capsys.readouterr().out
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_key_value_heads"]) == (1, 2)
+    assert (tmp_path / "q" / "tokenizer_config.json").is_file()
