@@ -10,6 +10,10 @@ Engines:
   attention in OpenAI-Triton kernels or torch SDPA.
 - `HFEngine`: Hugging Face `AutoModelForSequenceClassification` on padded micro-batches, the
   reference the packed encoder is checked against.
+- `PackedDecoderEngine` / `HFDecoderEngine`: the same pair for decoder rerankers (Qwen3-Reranker):
+  our packed causal decoder (`triton_rerank.models.qwen3_reranker`), and transformers'
+  `AutoModelForCausalLM` on padded micro-batches; both score logit(yes) - logit(no) at each
+  prompt's last token.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from ..models.dtypes import auto_dtype, torch_dtype
+from ..models.families import reranker_kind
 from .packed_inputs import PackedInputLimits, PackedRequest
 
 # Token budget of one forward when config.pbtxt says 0: small micro-batches stay in a CPU's caches
@@ -115,6 +120,45 @@ class HFEngine:
         return self.model(**{name: t.to(self.device) for name, t in inputs.items()}).logits[:, 0].float()
 
 
+class HFDecoderEngine:
+    """Reference engine for decoder rerankers: transformers' causal LM on right-padded micro-batches,
+    logit(yes) - logit(no) read at each prompt's last real token."""
+
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        from ..models.qwen3_reranker import label_token_ids
+
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+        self.model = self.model.to(device).eval()
+        self.labels = torch.tensor(label_token_ids(model_path), device=device)  # (yes, no)
+        self.pad_token_id = self.model.config.pad_token_id or 0
+
+    @torch.inference_mode()
+    def __call__(self, batch: PackedBatch) -> torch.Tensor:
+        inputs = padded_inputs(batch, self.pad_token_id, with_token_types=False)
+        last = inputs["attention_mask"].sum(1).to(self.device) - 1  # [B] index of each prompt's last token
+        hidden = self.model.model(**{name: t.to(self.device) for name, t in inputs.items()}).last_hidden_state
+        rows = hidden[torch.arange(len(last), device=self.device), last]  # [B, hidden]
+        logits = self.model.lm_head(rows)[:, self.labels].float()  # [B, 2]
+        return logits[:, 0] - logits[:, 1]
+
+
+class PackedDecoderEngine:
+    """Our packed causal decoder for Qwen3-Reranker: no compute on padding, two label rows of the LM head."""
+
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, attention_backend: str | None):
+        from ..models.qwen3_reranker import load_qwen3_reranker
+
+        self.device = device
+        self.model = load_qwen3_reranker(model_path, dtype=dtype, device=device, attention_backend=attention_backend)
+
+    @torch.inference_mode()
+    def __call__(self, batch: PackedBatch) -> torch.Tensor:
+        return self.model(batch.input_ids.to(self.device, non_blocking=True), batch.cu_seqlens, batch.max_seqlen)
+
+
 class PackedEngine:
     """Our packed encoder: no compute spent on padding."""
 
@@ -141,6 +185,8 @@ class EncoderSettings:
 
     model_path: str
     engine: str = "packed"
+    # "cross-encoder" or "decoder" (models/families.py), read from config.json unless config.pbtxt forces it.
+    reranker_kind: str = "cross-encoder"
     attention_backend: str | None = None
     dtype: torch.dtype = torch.float32
     dtype_reason: str = ""  # why this dtype ("auto: this CPU has AVX512-BF16"), for the startup log
@@ -176,9 +222,13 @@ class EncoderSettings:
             raise ValueError(f"max_batch_tokens must be positive (or 0 for the device default), got {max_batch_tokens}")
         if max_batch_tokens == 0:
             max_batch_tokens = DEFAULT_BATCH_TOKENS[device.type]
+        model_path = resolve_model_path(params["model_path"], progress=False, base=model_dir)
+        kind = reranker_kind(json.loads((model_path / "config.json").read_text()),
+                             params.get("reranker_kind") or "auto")
         return cls(
-            model_path=str(resolve_model_path(params["model_path"], progress=False, base=model_dir)),
+            model_path=str(model_path),
             engine=params.get("engine", "packed") or "packed",
+            reranker_kind=kind,
             attention_backend=params.get("attention_backend") or None,
             dtype=torch_dtype(dtype),
             dtype_reason=dtype_reason,
@@ -201,10 +251,12 @@ def build_engine(settings: EncoderSettings):
     """The engine named by settings.engine: "packed" (default) or "hf" (the transformers reference)."""
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
+    decoder = settings.reranker_kind == "decoder"
     if settings.engine == "hf":
-        return HFEngine(settings.model_path, settings.dtype, settings.device)
+        return (HFDecoderEngine if decoder else HFEngine)(settings.model_path, settings.dtype, settings.device)
     if settings.engine == "packed":
-        return PackedEngine(settings.model_path, settings.dtype, settings.device, settings.attention_backend)
+        return (PackedDecoderEngine if decoder else PackedEngine)(settings.model_path, settings.dtype, settings.device,
+                                                                  settings.attention_backend)
     raise ValueError(f"engine must be 'packed' or 'hf', got {settings.engine!r}")
 
 

@@ -28,15 +28,20 @@ tokenizing the whole document and truncating it):
 - Otherwise the prefix grows (at least doubling) and is tried again, up to tokenizing the whole
   document, which is also what happens when no cut point follows the budget (text without
   spaces) and for tokenizers this module cannot vouch for.
+
+The same cut serves prompts (`prompt_tokenization`), where the document ends the text it is
+encoded in: the text before it changes nothing above.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +97,9 @@ def window_count(document_tokens: int, room: int, overlap: int) -> int:
 
 
 @dataclass(frozen=True)
-class _PairParts:
-    """One whole (query, document) pair encoding, as head (specials and query), document, tail (specials)."""
+class PairParts:
+    """One whole sequence scored for a document, as head (specials and query, or a prompt's head), the
+    document's tokens, and tail (specials, or a prompt's suffix)."""
 
     ids: np.ndarray
     type_ids: np.ndarray
@@ -101,7 +107,7 @@ class _PairParts:
     end: int  # index after the document's last token
 
     @classmethod
-    def of(cls, encoding) -> _PairParts:
+    def of(cls, encoding) -> PairParts:
         sequences = encoding.sequence_ids
         ids, types = np.asarray(encoding.ids, dtype=np.int32), np.asarray(encoding.type_ids, dtype=np.int32)
         if 1 not in sequences:  # an empty document: the pair is its only window
@@ -131,6 +137,48 @@ class _PairParts:
             out.append((np.concatenate([head_ids, part, tail_ids]),
                         np.concatenate([head_types, np.full(len(part), document_type, dtype=np.int32), tail_types])))
         return out
+
+
+def pack_windows(parts: list[PairParts], max_length: int, overlap: int, max_chunks_per_doc: int,
+                 max_windows: int | None, max_tokens: int | None,
+                 explain_room: Callable[[int], str]) -> PackedPairs:
+    """The windows of every document, packed in order, each its head, a slice of its document and its tail.
+
+    A document's window holds room = max_length - (head + tail) of its tokens, a new one starting every
+    room - overlap tokens. The limits are checked before any window is built; `explain_room(room)` says
+    in the refusal what the room is the max input less of.
+    """
+    rooms = [max_length - (len(part.ids) - part.document_tokens) for part in parts]
+    narrow = [room for part, room in zip(parts, rooms, strict=True) if overlap >= room and part.document_tokens > room]
+    if narrow:
+        room = min(narrow)
+        raise PairTokenizationError(
+            f"chunk_overlap is {overlap}, but a window holds only {room} document tokens ({explain_room(room)}): "
+            f"send a chunk_overlap below {room}")
+    counts = np.array([window_count(part.document_tokens, room, overlap) for part, room in zip(parts, rooms, strict=True)],
+                      dtype=np.int64)
+    worst = int(counts.argmax())
+    if counts[worst] > max_chunks_per_doc:
+        raise PairTokenizationError(
+            f"document {worst} makes {counts[worst]} windows of {rooms[worst]} tokens (overlap {overlap}), more than "
+            f"max_chunks_per_doc={max_chunks_per_doc}: raise max_chunks_per_doc, shorten the document, "
+            "or send long_documents=truncate")
+    if max_windows is not None and counts.sum() > max_windows:
+        raise PairTokenizationError(
+            f"the documents make {counts.sum()} windows in all; this server scores at most {max_windows} per "
+            "request (max_documents x max_chunks_per_doc): split the documents over several requests")
+    tokens = sum(part.window_tokens(int(k), room, room - overlap) for part, k, room in zip(parts, counts, rooms, strict=True))
+    if max_tokens is not None and tokens > max_tokens:
+        raise PairTokenizationError(
+            f"the windows of these documents hold {tokens} tokens in all; this server scores at most "
+            f"{max_tokens} per request (max_documents full pairs): send fewer or shorter documents, or a "
+            "smaller chunk_overlap")
+    windows = [window for part, k, room in zip(parts, counts, rooms, strict=True)
+               for window in part.windows(int(k), room, room - overlap)]
+    lengths = np.fromiter((len(ids) for ids, _ in windows), dtype=np.int32, count=len(windows))
+    return PackedPairs(input_ids=np.concatenate([ids for ids, _ in windows]),
+                       token_type_ids=np.concatenate([types for _, types in windows]),
+                       lengths=lengths, chunk_counts=counts.astype(np.int32))
 
 
 # Where a document may be cut: before an ASCII space that follows a word character. A space is
@@ -277,6 +325,68 @@ def _tokens_before_last_word(word_ids: list[int | None]) -> int:
     return end
 
 
+def cut_documents(tokenizer: Tokenizer, documents: list[str], room: int, chars_per_token: int,
+                  context: str = "") -> tuple[list[str], dict[int, int]]:
+    """The texts to tokenize, and {index: tokens counted} for those cut.
+
+    A document is replaced by a prefix only when `context + prefix` shows more than `room` trusted
+    tokens of the document (see the module docstring); the others stay whole. `context` is the
+    text the document follows in its encoding (a prompt's text before the document; none for a
+    pair, whose document is a sequence of its own): the document must end that text, as a cut
+    document only changes the end. Tokens counted include the context's.
+    """
+    texts = list(documents)
+    counted: dict[int, int] = {}
+    first = room * chars_per_token
+    # A prefix and its pair encoding cost about twice the prefix: not worth it for a
+    # document less than twice as long as the first guess.
+    budgets = {i: first for i, doc in enumerate(documents) if len(doc) > 2 * first}
+    tried: dict[int, int] = {}
+    while budgets:
+        cuts = {}
+        for i, budget in budgets.items():
+            cut = _cut_point(documents[i], budget)
+            # No cut point, or none past the last one tried: the document stays whole.
+            if cut > tried.get(i, 0):
+                cuts[i] = tried[i] = cut
+        probes = tokenizer.encode_batch([context + documents[i][:cut] for i, cut in cuts.items()],
+                                        add_special_tokens=False)
+        budgets = {}
+        for (i, cut), probe in zip(cuts.items(), probes, strict=True):
+            trusted = _tokens_before_last_word(probe.word_ids)
+            # The context's own tokens (those ending before the document) are not the document's.
+            before = bisect.bisect_right(probe.offsets, len(context), hi=trusted, key=lambda o: o[1]) if context else 0
+            if trusted - before > room:
+                texts[i], counted[i] = documents[i][:cut], trusted
+                continue
+            # Grow to where this prefix's token density says room + 1 tokens end, with a
+            # margin, and at least double; stop when tokenizing the whole document once costs
+            # about as much as another prefix and its pair.
+            wanted = math.ceil(cut * 1.25 * (room + 1) / (trusted - before)) if trusted > before else 0
+            budget = max(2 * cut, wanted)
+            if 2 * budget <= len(documents[i]):
+                budgets[i] = budget
+    return texts, counted
+
+
+def load_model_tokenizer(model_dir: str | Path, max_length: int | None = None) -> tuple[Tokenizer, int]:
+    """The fast tokenizer of a model directory, and the most tokens one sequence may have: the
+    model's limit (config.json), or the smaller `max_length` given."""
+    model_dir = Path(model_dir)
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(
+            f"{tokenizer_file} not found: the tokenizer step needs a Hugging Face fast tokenizer file. "
+            "Save one with `AutoTokenizer.from_pretrained(path).save_pretrained(path)`."
+        )
+    limit = max_input_length(json.loads((model_dir / "config.json").read_text()))
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    # The file may carry padding/truncation settings from training; we pack, so neither.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer, min(limit, max_length) if max_length else limit
+
+
 class PairTokenizer:
     """Encodes (query, document) pairs with the model's own fast tokenizer (`tokenizer.json`).
 
@@ -290,20 +400,7 @@ class PairTokenizer:
     chars_per_token = 8
 
     def __init__(self, model_dir: str | Path, max_length: int | None = None):
-        model_dir = Path(model_dir)
-        tokenizer_file = model_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(
-                f"{tokenizer_file} not found: the tokenizer step needs a Hugging Face fast tokenizer file. "
-                "Save one with `AutoTokenizer.from_pretrained(path).save_pretrained(path)`."
-            )
-        config = json.loads((model_dir / "config.json").read_text())
-        limit = max_input_length(config)
-        self.max_length = min(limit, max_length) if max_length else limit
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        # The file may carry padding/truncation settings from training; we pack, so neither.
-        self._tokenizer.no_padding()
-        self._tokenizer.no_truncation()
+        self._tokenizer, self.max_length = load_model_tokenizer(model_dir, max_length)
         # Special tokens the pair template adds around (query, document).
         self.num_special_tokens = self._tokenizer.num_special_tokens_to_add(is_pair=True)
         self.cuts_documents = prefix_cuts_are_exact(self._tokenizer)
@@ -358,36 +455,12 @@ class PairTokenizer:
         # Each pair whole, once; windows are cut from its ids. (The library's own overflowing
         # windows would be built before any limit could be checked, and it types an XLM-R
         # window's document tokens 1 where the pair template says 0.)
-        pairs = [_PairParts.of(encoding) for encoding in self._tokenizer.encode_batch(
+        pairs = [PairParts.of(encoding) for encoding in self._tokenizer.encode_batch(
             [(query, document) for document in documents])]
-        if overlap >= room and any(pair.document_tokens > room for pair in pairs):
-            raise PairTokenizationError(
-                f"chunk_overlap is {overlap}, but a window holds only {room} document tokens (the model's max "
-                f"input of {self.max_length} less the query's {query_tokens} and {self.num_special_tokens} special "
-                f"tokens): send a chunk_overlap below {room}")
-        step = room - overlap
-        counts = np.array([window_count(pair.document_tokens, room, overlap) for pair in pairs], dtype=np.int64)
-        worst = int(counts.argmax())
-        if counts[worst] > max_chunks_per_doc:
-            raise PairTokenizationError(
-                f"document {worst} makes {counts[worst]} windows of {room} tokens (overlap {overlap}), more than "
-                f"max_chunks_per_doc={max_chunks_per_doc}: raise max_chunks_per_doc, shorten the document, "
-                "or send long_documents=truncate")
-        if max_windows is not None and counts.sum() > max_windows:
-            raise PairTokenizationError(
-                f"the documents make {counts.sum()} windows in all; this server scores at most {max_windows} per "
-                "request (max_documents x max_chunks_per_doc): split the documents over several requests")
-        tokens = sum(pair.window_tokens(int(k), room, step) for pair, k in zip(pairs, counts, strict=True))
-        if max_tokens is not None and tokens > max_tokens:
-            raise PairTokenizationError(
-                f"the windows of these documents hold {tokens} tokens in all; this server scores at most "
-                f"{max_tokens} per request (max_documents full pairs): send fewer or shorter documents, or a "
-                "smaller chunk_overlap")
-        windows = [window for pair, k in zip(pairs, counts, strict=True) for window in pair.windows(int(k), room, step)]
-        lengths = np.fromiter((len(ids) for ids, _ in windows), dtype=np.int32, count=len(windows))
-        return PackedPairs(input_ids=np.concatenate([ids for ids, _ in windows]),
-                           token_type_ids=np.concatenate([types for _, types in windows]),
-                           lengths=lengths, chunk_counts=counts.astype(np.int32))
+        return pack_windows(
+            pairs, self.max_length, overlap, max_chunks_per_doc, max_windows, max_tokens,
+            lambda room: (f"the model's max input of {self.max_length} less the query's {query_tokens} and "
+                          f"{self.num_special_tokens} special tokens"))
 
     def _room(self, query: str, documents: list[str]) -> tuple[int, int]:
         """(query tokens, document tokens a pair has room for); refuses an empty request or a query too long."""
@@ -414,38 +487,5 @@ class PairTokenizer:
                 "shorten it, or send long_documents=truncate or chunk")
 
     def _cut(self, documents: list[str], room: int) -> tuple[list[str], dict[int, int]]:
-        """The texts to tokenize, and {index: document tokens counted} for those cut.
-
-        A document is replaced by a prefix only when the prefix shows more than `room` trusted
-        tokens (see the module docstring); the others stay whole.
-        """
-        texts = list(documents)
-        counted: dict[int, int] = {}
-        first = room * self.chars_per_token
-        # A prefix and its pair encoding cost about twice the prefix: not worth it for a
-        # document less than twice as long as the first guess.
-        budgets = {i: first for i, doc in enumerate(documents) if len(doc) > 2 * first}
-        tried: dict[int, int] = {}
-        while budgets:
-            cuts = {}
-            for i, budget in budgets.items():
-                cut = _cut_point(documents[i], budget)
-                # No cut point, or none past the last one tried: the document stays whole.
-                if cut > tried.get(i, 0):
-                    cuts[i] = tried[i] = cut
-            probes = self._tokenizer.encode_batch([documents[i][:cut] for i, cut in cuts.items()],
-                                                  add_special_tokens=False)
-            budgets = {}
-            for (i, cut), probe in zip(cuts.items(), probes, strict=True):
-                trusted = _tokens_before_last_word(probe.word_ids)
-                if trusted > room:
-                    texts[i], counted[i] = documents[i][:cut], trusted
-                    continue
-                # Grow to where this prefix's token density says room + 1 tokens end, with a
-                # margin, and at least double; stop when tokenizing the whole document once costs
-                # about as much as another prefix and its pair.
-                wanted = math.ceil(cut * 1.25 * (room + 1) / trusted) if trusted else 0
-                budget = max(2 * cut, wanted)
-                if 2 * budget <= len(documents[i]):
-                    budgets[i] = budget
-        return texts, counted
+        """The texts to tokenize, and {index: document tokens counted} for those cut."""
+        return cut_documents(self._tokenizer, documents, room, self.chars_per_token)
