@@ -45,7 +45,8 @@ def format_table(results: list[RerankResult], width: int | None = None) -> str:
 def score_options(args) -> dict:
     """The ScoreOptions fields the flags set; what is not set is left to the server's defaults."""
     options = {"truncate": False if args.no_truncate else None, "long_documents": args.long_documents,
-               "chunk_overlap": args.chunk_overlap, "max_chunks_per_doc": args.max_chunks_per_doc}
+               "chunk_overlap": args.chunk_overlap, "max_chunks_per_doc": args.max_chunks_per_doc,
+               "instruction": args.instruction}
     if args.truncation_direction != "right":
         options["truncation_direction"] = args.truncation_direction
     return options
@@ -101,6 +102,8 @@ def register(subparsers) -> None:
                    help="most windows of one document; default the server's (serve --max-chunks-per-doc)")
     p.add_argument("--truncation-direction", choices=["right", "left"], default="right",
                    help="which end of a too-long document is cut (left keeps its end)")
+    p.add_argument("--instruction", default=None,
+                   help="decoder rerankers (Qwen3-Reranker): the task relevance is judged for; default the server's")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--json", action="store_true",
                    help="print JSON: [{index, score, document, token_count, chunk_count}, ...]")
