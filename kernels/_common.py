@@ -1,7 +1,8 @@
 """Helpers shared by the Triton kernels of this package (host side only).
 
 Nothing here launches a kernel: these are the input checks and launch-config rules the host
-wrappers in ``varlen_attention.py``, ``layer_norm.py`` and ``bias_gelu.py`` have in common.
+wrappers in ``varlen_attention.py``, ``layer_norm.py``, ``bias_gelu.py``, ``rms_norm.py`` and
+``swiglu.py`` have in common.
 """
 
 from __future__ import annotations
