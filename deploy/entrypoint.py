@@ -83,7 +83,7 @@ def settings_from(args: argparse.Namespace, model_path: str) -> RepositorySettin
         max_batch_tokens=args.max_batch_tokens, instances=args.instances, gpus=gpus, num_threads=args.num_threads,
         long_documents=args.long_documents, max_chunks_per_doc=args.max_chunks_per_doc,
         reranker_kind=args.reranker_kind, prompt_template=args.chat_template or "",
-        default_instruction=args.default_instruction or "",
+        default_instruction=args.default_instruction or "", prefix_sharing=args.prefix_sharing,
     )
     settings.check()
     return settings
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=_env("MAX_LENGTH", "0"))
     p.add_argument("--max-batch-tokens", type=int, default=_env("MAX_BATCH_TOKENS", "0"))
     add_long_document_options(p, _env("LONG_DOCUMENTS", "truncate"), _env("MAX_CHUNKS_PER_DOC", "64"))
-    add_decoder_options(p, _env("RERANKER_KIND", "auto"), _env("CHAT_TEMPLATE", ""), _env("DEFAULT_INSTRUCTION", ""))
+    add_decoder_options(p, _env("RERANKER_KIND", "auto"), _env("CHAT_TEMPLATE", ""), _env("DEFAULT_INSTRUCTION", ""),
+                        _env("PREFIX_SHARING", "true").lower() not in ("false", "0", "no"))
     p.add_argument("--instances", type=int, default=_env("INSTANCES", "1"),
                    help="cross_encoder instances per GPU (per listed GPU with --gpus)")
     p.add_argument("--gpus", default=_env("GPUS", ""),

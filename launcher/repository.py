@@ -123,6 +123,8 @@ class RepositorySettings:
     # and the instruction of requests that send none ("" = the model's own default).
     prompt_template: str = ""
     default_instruction: str = ""
+    # Decoder rerankers: compute each request's shared prompt head once (scores are unchanged).
+    prefix_sharing: bool = True
     # More parameters, {model: {key: value}}; each key must be one the model's config.pbtxt has.
     extra: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -157,6 +159,7 @@ class RepositorySettings:
             SCORER: {
                 "model_path": self.model_path,
                 "reranker_kind": kind,
+                "prefix_sharing": "true" if self.prefix_sharing else "false",
                 "engine": self.engine,
                 "attention_backend": self.attention_backend,
                 "dtype": self.dtype,
@@ -315,8 +318,9 @@ def add_long_document_options(parser, long_documents: str = "truncate", max_chun
 
 
 def add_decoder_options(parser, reranker_kind: str = "auto", chat_template: str | None = None,
-                        default_instruction: str | None = None) -> None:
-    """--reranker-kind, --chat-template and --default-instruction (decoder rerankers such as Qwen3-Reranker)."""
+                        default_instruction: str | None = None, prefix_sharing: bool = True) -> None:
+    """--reranker-kind, --chat-template, --default-instruction and --no-prefix-sharing (decoder rerankers
+    such as Qwen3-Reranker)."""
     parser.add_argument("--reranker-kind", choices=["auto", *RERANKER_KINDS], default=reranker_kind,
                         help="how the model reranks: a cross-encoder (BERT/XLM-R classifier) or a decoder reranker "
                              "(Qwen3ForCausalLM, scored by logit(yes) - logit(no)); auto reads config.json")
@@ -326,3 +330,7 @@ def add_decoder_options(parser, reranker_kind: str = "auto", chat_template: str 
     parser.add_argument("--default-instruction", default=default_instruction or None, metavar="TEXT",
                         help="decoder rerankers: the instruction of requests that send none; default the model's "
                              "('Given a web search query, retrieve relevant passages that answer the query')")
+    parser.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false", default=prefix_sharing,
+                        help="decoder rerankers: run every document's whole prompt, instead of computing a "
+                             "request's shared head (system prompt, instruction, query) once; scores are the same, "
+                             "for comparison and debugging")

@@ -108,7 +108,7 @@ def run(args) -> int:
         max_documents=args.max_documents,
         long_documents=args.long_documents, max_chunks_per_doc=args.max_chunks_per_doc,
         reranker_kind=args.reranker_kind, prompt_template=args.chat_template or "",
-        default_instruction=args.default_instruction or "",
+        default_instruction=args.default_instruction or "", prefix_sharing=args.prefix_sharing,
     )
     address = server_address(args)
     try:

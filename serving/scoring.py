@@ -30,6 +30,14 @@ import torch
 from ..models.dtypes import auto_dtype, torch_dtype
 from ..models.families import reranker_kind
 from .packed_inputs import PackedInputLimits, PackedRequest
+from .prefix_sharing import (
+    DEFAULT_MIN_SHARED_PREFIX,
+    SharedBatch,
+    SharingPairs,
+    gather_shared,
+    plan_shared_micro_batches,
+    shared_prefix_length,
+)
 
 # Token budget of one forward when config.pbtxt says 0: small micro-batches stay in a CPU's caches
 # (measured 25-30% faster than 16384 on 2 cores); a GPU needs large ones to fill its SMs.
@@ -158,6 +166,13 @@ class PackedDecoderEngine:
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
         return self.model(batch.input_ids.to(self.device, non_blocking=True), batch.cu_seqlens, batch.max_seqlen)
 
+    @torch.inference_mode()
+    def score_shared(self, batch: SharedBatch) -> torch.Tensor:
+        """Scores of pairs whose requests' heads are computed once (serving/prefix_sharing.py)."""
+        return self.model.forward_shared(batch.prefix_ids.to(self.device, non_blocking=True), batch.prefix_cu,
+                                         batch.input_ids.to(self.device, non_blocking=True), batch.cu_seqlens,
+                                         batch.groups, batch.max_seqlen, batch.max_prefix)
+
 
 class PackedEngine:
     """Our packed encoder: no compute spent on padding."""
@@ -193,6 +208,10 @@ class EncoderSettings:
     device: torch.device = torch.device("cpu")
     max_batch_tokens: int = 16384
     num_threads: int = 0
+    # Decoder rerankers: compute each request's shared prompt head once (serving/prefix_sharing.py),
+    # for heads of at least min_shared_prefix tokens.
+    prefix_sharing: bool = True
+    min_shared_prefix: int = DEFAULT_MIN_SHARED_PREFIX
     # Per-request limits (the tokenizer step's): documents, windows of one document (pairs per
     # request = their product), and tokens of one pair (0 = the model's).
     max_documents: int = 1000
@@ -235,16 +254,32 @@ class EncoderSettings:
             device=device,
             max_batch_tokens=max_batch_tokens,
             num_threads=int(params.get("num_threads") or 0),
+            prefix_sharing=_as_switch("prefix_sharing", params.get("prefix_sharing") or "true"),
+            min_shared_prefix=int(params.get("min_shared_prefix") or 0) or DEFAULT_MIN_SHARED_PREFIX,
             max_documents=int(params.get("max_documents") or cls.max_documents),
             max_chunks_per_doc=int(params.get("max_chunks_per_doc") or cls.max_chunks_per_doc),
             max_length=int(params.get("max_length") or 0),
         )
+
+    @property
+    def shared_prefix_threshold(self) -> int | None:
+        """Fewest head tokens worth sharing, or None where heads are not shared (off, or a cross-encoder,
+        whose pairs attend both ways: its query tokens depend on the document)."""
+        if not self.prefix_sharing or self.reranker_kind != "decoder" or self.engine != "packed":
+            return None
+        return self.min_shared_prefix
 
     def input_limits(self) -> PackedInputLimits:
         """What one request may carry: the model's vocabulary, type and position tables, and the limits."""
         config = json.loads((Path(self.model_path) / "config.json").read_text())
         return PackedInputLimits.from_model_config(config, max_documents=self.max_documents, max_length=self.max_length,
                                                    max_chunks_per_doc=self.max_chunks_per_doc)
+
+
+def _as_switch(name: str, value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"parameter {name} must be true or false, got {value!r}")
+    return value.lower() in ("true", "1")
 
 
 def build_engine(settings: EncoderSettings):
@@ -298,21 +333,57 @@ def max_over_windows(scores: np.ndarray, chunk_counts: np.ndarray) -> np.ndarray
 
 def score_requests(
     engine, requests: list[PackedRequest], max_batch_tokens: int,
-    observe: Callable[[int, float], None] | None = None,
+    observe: Callable[[int, float], None] | None = None, min_shared_prefix: int | None = None,
 ) -> list[np.ndarray]:
     """Scores of each request's documents: all pairs of all requests packed and scored together,
     then each document's windows reduced to their max.
 
-    Requests must have passed `check_packed_request`: one whose lengths did not sum to its ids
-    would shift the pairs of every request after it.
+    With min_shared_prefix (decoder engines), a request of several pairs whose pairs share at least
+    that many leading tokens has that head computed once (serving/prefix_sharing.py); the others
+    take the plain path. Requests must have passed `check_packed_request`: one whose lengths did
+    not sum to its ids would shift the pairs of every request after it.
     """
-    input_ids, token_type_ids, lengths = (
-        np.concatenate(parts) for parts in
-        zip(*((r.input_ids, r.token_type_ids, r.lengths) for r in requests), strict=True)
-    )
-    scores = score_pairs(engine, input_ids, token_type_ids, lengths, max_batch_tokens, observe=observe)
-    per_request = np.split(scores, np.cumsum([len(r.lengths) for r in requests])[:-1])
-    return [max_over_windows(part, r.chunk_counts) for part, r in zip(per_request, requests, strict=True)]
+    heads = [0] * len(requests)
+    if min_shared_prefix is not None and hasattr(engine, "score_shared"):
+        heads = [shared_prefix_length(r.input_ids, r.lengths) for r in requests]
+        heads = [h if h >= max(min_shared_prefix, 1) else 0 for h in heads]
+    scores: list[np.ndarray | None] = [None] * len(requests)
+    plain = [i for i, head in enumerate(heads) if not head]
+    if plain:
+        input_ids, token_type_ids, lengths = (
+            np.concatenate(parts) for parts in
+            zip(*((requests[i].input_ids, requests[i].token_type_ids, requests[i].lengths) for i in plain), strict=True)
+        )
+        flat = score_pairs(engine, input_ids, token_type_ids, lengths, max_batch_tokens, observe=observe)
+        for i, part in zip(plain, np.split(flat, np.cumsum([len(requests[i].lengths) for i in plain])[:-1]),
+                           strict=True):
+            scores[i] = part
+    shared = [i for i, head in enumerate(heads) if head]
+    if shared:
+        flat = score_shared_pairs(engine, [(requests[i].input_ids, requests[i].lengths, heads[i]) for i in shared],
+                                  max_batch_tokens, observe=observe)
+        for i, part in zip(shared, np.split(flat, np.cumsum([len(requests[i].lengths) for i in shared])[:-1]),
+                           strict=True):
+            scores[i] = part
+    return [max_over_windows(part, r.chunk_counts) for part, r in zip(scores, requests, strict=True)]
+
+
+def score_shared_pairs(engine, requests: list[tuple[np.ndarray, np.ndarray, int]], max_batch_tokens: int,
+                       observe: Callable[[int, float], None] | None = None) -> np.ndarray:
+    """Scores of every pair (float32, input order) of requests given as (ids, lengths, head tokens),
+    each request's head computed once per micro-batch holding any of its pairs."""
+    pairs = SharingPairs.split(requests)
+    offsets = np.zeros(len(pairs.own_lengths), dtype=np.int64)
+    np.cumsum(pairs.own_lengths[:-1], out=offsets[1:])
+    head_lengths = np.array([len(head) for head in pairs.heads], dtype=np.int64)
+    scores = np.empty(len(pairs.own_lengths), dtype=np.float32)
+    for batch in plan_shared_micro_batches(pairs.own_lengths, pairs.group, head_lengths, max_batch_tokens):
+        packed = gather_shared(pairs, offsets, batch)
+        started = time.perf_counter()
+        scores[batch] = engine.score_shared(packed).cpu().numpy()
+        if observe is not None:
+            observe(packed.tokens, time.perf_counter() - started)
+    return scores
 
 
 def non_finite_error(scores: np.ndarray, dtype: torch.dtype) -> str | None:

@@ -54,7 +54,8 @@ def test_rendered_configs_parse_back_with_the_values_set(tmp_path):
     assert params(cross) == {"model_path": '/models/a "b"', "engine": "hf", "attention_backend": "sdpa",
                              "dtype": "float16", "device": "auto", "max_batch_tokens": "4096", "num_threads": "3",
                              "max_documents": "10", "max_chunks_per_doc": "5", "max_length": "512",
-                             "reranker_kind": "auto"}  # no local config.json to read: each step reads it
+                             "reranker_kind": "auto",  # no local config.json to read: each step reads it
+                             "prefix_sharing": "true", "min_shared_prefix": "0"}
     assert params(tokenizer).items() >= {"model_path": '/models/a "b"', "max_length": "512", "max_documents": "10",
                                          "max_text_bytes": "2048", "long_documents": "chunk",
                                          "max_chunks_per_doc": "5"}.items()
@@ -230,6 +231,11 @@ def test_reranker_kind_is_detected_and_told_to_every_step(tmp_path):
     # The template is copied into the repository, so that the config names no host path.
     assert tokenizer["prompt_template"] == TEMPLATE_COPY
     assert (out / "tokenizer" / TEMPLATE_COPY).read_text() == template.read_text()
+
+    assert params(configs["cross_encoder"])["prefix_sharing"] == "true"
+    settings.prefix_sharing = False  # serve --no-prefix-sharing
+    out = render_model_repository(settings, tmp_path / "repo-no-sharing")
+    assert params(parse(out / "cross_encoder" / "config.pbtxt"))["prefix_sharing"] == "false"
 
     bert = _model_dir(tmp_path / "bert", {"model_type": "bert"})
     out = render_model_repository(RepositorySettings(model_path=str(bert)), tmp_path / "repo2")

@@ -172,3 +172,19 @@ def test_remote_code_in_a_model_directory_is_never_run(tiny_model_dirs, tmp_path
     with pytest.raises((ValueError, OSError, KeyError)):
         build_engine(EncoderSettings(model_path=str(model_dir), engine=engine))
     assert not marker.exists()
+
+
+def test_heads_are_shared_only_for_packed_decoders_and_only_when_on(tiny_model_dirs, tmp_path):
+    decoder = tmp_path / "decoder"
+    decoder.mkdir()
+    (decoder / "config.json").write_text('{"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}')
+    on = EncoderSettings.from_parameters({"model_path": str(decoder)})
+    assert (on.reranker_kind, on.shared_prefix_threshold) == ("decoder", 16)
+    assert EncoderSettings.from_parameters({"model_path": str(decoder), "min_shared_prefix": "40"}
+                                           ).shared_prefix_threshold == 40
+    for params in ({"prefix_sharing": "false"}, {"engine": "hf"}):
+        assert EncoderSettings.from_parameters({"model_path": str(decoder), **params}).shared_prefix_threshold is None
+    # A cross-encoder's query tokens attend to the document: nothing before the document is shareable.
+    assert EncoderSettings.from_parameters({"model_path": str(tiny_model_dirs["bert"])}).shared_prefix_threshold is None
+    with pytest.raises(ValueError, match="prefix_sharing must be true or false"):
+        EncoderSettings.from_parameters({"model_path": str(decoder), "prefix_sharing": "sometimes"})

@@ -42,7 +42,8 @@ class TritonPythonModel:
                     error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
         if packed:
             scores = score_requests(self.engine, packed, self.settings.max_batch_tokens,
-                                    observe=self.metrics.observe_micro_batch)
+                                    observe=self.metrics.observe_micro_batch,
+                                    min_shared_prefix=self.settings.shared_prefix_threshold)
             self.metrics.observe_pairs(sum(len(p.lengths) for p in packed))
             for i, part in zip(accepted, scores, strict=True):
                 responses[i] = self._response(part)
