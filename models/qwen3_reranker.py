@@ -18,10 +18,12 @@ start and end. Two backends provide it:
 * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` on length
   buckets (cross_encoder._plan_buckets), with plain torch RMSNorm and SiLU (the default elsewhere).
 
-Prepared for scoring a request's shared prompt head once: every layer takes the tokens' rotary
-embedding (from explicit position ids) and an ``attention(q, k, v)`` function as inputs, so a
-later path can run the shared prefix once and give each document's tokens positions continuing
-after it and an attention over the prefix's keys/values plus their own, without changing the layers.
+``forward_shared`` scores a request's documents behind their shared prompt head, computing the
+head once: every layer takes the tokens' rotary embedding (from explicit position ids) and an
+``attention(q, k, v)`` function as inputs (``run``), so the same layers run the prefix tokens once
+and give each document's tokens positions continuing after it and an attention over the prefix's
+keys/values plus their own (the varlen kernel's ``prefix_starts``/``prefix_lens``, or SDPA on
+buckets with an explicit mask: ``_plan_prefixed_buckets``).
 
 Inference only: ``load_qwen3_reranker`` returns the model in eval mode with ``requires_grad``
 off; call it under ``torch.inference_mode()``.
@@ -193,27 +195,110 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"  # scaled_dot_product_attention(enable_gqa=...)
 
 
-def _sdpa_causal_attention(q: Tensor, k: Tensor, v: Tensor, plan: _Buckets, scale: float) -> Tensor:
-    """q [T, heads, hd], k/v [T, kv_heads, hd] -> [T, heads, hd], causal within each packed sequence.
+# One SDPA call per bucket: (q_gather [nb, Lq], kv_gather [nb, Lk] rows of the packed q and k/v,
+# mask [nb, 1, Lq, Lk] bool (True = visible) or None for is_causal, keep [n] real query slots).
+_SdpaBucket = tuple[Tensor, Tensor, Tensor | None, Tensor]
 
-    Sequences are padded on the right inside a bucket, so ``is_causal=True`` is exact for the
-    real rows (their keys are the sequence's tokens up to themselves, never padding); padded rows
-    are dropped. GQA through ``enable_gqa=True``: on torch's CPU flash kernel it reads each
-    key/value head for its query-head group without the copies repeat_interleave makes (same
-    results, bit for bit, on torch 2.13); torch before 2.5, which lacks the argument, gets the copies.
+
+def _sdpa_buckets(q: Tensor, k: Tensor, v: Tensor, buckets: list[_SdpaBucket], inverse: Tensor,
+                  scale: float) -> Tensor:
+    """q [R, heads, hd], k/v [R, kv_heads, hd] -> [len(inverse), heads, hd]: the buckets' real query
+    rows, in the order ``inverse`` gives (row ``inverse[t]`` of the concatenated bucket outputs).
+
+    GQA through ``enable_gqa=True``: on torch's CPU flash kernel it reads each key/value head for
+    its query-head group without the copies repeat_interleave makes (same results, bit for bit, on
+    torch 2.13); torch before 2.5, which lacks the argument, gets the copies.
     """
     heads, head_dim = q.shape[1:]
     group = heads // k.shape[1]
     gqa = {"enable_gqa": True} if group > 1 and _SDPA_HAS_GQA else {}
     if group > 1 and not gqa:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [T, heads, hd]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [R, heads, hd]
     outs = []
-    for gather, _mask, keep in plan.buckets:  # no mask needed: causal masking hides right padding
-        nb, L = gather.shape
-        qb, kb, vb = (t[gather].transpose(1, 2) for t in (q, k, v))  # [nb, heads or kv_heads, L, hd]
-        o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, **gqa)  # [nb, heads, L, hd]
+    for q_gather, kv_gather, mask, keep in buckets:
+        nb, L = q_gather.shape
+        qb = q[q_gather].transpose(1, 2)  # [nb, heads, Lq, hd]
+        kb, vb = (t[kv_gather].transpose(1, 2) for t in (k, v))  # [nb, heads or kv_heads, Lk, hd]
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           **gqa)  # [nb, heads, Lq, hd]
         outs.append(o.transpose(1, 2).reshape(nb * L, heads, head_dim)[keep])  # [n_real, heads, hd]
-    return torch.cat(outs)[plan.inverse]
+    return torch.cat(outs)[inverse]
+
+
+def _sdpa_causal_attention(q: Tensor, k: Tensor, v: Tensor, plan: _Buckets, scale: float) -> Tensor:
+    """q [T, heads, hd], k/v [T, kv_heads, hd] -> [T, heads, hd], causal within each packed sequence.
+
+    Sequences are padded on the right inside a bucket, so ``is_causal=True`` is exact for the
+    real rows (their keys are the sequence's tokens up to themselves, never padding); padded rows
+    are dropped. No mask is needed: causal masking hides right padding.
+    """
+    buckets = [(gather, gather, None, keep) for gather, _mask, keep in plan.buckets]
+    return _sdpa_buckets(q, k, v, buckets, plan.inverse, scale)
+
+
+@dataclass
+class _PrefixedBuckets:
+    buckets: list[_SdpaBucket]  # queries: own rows; keys: the group's prefix rows, then the own rows
+    inverse: Tensor  # [T] long: row of the concatenated bucket outputs holding own token t
+
+
+def _plan_prefixed_buckets(prefix_starts: Tensor, prefix_lens: Tensor, own_cu: Tensor, own_row0: int,
+                           device: torch.device, min_bucket: int = 16) -> _PrefixedBuckets:
+    """SDPA buckets for sequences behind a shared prefix (forward_shared's own rows).
+
+    prefix_starts, prefix_lens [B] (host, long): the rows of each sequence's prefix; own_cu [B + 1]
+    (host): offsets of the sequences' own tokens, which sit at rows own_row0 + own_cu[i] ...
+    Query slots are a sequence's own rows; key slots are its prefix rows, then its own rows (the
+    keys of the full sequence, in order), then padding (a repeated real row).
+
+    Why this design:
+    * SDPA has no packed or prefix form, so each sequence's keys are gathered next to each other.
+      The prefix keys are gathered once per sequence (the attention over them is per sequence
+      anyway); what is computed once per prefix are the projections, norms and MLPs of its rows.
+    * Queries and keys differ in length, and SDPA's ``is_causal`` aligns the diagonal top-left
+      (query j sees keys 0..j), which would hide most of the prefix. An explicit boolean mask,
+      built here once per forward, is exact: key slot s is visible to query slot j iff
+      s <= prefix_len + j (all of the prefix, own keys causally) and s < prefix_len + own_len
+      (never padding). Padded query rows (dropped afterwards) still see key 0, so no row is all
+      masked and no NaN appears. The mask costs a byte per (query, key) slot pair, less than one
+      layer's gathered keys/values as long as the own length is below 2 * kv_heads * head_dim *
+      itemsize (4096 for Qwen3-Reranker-0.6B in bfloat16).
+    * Buckets are power-of-two classes of both the own length and the key length (prefix + own),
+      so the padding is below 2x in each of the two dimensions of the Lq x Lk attention (bucketing
+      on one of them alone leaves the other unbounded once prefix lengths differ). Within one group
+      (the usual request) the key classes split each own-length class at most once, so the SDPA
+      calls stay within twice what _plan_buckets makes of the own lengths.
+    * Batch invariance as in _plan_buckets: padding keys get weight exactly 0 and padding queries
+      are dropped, so a sequence's output does not depend on its bucket mates beyond float
+      summation order; every bucket has a mask, so SDPA picks the same kernel family for all.
+    """
+    own_starts = own_cu[:-1].long()
+    own_lens = own_cu[1:].long() - own_starts  # [B]
+    key_lens = prefix_lens + own_lens  # [B]
+    # Bucket (i, j): own length in (2^(i-1), 2^i], key length in (2^(j-1), 2^j]; float log2 of an
+    # integer is exact at powers of two. Key lengths stay far below 2^32.
+    own_class = torch.log2(own_lens.clamp(min=min_bucket).double()).ceil().long()
+    key_class = torch.log2(key_lens.clamp(min=min_bucket).double()).ceil().long()
+    bucket = (own_class << 32) + key_class  # [B]
+    buckets, dst = [], []
+    for k in torch.unique(bucket).tolist():
+        seqs = (bucket == k).nonzero().squeeze(1)  # [nb]
+        p_start, p_len = prefix_starts[seqs, None], prefix_lens[seqs, None]  # [nb, 1]
+        o_start, o_len = own_row0 + own_starts[seqs, None], own_lens[seqs, None]  # [nb, 1]
+        q_slot = torch.arange(int(o_len.max()))[None, :]  # [1, Lq]
+        k_slot = torch.arange(int(key_lens[seqs].max()))[None, :]  # [1, Lk]
+        q_valid = q_slot < o_len  # [nb, Lq]
+        q_gather = torch.where(q_valid, o_start + q_slot, o_start)  # [nb, Lq]
+        kv_gather = torch.where(k_slot < p_len, p_start + k_slot,
+                                torch.where(k_slot < p_len + o_len, o_start + k_slot - p_len, o_start))  # [nb, Lk]
+        mask = (k_slot[:, None, :] <= (p_len + q_slot)[:, :, None]) & (k_slot < p_len + o_len)[:, None, :]
+        keep = q_valid.flatten().nonzero().squeeze(1)  # [n_tokens]
+        dst.append(q_gather.flatten()[keep] - own_row0)
+        buckets.append((q_gather.to(device), kv_gather.to(device), mask[:, None].to(device), keep.to(device)))
+    order = torch.cat(dst)  # own token index of each row of the concatenated outputs
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return _PrefixedBuckets(buckets, inverse.to(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,6 +449,93 @@ class PackedQwen3Reranker(nn.Module):
 
         last = cu_seqlens[1:].long() - 1  # [B] index of each sequence's last token
         return self.run(input_ids, self.position_ids(cu_seqlens, T), attention, ops, last)
+
+    def forward_shared(self, prefix_ids: Tensor, prefix_cu: Tensor, input_ids: Tensor, cu_seqlens: Tensor,
+                       groups: Tensor, max_seqlen: int, max_prefix: int) -> Tensor:
+        """Scores of sequences behind shared prefixes, each prefix computed once: [B] fp32.
+
+        prefix_ids [P] long, prefix_cu int32 [G + 1]: G prefixes packed as forward packs sequences
+        (every prefix non-empty, the longest <= max_prefix). input_ids [T] long, cu_seqlens int32
+        [B + 1]: each sequence's own tokens, those after its prefix (every sequence non-empty, since
+        its last token is scored; the longest <= max_seqlen). groups [B] int32/int64: the prefix of
+        each sequence (a prefix no sequence names is computed for nothing). Returns what ``forward``
+        returns for the sequences ``prefix[groups[i]] + own[i]``, whose lengths must not exceed
+        ``config.max_seqlen``.
+
+        All of the documents of a reranking request share a head (system prompt, instruction,
+        query). In a causal model the head's keys/values do not depend on what follows, so one
+        token-wise pass runs over rows = [all prefix tokens ; all own tokens] (embeddings, norms,
+        projections and MLPs once per prefix token): prefix rows at positions 0 .. P_g - 1, attending
+        causally within their prefix; own rows at positions P_g + j, attending to every row of their
+        prefix, then causally to their own rows. The last layer runs o_proj and the MLP only for each
+        sequence's last row (``run``). prefix_cu, cu_seqlens and groups are read on the host (pass
+        them on the CPU: a GPU tensor costs a sync) and checked there once per forward.
+        """
+        cfg = self.config
+        if any(t.dim() != 1 for t in (prefix_ids, prefix_cu, input_ids, cu_seqlens, groups)):
+            raise ValueError("prefix_ids [prefix_tokens], prefix_cu [groups + 1], input_ids [total_tokens], "
+                             "cu_seqlens [batch + 1] and groups [batch] must be 1-D (packed)")
+        for name, value in (("max_seqlen", max_seqlen), ("max_prefix", max_prefix)):
+            if value > cfg.max_seqlen:
+                raise ValueError(f"{name} {value} exceeds the model's limit of {cfg.max_seqlen} tokens")
+        P, T, G, B = prefix_ids.shape[0], input_ids.shape[0], prefix_cu.shape[0] - 1, cu_seqlens.shape[0] - 1
+        if groups.shape[0] != max(B, 0):
+            raise ValueError(f"groups has {groups.shape[0]} entries for {max(B, 0)} sequences (one per sequence)")
+        if groups.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"groups must be int32 or int64, got {groups.dtype}")
+        device = input_ids.device
+        if B <= 0:
+            return torch.empty(0, dtype=torch.float32, device=device)
+        prefix_cu, cu, groups = (t.to("cpu", torch.int64) for t in (prefix_cu, cu_seqlens, groups))
+        _check_cu_seqlens(cu, T, max_seqlen)
+        prefix_lens = prefix_cu[1:] - prefix_cu[:-1]  # [G]
+        if G <= 0:
+            raise ValueError("prefix_cu must hold at least one prefix ([groups + 1] offsets)")
+        if int(prefix_cu[0]) != 0 or int(prefix_cu[-1]) != P:
+            raise ValueError(f"prefix_cu must run from 0 to prefix_tokens = {P}, "
+                             f"got {int(prefix_cu[0])} .. {int(prefix_cu[-1])}")
+        if bool((prefix_lens <= 0).any()):
+            raise ValueError("every prefix must have at least one token (prefix_cu must be increasing)")
+        if int(prefix_lens.max()) > max_prefix:
+            raise ValueError(f"max_prefix = {max_prefix} is smaller than the longest prefix ({int(prefix_lens.max())})")
+        if bool(((groups < 0) | (groups >= G)).any()):
+            raise ValueError(f"groups must name prefixes 0 .. {G - 1}, got {int(groups.min())} .. {int(groups.max())}")
+        own_lens = cu[1:] - cu[:-1]  # [B]
+        seq_prefix_lens, seq_prefix_starts = prefix_lens[groups], prefix_cu[:-1][groups]  # [B]
+        full = seq_prefix_lens + own_lens  # [B]
+        if int(full.max()) > cfg.max_seqlen:
+            i = int(full.argmax())
+            raise ValueError(f"sequence {i} has {int(seq_prefix_lens[i])} prefix + {int(own_lens[i])} own tokens = "
+                             f"{int(full[i])}, over the model's limit of {cfg.max_seqlen} tokens")
+
+        rows = torch.cat([prefix_ids.to(device), input_ids])  # [P + T]: the prefixes, then the own tokens
+        positions = torch.cat([self.position_ids(prefix_cu, P),
+                               self.position_ids(cu, T) + torch.repeat_interleave(seq_prefix_lens, own_lens)])
+        last = P + cu[1:] - 1  # [B] row of each sequence's last (own) token
+        scale = cfg.head_dim**-0.5
+        if self.attention_backend == "triton":
+            ops = _TritonOps()
+            # One launch per layer over G + B segments: the prefixes as ordinary causal sequences
+            # (no prefix of their own), then each sequence's own rows behind its group's prefix.
+            cu_all = torch.cat([prefix_cu, P + cu[1:]]).to(device, torch.int32)
+            none = torch.zeros(G, dtype=torch.int64)
+            starts = torch.cat([none, seq_prefix_starts]).to(device, torch.int32)
+            lens = torch.cat([none, seq_prefix_lens]).to(device, torch.int32)
+            max_all = max(max_prefix, max_seqlen)
+
+            def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return ops.varlen_attention(q, k, v, cu_all, max_all, softmax_scale=scale, causal=True,
+                                            prefix_starts=starts, prefix_lens=lens)
+        else:
+            ops = _TorchOps()
+            prefix_plan = _plan_buckets(prefix_cu, device)  # prefix rows: causal, as forward's sequences
+            own_plan = _plan_prefixed_buckets(seq_prefix_starts, seq_prefix_lens, cu, P, device)
+
+            def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return torch.cat([_sdpa_causal_attention(q[:P], k[:P], v[:P], prefix_plan, scale),
+                                  _sdpa_buckets(q, k, v, own_plan.buckets, own_plan.inverse, scale)])
+
+        return self.run(rows, positions.to(device), attention, ops, last.to(device))
 
     def run(self, input_ids: Tensor, position_ids: Tensor, attention: Attention, ops, last: Tensor) -> Tensor:
         """The decoder on T tokens at explicit positions with a given attention: scores of the rows `last`.

@@ -274,3 +274,31 @@ def test_a_chat_template_and_a_default_instruction_set_at_start(decoder_dir, ref
     assert np.abs(expected - reference.logits(QUERY, DOCUMENTS, instruction)).max() > 1e-3, "the template counts"
     assert np.abs(ensemble_scores("grpc", port, DOCUMENTS, instruction=DEFAULT_INSTRUCTION)
                   - reference.logits(QUERY, DOCUMENTS, suffix=NO_THINK_SUFFIX)).max() <= TOLERANCE
+
+
+def test_shared_heads_leave_every_score_unchanged(served, decoder_dir, start_extra_server):
+    """The served model computes a request's shared prompt head once (the default); a server started
+    with prefix_sharing off runs every prompt whole. Same scores (fp32, 1e-5), for requests of one and
+    many documents, different instructions, documents that are prefixes of one another, empty,
+    truncated and chunked documents, sent concurrently so that Triton batches them together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    whole = start_extra_server(decoder_dir, "qwen3", prefix_sharing=False)
+    long_document = "Beijing is the capital of China and a very large city. " * 400
+    requests = [
+        (DOCUMENTS, {}),
+        (DOCUMENTS[:1], {}),
+        (["Beijing", "Beijing is", "Beijing is the capital", "", ""], {"instruction": "Find the capital"}),
+        ([long_document, "short", long_document[:500]], {}),
+        ([long_document, "tiny"], {"long_documents": "chunk", "chunk_overlap": 64}),
+        (DOCUMENTS[::-1], {"instruction": "Another task entirely, described at some length to shift the head"}),
+    ]
+
+    def both(request):
+        documents, parameters = request
+        return (ensemble_scores("grpc", served["grpc"], documents, **parameters),
+                ensemble_scores("grpc", whole.address.grpc_port, documents, **parameters))
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        for shared, unshared in pool.map(both, requests * 2):
+            assert np.abs(shared - unshared).max() <= 1e-5, (shared, unshared)

@@ -98,13 +98,19 @@ def _random_ids(lengths: list[int], seed: int) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]
 
 
-def _scores(model: PackedQwen3Reranker, ids: list[torch.Tensor]) -> torch.Tensor:
+def _pack(ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(tokens back to back [T], cu_seqlens int32 [B + 1] on the CPU, longest length)."""
     lengths = torch.tensor([len(x) for x in ids])
     cu = torch.zeros(len(ids) + 1, dtype=torch.int32)
     cu[1:] = lengths.cumsum(0)
+    return torch.cat(ids), cu, int(lengths.max())
+
+
+def _scores(model: PackedQwen3Reranker, ids: list[torch.Tensor]) -> torch.Tensor:
+    tokens, cu, longest = _pack(ids)
     device = next(model.parameters()).device
     with torch.inference_mode():
-        return model(torch.cat(ids).to(device), cu, int(lengths.max())).cpu()
+        return model(tokens.to(device), cu, longest).cpu()
 
 
 def _hf_scores(hf, ids: list[torch.Tensor], labels=LABELS) -> torch.Tensor:
@@ -208,6 +214,170 @@ def test_inconsistent_cu_seqlens_is_refused_on_the_host(backend, cu, max_seqlen,
 
 def test_empty_batch(tiny):
     out = _load(tiny["gqa"][0])(torch.zeros(0, dtype=torch.long), torch.zeros(1, dtype=torch.int32), 0)
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared prompt heads: forward_shared runs each prefix once
+# ----------------------------------------------------------------------------------------------
+
+
+def _skip_without_prefix_kernel(backend: str) -> None:
+    _skip_without_kernels(backend)
+    from triton_rerank import kernels
+
+    if backend == "triton" and "prefix_starts" not in inspect.signature(kernels.varlen_attention).parameters:
+        pytest.skip("varlen_attention has no prefix_starts / prefix_lens yet")
+
+
+def _shared_case(prefix_lens: list[int], own_lens: list[int], seed: int, same_own: bool = False):
+    """(prefixes, own token lists) of random tokens; same_own: every sequence's own tokens alike."""
+    prefixes, owns = _random_ids(prefix_lens, seed), _random_ids(own_lens, seed + 100)
+    return prefixes, [owns[0]] * len(owns) if same_own else owns
+
+
+def _joined(prefixes, owns, groups: list[int]) -> list[torch.Tensor]:
+    return [torch.cat([prefixes[g], x]) for g, x in zip(groups, owns, strict=True)]
+
+
+def _shared_scores(model: PackedQwen3Reranker, prefixes, owns, groups: list[int]) -> torch.Tensor:
+    prefix_ids, prefix_cu, max_prefix = _pack(prefixes)
+    ids, cu, max_seqlen = _pack(owns)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return model.forward_shared(prefix_ids.to(device), prefix_cu, ids.to(device), cu, torch.tensor(groups),
+                                    max_seqlen, max_prefix).cpu()
+
+
+# name: (prefix lengths, own lengths, group of each sequence, every own sequence alike)
+SHARED_CASES = {
+    "one-group": ([23], [14, 1, 60, 7, 33, 2, 19, 48, 5, 90, 11, 26], [0] * 12, False),
+    # 40 + 88 = 128 tokens: the model's last position.
+    "prefixes-1-5-40": ([1, 5, 40], [1, 7, 33, 2, 60, 1, 12, 88], [2, 0, 1, 2, 0, 1, 2, 2], False),
+    "own-length-1": ([9, 30, 2], [1] * 7, [0, 1, 1, 2, 0, 1, 0], False),
+    "identical-own-tokens": ([17, 17], [13] * 5, [0, 0, 1, 1, 0], True),
+    "single-sequence-groups": ([6, 50, 3], [20, 5, 41, 9], [1, 0, 1, 2], False),
+    # Interpreted triton costs seconds a forward: short, but the 40-token prefix spans two key blocks.
+    "triton": ([1, 5, 40], [1, 3, 9, 2, 1], [2, 0, 2, 1, 1], False),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "backend", "case"),
+    [("gqa", "sdpa", case) for case in SHARED_CASES if case != "triton"]
+    + [("mqa", "sdpa", "prefixes-1-5-40"), ("mha", "sdpa", "prefixes-1-5-40"),
+       ("gqa", "triton", "triton")],
+)
+def test_shared_prefix_equals_the_full_sequences(kind, backend, case, tiny):
+    """forward_shared == forward on prefix[groups[i]] + own[i], fp32 within 1e-5."""
+    _skip_without_prefix_kernel(backend)
+    prefix_lens, own_lens, groups, same_own = SHARED_CASES[case]
+    prefixes, owns = _shared_case(prefix_lens, own_lens, seed=10, same_own=same_own)
+    model = _load(tiny[kind][0], backend)
+    got = _shared_scores(model, prefixes, owns, groups)
+    want = _scores(model, _joined(prefixes, owns, groups))
+    assert got.dtype == torch.float32 and got.shape == (len(owns),)
+    assert want.std() > 0.1  # sequences score apart: the test would be vacuous otherwise
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    if same_own:  # alike documents behind one prefix score alike (up to summation order), behind others not
+        by_group = [got[torch.tensor(groups) == g] for g in range(len(prefixes))]
+        for scores in by_group:
+            torch.testing.assert_close(scores, scores[:1].expand_as(scores), atol=1e-5, rtol=0)
+        assert (by_group[0][0] - by_group[1][0]).abs() > 0.01
+
+
+def test_shared_prefix_matches_transformers(tiny):
+    d, hf = tiny["gqa"]
+    prefix_lens, own_lens, groups, _ = SHARED_CASES["prefixes-1-5-40"]
+    prefixes, owns = _shared_case(prefix_lens, own_lens, seed=11)
+    want = _hf_scores(hf, _joined(prefixes, owns, groups))
+    torch.testing.assert_close(_shared_scores(_load(d), prefixes, owns, groups), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "backend", ["sdpa", pytest.param("triton", marks=pytest.mark.skipif(not GPU, reason="half precision kernels on GPU"))]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_shared_prefix_half_precision_error_within_twice_the_plain_forward(dtype, backend, tiny):
+    _skip_without_prefix_kernel(backend)
+    d = tiny["gqa"][0]
+    prefix_lens, own_lens, groups, _ = SHARED_CASES["prefixes-1-5-40"]
+    prefixes, owns = _shared_case(prefix_lens, own_lens, seed=12)
+    joined = _joined(prefixes, owns, groups)
+    reference = _scores(_load(d, backend), joined)
+    model = _load(d, backend, dtype=dtype)
+    plain_error = (_scores(model, joined) - reference).abs().max()
+    shared_error = (_shared_scores(model, prefixes, owns, groups) - reference).abs().max()
+    assert shared_error <= 2 * plain_error + 2e-3
+
+
+# sdpa: three groups, sequences of every bucket; interpreted triton: fewer, shorter.
+@pytest.mark.parametrize(("backend", "prefix_lens", "n_seqs", "max_len"),
+                         [("sdpa", [4, 19, 37], 18, 80), ("triton", [3, 37], 4, 12)])
+def test_shared_prefix_batch_invariance(backend, prefix_lens, n_seqs, max_len, tiny):
+    """A sequence scores the same with its group alone, or alone with its prefix, as in a bigger call."""
+    _skip_without_prefix_kernel(backend)
+    model = _load(tiny["gqa"][0], backend)
+    g = torch.Generator().manual_seed(13)
+    own_lens = torch.randint(1, max_len + 1, (n_seqs,), generator=g).tolist()
+    groups = torch.randint(0, len(prefix_lens), (n_seqs,), generator=g).tolist()
+    prefixes, owns = _shared_case(prefix_lens, own_lens, seed=14)
+    together = _shared_scores(model, prefixes, owns, groups)
+    for k, prefix in enumerate(prefixes):
+        members = [i for i, gi in enumerate(groups) if gi == k]
+        alone = _shared_scores(model, [prefix], [owns[i] for i in members], [0] * len(members))
+        torch.testing.assert_close(together[members], alone, atol=1e-5, rtol=0)
+    first = _shared_scores(model, [prefixes[groups[0]]], owns[:1], [0])
+    torch.testing.assert_close(together[:1], first, atol=1e-5, rtol=0)
+
+
+_SHARED_INPUTS = dict(prefix_tokens=8, prefix_cu=[0, 3, 8], tokens=6, cu_seqlens=[0, 4, 6], groups=[1, 0], max_seqlen=4,
+                      max_prefix=5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"prefix_cu": [1, 3, 8]}, "prefix_cu must run from 0 to prefix_tokens = 8"),
+        ({"prefix_cu": [0, 3, 7]}, "prefix_cu must run from 0 to prefix_tokens = 8"),
+        ({"prefix_cu": [0, 3, 3, 8]}, "every prefix must have at least one token"),
+        ({"prefix_cu": [0], "prefix_tokens": 0}, "at least one prefix"),
+        ({"max_prefix": 4}, r"max_prefix = 4 is smaller than the longest prefix \(5\)"),
+        ({"cu_seqlens": [0, 6, 6]}, "at least one token"),
+        ({"cu_seqlens": [0, 4, 7]}, "from 0 to total_tokens"),
+        ({"max_seqlen": 3}, "smaller than the longest sequence"),
+        ({"groups": [2, 0]}, r"groups must name prefixes 0 \.\. 1, got 0 \.\. 2"),
+        ({"groups": [1, -1]}, r"groups must name prefixes 0 \.\. 1, got -1 \.\. 1"),
+        ({"groups": [1]}, "groups has 1 entries for 2 sequences"),
+        ({"groups": torch.tensor([1.0, 0.0])}, "groups must be int32 or int64"),
+        ({"max_seqlen": 129}, "max_seqlen 129 exceeds the model's limit of 128"),
+        ({"max_prefix": 129}, "max_prefix 129 exceeds the model's limit of 128"),
+        ({"input_ids": torch.full((1, 6), 5)}, "must be 1-D"),
+        # Sequence 1: 100 prefix + 29 own tokens, one past the model's last position.
+        ({"prefix_tokens": 103, "prefix_cu": [0, 3, 103], "max_prefix": 100, "tokens": 33, "cu_seqlens": [0, 4, 33],
+          "groups": [0, 1], "max_seqlen": 29},
+         r"sequence 1 has 100 prefix \+ 29 own tokens = 129, over the model's limit of 128"),
+    ],
+)
+def test_shared_prefix_bad_inputs_are_refused(backend, change, match, tiny):
+    """Checked on the host, before anything is launched, for both backends."""
+    model = _load(tiny["gqa"][0], backend)
+    device = next(model.parameters()).device
+    a = {**_SHARED_INPUTS, **change}
+    prefix_cu, cu = (torch.tensor(a[name], dtype=torch.int32) for name in ("prefix_cu", "cu_seqlens"))
+    prefix_ids = torch.full((a["prefix_tokens"],), 5, device=device)
+    ids = a.get("input_ids", torch.full((a["tokens"],), 5)).to(device)
+    groups = a["groups"] if isinstance(a["groups"], torch.Tensor) else torch.tensor(a["groups"])
+    with pytest.raises(ValueError, match=match), torch.inference_mode():
+        model.forward_shared(prefix_ids, prefix_cu, ids, cu, groups, a["max_seqlen"], a["max_prefix"])
+
+
+def test_shared_prefix_empty_batch(tiny):
+    model = _load(tiny["gqa"][0])
+    out = model.forward_shared(torch.full((3,), 5), torch.tensor([0, 3], dtype=torch.int32),
+                               torch.zeros(0, dtype=torch.long), torch.zeros(1, dtype=torch.int32),
+                               torch.zeros(0, dtype=torch.long), 0, 3)
     assert out.shape == (0,) and out.dtype == torch.float32
 
 
