@@ -14,10 +14,19 @@ Supported:
   needed), or with ``causal=True`` a causal mask: query i of a sequence attends to keys 0..i of
   the same sequence (queries and keys have the same length, so top-left and bottom-right
   alignment coincide). Key blocks entirely above the diagonal are never loaded.
+- a shared prefix per sequence (``prefix_starts`` / ``prefix_lens``, int32 [batch], both or
+  neither): sequence s's queries also attend, before their own keys and with no mask, to the
+  ``prefix_lens[s]`` keys/values starting at token ``prefix_starts[s]`` of the same k/v tensors
+  (0 = no prefix). This is how a decoder reranker scores many documents behind one prompt head:
+  in a causal model the head's keys/values do not depend on what follows, so the head is packed
+  once per request as an ordinary causal sequence (prefix length 0) and every document of the
+  request is packed as a sequence of its own tokens only, naming the head as its prefix. The
+  document rows then equal the rows of the full head + document sequence run causally. With
+  ``causal=False`` the own keys are all visible, as without a prefix.
 - forward only; online softmax with fp32 statistics and accumulator; output has q's dtype.
 
-Not supported: arbitrary masks, sliding windows, query and key lengths that differ (KV cache),
-dropout, backward.
+Not supported: arbitrary masks, sliding windows, query and key lengths that differ otherwise
+(KV cache), dropout, backward.
 """
 
 from __future__ import annotations
@@ -63,7 +72,8 @@ def _attn_key_blocks(
 ):
     """Online-softmax update of (acc, l_i, m_i) with the key blocks starting at lo, lo + BLOCK_N, ... < hi.
 
-    MASK_KEYS: a block may reach past the sequence end (loads and scores are masked per column).
+    MASK_KEYS: a block may reach past seqlen, the end of the key range k_base/v_base start (the
+    sequence's own keys or its prefix); loads and scores are masked per column.
     MASK_CAUSAL: a block may hold keys after some of the queries (scores above the diagonal get
     -inf). Callers turn both off for blocks that need neither, so those run without the compares.
     """
@@ -85,9 +95,11 @@ def _attn_key_blocks(
             qk = tl.dot(q, tl.trans(k))
         qk = qk * qk_scale
         # Masked scores get -inf so they vanish from max and sum. The first key block of every
-        # program is block 0, and key 0 is visible to every query row (seqlen >= 1 here, and key 0
-        # is on or below the diagonal of every row), so m_new is finite from the first step on
-        # (later calls start from that finite m_i) and exp2(m_i - m_new) never sees inf - inf.
+        # program is block 0 (of the prefix when there is one, else of the sequence itself), and
+        # key 0 is visible to every query row (seqlen >= 1 here, and key 0 is on or below the
+        # diagonal of every row; prefix keys are never masked), so m_new is finite from the first
+        # step on (later calls start from that finite m_i) and exp2(m_i - m_new) never sees
+        # inf - inf.
         if MASK_KEYS:
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
         if MASK_CAUSAL:
@@ -115,6 +127,8 @@ def _varlen_attn_fwd_kernel(
     V,
     Out,
     cu_seqlens,
+    prefix_starts,  # int32 [batch] when HAS_PREFIX, else None
+    prefix_lens,  # int32 [batch] when HAS_PREFIX, else None
     stride_qt,
     stride_qh,
     stride_kt,
@@ -132,6 +146,7 @@ def _varlen_attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     CAUSAL: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
 ):
     # Heads on axis 0 (limit 2**31 - 1 programs) so batch * heads never hits axis 1's 65535 limit.
     pid_bh = tl.program_id(0)
@@ -165,6 +180,61 @@ def _varlen_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if HAS_PREFIX:
+        # The shared prefix first: every query row sees all of its keys, so only the last, partial
+        # key block needs a (bounds) mask. Its block 0 holds key 0, visible to every row, so the
+        # running max is finite from the first step on, as the own-key loops below assume. An
+        # empty prefix runs neither loop and leaves the state as it was.
+        prefix_start = tl.load(prefix_starts + seq).to(tl.int64)
+        prefix_len = tl.load(prefix_lens + seq)
+        prefix_full = prefix_len // BLOCK_N * BLOCK_N
+        pk_base = K + prefix_start * stride_kt + kv_head * stride_kh
+        pv_base = V + prefix_start * stride_vt + kv_head * stride_vh
+        acc, l_i, m_i = _attn_key_blocks(
+            acc,
+            l_i,
+            m_i,
+            q,
+            pk_base,
+            pv_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_n,
+            offs_d,
+            d_mask,
+            prefix_len,
+            qk_scale,
+            0,
+            prefix_full,
+            MASK_KEYS=False,
+            MASK_CAUSAL=False,
+            BLOCK_N=BLOCK_N,
+            IEEE_DOT=IEEE_DOT,
+        )
+        acc, l_i, m_i = _attn_key_blocks(
+            acc,
+            l_i,
+            m_i,
+            q,
+            pk_base,
+            pv_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_n,
+            offs_d,
+            d_mask,
+            prefix_len,
+            qk_scale,
+            prefix_full,
+            prefix_len,
+            MASK_KEYS=True,
+            MASK_CAUSAL=False,
+            BLOCK_N=BLOCK_N,
+            IEEE_DOT=IEEE_DOT,
+        )
 
     if CAUSAL:
         # Key blocks that end at or before this query block's first row lie below the diagonal
@@ -277,7 +347,28 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total_tokens: int, max_seq
         raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({longest})")
 
 
-def _check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dtypes) -> int:
+def check_prefix_values(prefix_starts: torch.Tensor, prefix_lens: torch.Tensor, total_tokens: int) -> None:
+    """Value checks on prefix_starts / prefix_lens (host reads, so they synchronise CUDA tensors).
+
+    Every prefix range [start, start + len) must lie inside the packed k/v tokens [0, total_tokens)
+    and len >= 0; a sequence with len 0 has no prefix, and its start must still be in
+    [0, total_tokens]. ``varlen_attention`` runs these only when the tensors live on the CPU, as
+    for ``check_cu_seqlens_values``: on CUDA, validate once per batch with this function.
+    """
+    starts, lens = prefix_starts.tolist(), prefix_lens.tolist()
+    for s, (start, n) in enumerate(zip(starts, lens, strict=True)):
+        if n < 0:
+            raise ValueError(f"prefix_lens must be >= 0, got prefix_lens[{s}] = {n}")
+        if start < 0 or start + n > total_tokens:
+            raise ValueError(
+                f"prefix of sequence {s} (prefix_starts[{s}] = {start}, prefix_lens[{s}] = {n}) is out of "
+                f"range: it must lie inside the {total_tokens} packed tokens"
+            )
+
+
+def _check_inputs(
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, prefix_starts, prefix_lens, dtypes
+) -> int:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=3, dtypes=dtypes)
     if k.shape != v.shape:
@@ -322,18 +413,66 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dtypes
     # It becomes a constexpr (a separate compiled variant): a tensor or None here would be a bug.
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a python bool, got {type(causal).__name__}")
+    if (prefix_starts is None) != (prefix_lens is None):
+        raise ValueError("prefix_starts and prefix_lens must be given together (or neither)")
+    batch = cu_seqlens.numel() - 1
+    for name, t in (("prefix_starts", prefix_starts), ("prefix_lens", prefix_lens)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {t.dtype}")
+        if t.dim() != 1 or t.numel() != batch:
+            raise ValueError(f"{name} must be 1-D [batch] = [{batch}], got shape {tuple(t.shape)}")
+        if t.numel() > 1 and t.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous")
     return max_seqlen
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, causal=False):
-    """softmax(q k^T * scale) v within each packed sequence (causal: key j <= query i); a new contiguous tensor."""
+def varlen_attention(
+    q,
+    k,
+    v,
+    cu_seqlens,
+    max_seqlen,
+    softmax_scale=None,
+    causal=False,
+    prefix_starts=None,
+    prefix_lens=None,
+):
+    """softmax(q k^T * scale) v within each packed sequence (causal: key j <= query i); a new contiguous tensor.
+
+    With ``prefix_starts`` / ``prefix_lens`` (int32 [batch]) the keys of sequence s are its prefix
+    k/v[prefix_starts[s] : prefix_starts[s] + prefix_lens[s]] (all visible) followed by its own.
+    """
     max_seqlen = _check_inputs(
-        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dtypes=SUPPORTED_DTYPES
+        q,
+        k,
+        v,
+        cu_seqlens,
+        max_seqlen,
+        softmax_scale,
+        causal,
+        prefix_starts,
+        prefix_lens,
+        dtypes=SUPPORTED_DTYPES,
     )
-    device = check_device(_varlen_attn_fwd_kernel, q=q, k=k, v=v, cu_seqlens=cu_seqlens)
+    device = check_device(
+        _varlen_attn_fwd_kernel,
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens=cu_seqlens,
+        prefix_starts=prefix_starts,
+        prefix_lens=prefix_lens,
+    )
     total, heads, head_dim = q.shape
     if cu_seqlens.device.type == "cpu":
         check_cu_seqlens_values(cu_seqlens, total, max_seqlen)
+    has_prefix = prefix_starts is not None
+    if has_prefix and prefix_starts.device.type == "cpu":
+        check_prefix_values(prefix_starts, prefix_lens, total)
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     out = torch.empty((total, heads, head_dim), dtype=q.dtype, device=device)
     batch = cu_seqlens.numel() - 1
@@ -348,6 +487,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, causal
         v,
         out,
         cu_seqlens,
+        prefix_starts,  # None without a prefix: a constexpr, so those variants have no such argument
+        prefix_lens,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -365,21 +506,40 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, causal
         BLOCK_N=cfg.block_n,
         IEEE_DOT=q.dtype == torch.float32,
         CAUSAL=causal,
+        HAS_PREFIX=has_prefix,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out
 
 
-def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, causal=False):
+def varlen_attention_reference(
+    q,
+    k,
+    v,
+    cu_seqlens,
+    max_seqlen,
+    softmax_scale=None,
+    causal=False,
+    prefix_starts=None,
+    prefix_lens=None,
+):
     """Plain torch version of ``varlen_attention``: a loop over sequences, math in fp32.
 
     Also accepts float64 inputs (then the math is float64), which the tests use as ground truth.
     """
     dtypes = SUPPORTED_DTYPES + (torch.float64,)
-    max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dtypes=dtypes)
+    max_seqlen = _check_inputs(
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, prefix_starts, prefix_lens, dtypes=dtypes
+    )
     total, heads, head_dim = q.shape
     check_cu_seqlens_values(cu_seqlens, total, max_seqlen)
+    batch = cu_seqlens.numel() - 1
+    if prefix_starts is None:
+        prefixes = [(0, 0)] * batch
+    else:
+        check_prefix_values(prefix_starts, prefix_lens, total)
+        prefixes = list(zip(prefix_starts.tolist(), prefix_lens.tolist(), strict=True))
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros((total, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -389,15 +549,23 @@ def varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale=No
     # which is what repeat_interleave along the head dim produces (Hugging Face's repeat_kv).
     groups = heads // k.shape[1]
     bounds = cu_seqlens.tolist()
-    for start, end in pairwise(bounds):
+    for (start, end), (p_start, p_len) in zip(pairwise(bounds), prefixes, strict=True):
         if end == start:
             continue
         qs = q[start:end].transpose(0, 1).to(compute)  # [H, L, D]
-        ks, vs = (t[start:end].repeat_interleave(groups, dim=1).transpose(0, 1).to(compute) for t in (k, v))
+        # Keys: the prefix (if any), then the sequence's own tokens.
+        ks, vs = (
+            torch.cat((t[p_start : p_start + p_len], t[start:end]))
+            .repeat_interleave(groups, dim=1)
+            .transpose(0, 1)
+            .to(compute)
+            for t in (k, v)
+        )
         scores = (qs @ ks.transpose(1, 2)) * scale
         if causal:
-            above = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(above, float("-inf"))
+            # Row i sees every prefix key and own keys 0..i, i.e. key column j <= p_len + i.
+            above = torch.ones(end - start, p_len + end - start, dtype=torch.bool, device=q.device)
+            scores = scores.masked_fill(above.triu(p_len + 1), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = (probs @ vs).transpose(0, 1).to(q.dtype)
     return out

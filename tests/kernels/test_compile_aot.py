@@ -23,15 +23,21 @@ import pytest
 
 # Variants are plain data so the pytest process never needs a compilable kernel. Every variant is
 # built for sm_80 (Ampere, the oldest supported); sm_90 gets all but some attention variants, which
-# take ~1.5-3.5 s each on a 2-core machine and only change tile widths, to keep this test < ~90 s.
-# Attention: (dtype, head_dim, causal). Grouped-query attention is a runtime argument (kv heads per
-# query head), so it needs no variant of its own; causal is a constexpr, built for the head dims
-# decoders use (64, and 128: every Qwen3 size).
-ATTENTION = [
-    ("attention", dtype, head_dim, False)
-    for dtype in ("fp16", "bf16", "fp32")
-    for head_dim in (32, 64, 96, 128)
-] + [("attention", dtype, head_dim, True) for dtype in ("fp16", "bf16", "fp32") for head_dim in (64, 128)]
+# take ~1.5-3.5 s each on a 2-core machine and only change tile widths, to keep this test < ~2 min.
+# Attention: (dtype, head_dim, causal[, "prefix"]). Grouped-query attention is a runtime argument
+# (kv heads per query head), so it needs no variant of its own; causal is a constexpr, built for the
+# head dims decoders use (64, and 128: every Qwen3 size). "prefix" marks the shared-prefix variants
+# (HAS_PREFIX: two more key loops, ~3-6 s each), which decoder rerankers launch causal in fp16/bf16;
+# they are built for both targets (their shared memory matches the causal variants').
+ATTENTION = (
+    [
+        ("attention", dtype, head_dim, False)
+        for dtype in ("fp16", "bf16", "fp32")
+        for head_dim in (32, 64, 96, 128)
+    ]
+    + [("attention", dtype, head_dim, True) for dtype in ("fp16", "bf16", "fp32") for head_dim in (64, 128)]
+    + [("attention", dtype, head_dim, True, "prefix") for dtype in ("fp16", "bf16") for head_dim in (64, 128)]
+)
 # hidden picks BLOCK and num_warps only (n_cols is a runtime argument): 768 -> 1024/4 warps,
 # 4096 -> 4096/8 warps, 16384 (the maximum) -> 16384/16 warps.
 LAYER_NORM = [
@@ -51,7 +57,7 @@ SWIGLU = [("swiglu", dtype) for dtype in ("fp16", "bf16", "fp32")]
 ELEMENTWISE = LAYER_NORM + BIAS_GELU + RMS_NORM + SWIGLU
 VARIANTS = (
     [(*v, 80) for v in ATTENTION + ELEMENTWISE]
-    + [(*v, 90) for v in ATTENTION if v[2] == 128 or (v[2] == 64 and not v[3])]
+    + [(*v, 90) for v in ATTENTION if v[2] == 128 or (v[2] == 64 and not v[3]) or "prefix" in v]
     + [(*v, 90) for v in ELEMENTWISE]
 )
 
@@ -79,7 +85,7 @@ def _build(variant):
     if kind == "attention":
         mod = importlib.import_module("triton_rerank.kernels.varlen_attention")
 
-        head_dim, causal = variant[2], variant[3]
+        head_dim, causal, has_prefix = variant[2], variant[3], "prefix" in variant
         cfg = mod._launch_config(head_dim, torch_dtype[dtype], on_gpu=True)
         kernel = mod._varlen_attn_fwd_kernel
         pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "cu_seqlens": "i32"}
@@ -91,7 +97,13 @@ def _build(variant):
             BLOCK_N=cfg.block_n,
             IEEE_DOT=dtype == "fp32",
             CAUSAL=causal,
+            HAS_PREFIX=has_prefix,
         )
+        if has_prefix:
+            pointers.update(prefix_starts="i32", prefix_lens="i32")
+        else:
+            # The wrapper passes None without a prefix, which the JIT turns into a constexpr.
+            constexprs.update(prefix_starts=None, prefix_lens=None)
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif kind == "layer_norm":
         mod = importlib.import_module("triton_rerank.kernels.layer_norm")

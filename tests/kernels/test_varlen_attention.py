@@ -1,9 +1,10 @@
-"""Tests for kernels/varlen_attention.py (bidirectional and causal, multi-head and grouped-query).
+"""Tests for kernels/varlen_attention.py (bidirectional and causal, multi-head and grouped-query,
+with and without a shared prefix).
 
 Accuracy rule (flash-attention's): with ``ref64`` the reference on the float64 copies of the same
 (already rounded) inputs, and ``torch_lp`` attention computed by torch in the input dtype (matmuls,
 softmax and P @ V all in that dtype, flash-attention's ``attention_ref(upcast=False)``, with the
-same causal mask and the kv heads repeated for grouped-query attention),
+same causal mask and prefix keys, and the kv heads repeated for grouped-query attention),
 
     max|kernel - ref64| <= 2 * max|torch_lp - ref64| + floor
 
@@ -27,6 +28,7 @@ from triton_rerank.kernels.varlen_attention import (  # noqa: E402
     AttnLaunchConfig,
     _launch_config,
     check_cu_seqlens_values,
+    check_prefix_values,
     varlen_attention,
     varlen_attention_reference,
 )
@@ -66,6 +68,10 @@ def _cu_seqlens(lengths):
     return torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
 
 
+def _i32(values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
 def _make_qkv(lengths, heads, head_dim, dtype, seed=0, kv_heads=None):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     total = sum(lengths)
@@ -76,34 +82,45 @@ def _make_qkv(lengths, heads, head_dim, dtype, seed=0, kv_heads=None):
     ]
 
 
-def _torch_attention_in_dtype(q, k, v, cu_seqlens, scale, causal=False):
+def _torch_attention_in_dtype(q, k, v, cu_seqlens, scale, causal=False, prefix_starts=None, prefix_lens=None):
     """Attention the way torch computes it in q's dtype (no upcast): the error baseline."""
     out = torch.zeros_like(q)
     groups = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
-    for start, end in pairwise(bounds):
+    batch = len(bounds) - 1
+    starts = [0] * batch if prefix_starts is None else prefix_starts.tolist()
+    lens = [0] * batch if prefix_lens is None else prefix_lens.tolist()
+    for (start, end), p_start, p_len in zip(pairwise(bounds), starts, lens, strict=True):
         if end == start:
             continue
         qs = q[start:end].transpose(0, 1)
-        ks, vs = (t[start:end].repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k, v))
+        ks, vs = (
+            torch.cat((t[p_start : p_start + p_len], t[start:end]))
+            .repeat_interleave(groups, dim=1)
+            .transpose(0, 1)
+            for t in (k, v)
+        )
         scores = (qs @ ks.transpose(1, 2)) * scale
         if causal:
-            above = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(above, float("-inf"))
+            above = torch.ones(end - start, p_len + end - start, dtype=torch.bool, device=q.device)
+            scores = scores.masked_fill(above.triu(p_len + 1), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(vs.dtype)
         out[start:end] = (probs @ vs).transpose(0, 1)
     return out
 
 
-def _check_accuracy(q, k, v, cu_seqlens, max_seqlen, floor, softmax_scale=None, causal=False):
-    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal=causal)
+def _check_accuracy(q, k, v, cu_seqlens, max_seqlen, floor, softmax_scale=None, causal=False, **prefix):
+    """prefix: optionally prefix_starts= and prefix_lens=, passed to every attention computed here."""
+    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal=causal, **prefix)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
     assert torch.isfinite(out).all()
 
     q64, k64, v64 = (t.double() for t in (q, k, v))
-    ref64 = varlen_attention_reference(q64, k64, v64, cu_seqlens, max_seqlen, softmax_scale, causal=causal)
+    ref64 = varlen_attention_reference(
+        q64, k64, v64, cu_seqlens, max_seqlen, softmax_scale, causal=causal, **prefix
+    )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    torch_lp = _torch_attention_in_dtype(q, k, v, cu_seqlens, scale, causal=causal)
+    torch_lp = _torch_attention_in_dtype(q, k, v, cu_seqlens, scale, causal=causal, **prefix)
 
     ours = (out.double() - ref64).abs().max().item()
     torchs = (torch_lp.double() - ref64).abs().max().item()
@@ -414,6 +431,38 @@ INVALID = [
     ),
     pytest.param(_replace(max_seqlen=lambda a: 5.0), "python int", id="max_seqlen_float"),
     pytest.param(_replace(max_seqlen=lambda a: -1), ">= 0", id="max_seqlen_negative"),
+    pytest.param(_replace(prefix_starts=lambda a: _i32([0, 0])), "given together", id="prefix_starts_only"),
+    pytest.param(_replace(prefix_lens=lambda a: _i32([0, 3])), "given together", id="prefix_lens_only"),
+    pytest.param(
+        _replace(prefix_starts=lambda a: _i32([0, 0]).long(), prefix_lens=lambda a: _i32([0, 3])),
+        "prefix_starts must be int32",
+        id="prefix_starts_int64",
+    ),
+    pytest.param(
+        _replace(prefix_starts=lambda a: _i32([0, 0]), prefix_lens=lambda a: _i32([0, 3]).float()),
+        "prefix_lens must be int32",
+        id="prefix_lens_fp32",
+    ),
+    pytest.param(
+        _replace(prefix_starts=lambda a: _i32([0, 0]), prefix_lens=lambda a: [0, 3]),
+        "prefix_lens must be a torch.Tensor",
+        id="prefix_lens_list",
+    ),
+    pytest.param(
+        _replace(prefix_starts=lambda a: _i32([0, 0, 0]), prefix_lens=lambda a: _i32([0, 3, 0])),
+        r"prefix_starts must be 1-D \[batch\] = \[2\], got shape \(3,\)",
+        id="prefix_one_per_cu_seqlens_entry",
+    ),
+    pytest.param(
+        _replace(prefix_starts=lambda a: _i32([0, 0]), prefix_lens=lambda a: _i32([[0, 3]])),
+        r"prefix_lens must be 1-D",
+        id="prefix_lens_2d",
+    ),
+    pytest.param(
+        _replace(prefix_starts=lambda a: _i32([0, 9, 0, 9])[::2], prefix_lens=lambda a: _i32([0, 3])),
+        "prefix_starts must be contiguous",
+        id="prefix_starts_strided",
+    ),
 ]
 
 
@@ -463,3 +512,217 @@ def test_mixed_devices_rejected():
     args["cu_seqlens"] = args["cu_seqlens"].cpu()
     with pytest.raises(ValueError, match="one device"):
         varlen_attention(**args)
+    args = _good_inputs()
+    args.update(prefix_starts=_i32([0, 0]), prefix_lens=_i32([0, 3]).cpu())
+    with pytest.raises(ValueError, match="one device"):
+        varlen_attention(**args)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared prefix (prefix_starts / prefix_lens)
+# --------------------------------------------------------------------------------------------
+
+
+def _prefix_layout(entries):
+    """entries: (own length, index of the entry whose tokens are its prefix, or None).
+
+    Returns (lengths, prefix_starts, prefix_lens); entries without a prefix (the prefix segments
+    themselves, or plain sequences) get prefix length 0.
+    """
+    lengths = [n for n, _ in entries]
+    offsets = _cu_seqlens(lengths).tolist()
+    starts = [0 if i is None else offsets[i] for _, i in entries]
+    lens = [0 if i is None else lengths[i] for _, i in entries]
+    return lengths, _i32(starts), _i32(lens)
+
+
+# (entries as for _prefix_layout, heads, kv_heads, head_dim). Prefix lengths 1, 15 (< BLOCK_N:
+# only the masked tail block), 64 (two whole key blocks, no tail), 65 and 100 (whole blocks plus a
+# ragged tail); own lengths 1, 17, 63, 130 (three query blocks) and 0. One launch mixes several
+# documents sharing a prefix, documents with different prefixes, the prefix segments themselves,
+# plain sequences, and documents packed before their prefix.
+PREFIX_SHAPES = [
+    pytest.param(
+        [(65, None), (17, 0), (130, 0), (1, 0), (1, None), (63, 4), (0, 0)], 4, 2, 64, id="p65x3-p1_h4kv2_d64"
+    ),
+    pytest.param(
+        [(63, 1), (15, None), (100, None), (17, 2), (1, 2), (130, 1)], 4, 1, 32, id="p15-p100_h4kv1_d32"
+    ),
+    pytest.param([(64, None), (130, 0), (63, 0), (17, None)], 2, 2, 128, id="p64_h2kv2_d128"),
+    pytest.param([(100, None), (17, 0), (1, 0)], 6, 2, 80, id="p100_h6kv2_d80pad"),
+]
+if CUDA:
+    PREFIX_SHAPES += [
+        pytest.param(
+            [(300, None), (200, 0), (1, 0), (513, 0), (64, None), (257, 4), (0, 4)],
+            16,
+            8,
+            128,
+            id="cuda_p300_p64",
+        ),
+        pytest.param([(777, 1), (129, None), (129, 1), (65, None)], 32, 4, 128, id="cuda_p129"),
+    ]
+
+
+@pytest.mark.parametrize("dtype, floor", DTYPES)
+@pytest.mark.parametrize("entries, heads, kv_heads, head_dim", PREFIX_SHAPES)
+def test_prefix_matches_float64_reference(entries, heads, kv_heads, head_dim, dtype, floor):
+    lengths, starts, lens = _prefix_layout(entries)
+    q, k, v = _make_qkv(lengths, heads, head_dim, dtype, seed=20, kv_heads=kv_heads)
+    cu = _cu_seqlens(lengths)
+    _check_accuracy(q, k, v, cu, max(lengths), floor, causal=True, prefix_starts=starts, prefix_lens=lens)
+
+
+@pytest.mark.parametrize("dtype, floor", DTYPES)
+def test_prefix_bidirectional(dtype, floor):
+    # Without the causal mask a document's rows see the whole prefix and all of their own keys.
+    lengths, starts, lens = _prefix_layout([(15, None), (63, 0), (65, None), (17, 2), (1, 0)])
+    q, k, v = _make_qkv(lengths, 4, 32, dtype, seed=21, kv_heads=2)
+    cu = _cu_seqlens(lengths)
+    _check_accuracy(q, k, v, cu, 65, floor, causal=False, prefix_starts=starts, prefix_lens=lens)
+
+
+@pytest.mark.parametrize("dtype, floor", DTYPES)
+def test_prefix_reference_wrapper_agrees(dtype, floor):
+    # The fp32-math reference (what the fallback path uses) obeys the same bound with a prefix.
+    lengths, starts, lens = _prefix_layout([(20, None), (33, 0), (5, 0)])
+    q, k, v = _make_qkv(lengths, 4, 32, dtype, seed=22, kv_heads=1)
+    cu, prefix = _cu_seqlens(lengths), dict(prefix_starts=starts, prefix_lens=lens)
+    ref = varlen_attention_reference(q, k, v, cu, 33, causal=True, **prefix)
+    ref64 = varlen_attention_reference(q.double(), k.double(), v.double(), cu, 33, causal=True, **prefix)
+    torch_lp = _torch_attention_in_dtype(q, k, v, cu, 32**-0.5, causal=True, **prefix)
+    torchs = (torch_lp.double() - ref64).abs().max().item()
+    assert ref.dtype == dtype
+    assert (ref.double() - ref64).abs().max().item() <= 2 * torchs + floor
+
+
+# (dtype, atol = rtol) for "shared prefix == full sequence": the two runs split the same keys into
+# different key blocks, so they differ by rounding only (fp16/bf16: P is rounded to the input dtype
+# against a different running max, and the output is rounded once more).
+PREFIX_EQUIVALENCE_DTYPES = [
+    pytest.param(torch.float32, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1.6e-2, id="bf16", marks=needs_cuda),
+]
+
+# (prefix length, document lengths, heads, kv_heads, head_dim)
+PREFIX_EQUIVALENCE_SHAPES = [
+    pytest.param(1, [63, 17], 2, 2, 32, id="p1_docs63-17_h2kv2_d32"),
+    pytest.param(15, [130, 1], 4, 1, 64, id="p15_docs130-1_h4kv1_d64"),
+    pytest.param(64, [17, 1], 4, 2, 128, id="p64_docs17-1_h4kv2_d128"),
+    pytest.param(65, [63], 8, 2, 64, id="p65_doc63_h8kv2_d64"),
+    pytest.param(100, [17, 1, 63], 4, 2, 32, id="p100_docs17-1-63_h4kv2_d32"),
+]
+if CUDA:
+    PREFIX_EQUIVALENCE_SHAPES += [
+        pytest.param(700, [300, 1, 129], 32, 8, 128, id="p700_docs300-1-129_h32kv8_d128"),
+    ]
+
+
+@pytest.mark.parametrize("dtype, tol", PREFIX_EQUIVALENCE_DTYPES)
+@pytest.mark.parametrize("prefix_len, doc_lens, heads, kv_heads, head_dim", PREFIX_EQUIVALENCE_SHAPES)
+def test_prefix_equals_full_sequence(prefix_len, doc_lens, heads, kv_heads, head_dim, dtype, tol):
+    """The point of the prefix form: a document's rows equal those of prefix + document run causally.
+
+    Shared-prefix packing: [prefix][doc 0][doc 1]..., the prefix an ordinary causal sequence
+    (prefix length 0) that every document names. Full packing: [prefix][doc 0][prefix][doc 1]...,
+    plain causal sequences. Same tokens, so the prefix rows and every document's rows agree.
+    """
+    shared_lengths = [prefix_len, *doc_lens]
+    q, k, v = _make_qkv([sum(shared_lengths)], heads, head_dim, dtype, seed=23, kv_heads=kv_heads)
+    shared_cu = _cu_seqlens(shared_lengths)
+    starts, lens = _i32([0] * len(shared_lengths)), _i32([0] + [prefix_len] * len(doc_lens))
+    out = varlen_attention(
+        q, k, v, shared_cu, max(shared_lengths), causal=True, prefix_starts=starts, prefix_lens=lens
+    )
+
+    doc_bounds = list(pairwise(shared_cu.tolist()[1:]))
+    head = list(range(prefix_len))
+    rows = torch.tensor([t for a, b in doc_bounds for t in [*head, *range(a, b)]], device=DEVICE)
+    full_lengths = [prefix_len + n for n in doc_lens]
+    full_cu = _cu_seqlens(full_lengths)
+    full = varlen_attention(q[rows], k[rows], v[rows], full_cu, max(full_lengths), causal=True)
+
+    for (a, b), (fa, fb) in zip(doc_bounds, pairwise(full_cu.tolist()), strict=True):
+        torch.testing.assert_close(out[a:b], full[fa + prefix_len : fb], atol=tol, rtol=tol)
+        torch.testing.assert_close(out[:prefix_len], full[fa : fa + prefix_len], atol=tol, rtol=tol)
+
+
+def test_prefix_sees_only_its_range():
+    """Keys outside [prefix_start, prefix_start + prefix_len) and the own tokens are never seen.
+
+    Sequence 0 (tokens 0..99, no prefix) holds both prefixes: sequence 1 names tokens 0..64 (two
+    whole key blocks and a one-key tail), sequence 2 tokens 30..44 (an unaligned start, a tail block
+    only). Changing keys/values outside a document's prefix leaves its output bit-identical.
+    """
+    lengths = [100, 20, 9]
+    q, k, v = _make_qkv(lengths, 2, 32, torch.float16, seed=24, kv_heads=1)
+    cu, starts, lens = _cu_seqlens(lengths), _i32([0, 0, 30]), _i32([0, 65, 15])
+    out = varlen_attention(q, k, v, cu, 100, causal=True, prefix_starts=starts, prefix_lens=lens)
+    seq0, seq1, seq2 = slice(0, 100), slice(100, 120), slice(120, 129)
+
+    def changed(*token_ranges):
+        k2, v2 = k.clone(), v.clone()
+        for a, b in token_ranges:
+            k2[a:b] = 100.0
+            v2[a:b] = -100.0
+        return varlen_attention(q, k2, v2, cu, 100, causal=True, prefix_starts=starts, prefix_lens=lens)
+
+    out2 = changed((65, 100))
+    assert torch.equal(out[:65], out2[:65]) and not torch.equal(out[65:100], out2[65:100])
+    assert torch.equal(out[seq1], out2[seq1]) and torch.equal(out[seq2], out2[seq2])
+    out2 = changed((0, 30), (45, 100))
+    assert torch.equal(out[seq2], out2[seq2])
+    assert not torch.equal(out[seq0], out2[seq0]) and not torch.equal(out[seq1], out2[seq1])
+    # The last key of each prefix is seen (by every row of the document).
+    for token, rows in ((64, seq1), (44, seq2)):
+        out2 = changed((token, token + 1))
+        assert (out[rows] != out2[rows]).flatten(1).any(dim=1).all()  # every row differs somewhere
+
+
+@pytest.mark.parametrize("block_m, block_n", TILES)
+def test_prefix_with_other_tile_shapes(monkeypatch, block_m, block_n):
+    def config(head_dim, dtype, on_gpu=True):
+        return AttnLaunchConfig(block_m, block_n, max(16, 1 << (head_dim - 1).bit_length()), 4, 1)
+
+    monkeypatch.setattr(sys.modules[varlen_attention.__module__], "_launch_config", config)
+    lengths, starts, lens = _prefix_layout([(47, None), (16, 0), (1, 0), (15, None), (40, 3)])
+    q, k, v = _make_qkv(lengths, 4, 32, torch.float32, seed=25, kv_heads=2)
+    cu = _cu_seqlens(lengths)
+    _check_accuracy(q, k, v, cu, max(lengths), 1e-6, causal=True, prefix_starts=starts, prefix_lens=lens)
+
+
+def test_prefix_lens_zero_is_no_prefix():
+    # All-zero prefix lengths (any in-range starts) give exactly the output without prefix arguments.
+    lengths = [17, 70]
+    q, k, v = _make_qkv(lengths, 4, 64, torch.float32, seed=26, kv_heads=1)
+    cu = _cu_seqlens(lengths)
+    plain = varlen_attention(q, k, v, cu, 70, causal=True)
+    out = varlen_attention(
+        q, k, v, cu, 70, causal=True, prefix_starts=_i32([5, 87]), prefix_lens=_i32([0, 0])
+    )
+    assert torch.equal(out, plain)
+
+
+# (prefix_starts, prefix_lens, message) for _good_inputs (two sequences, 8 tokens).
+BAD_PREFIX = [
+    pytest.param([0, 8], [0, 1], "out of range", id="start_at_total"),
+    pytest.param([5, 0], [4, 0], "out of range", id="end_past_total"),
+    pytest.param([-1, 0], [2, 0], "out of range", id="negative_start"),
+    pytest.param([0, 9], [0, 0], "out of range", id="empty_but_start_past_total"),
+    pytest.param([0, 0], [-1, 0], r"prefix_lens must be >= 0, got prefix_lens\[0\] = -1", id="negative_len"),
+]
+
+
+@pytest.mark.parametrize("starts, lens, message", BAD_PREFIX)
+def test_prefix_value_checks(starts, lens, message):
+    args = _good_inputs()
+    args.update(prefix_starts=_i32(starts), prefix_lens=_i32(lens))
+    with pytest.raises(ValueError, match=message):
+        check_prefix_values(args["prefix_starts"], args["prefix_lens"], 8)
+    # As for cu_seqlens: the reference always checks, the kernel wrapper when the tensors are on the CPU.
+    with pytest.raises(ValueError, match=message):
+        varlen_attention_reference(**args)
+    if not CUDA:
+        with pytest.raises(ValueError, match=message):
+            varlen_attention(**args)
