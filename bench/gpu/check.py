@@ -1,4 +1,4 @@
-"""One-shot GPU check: environment, kernel tests, attention and encoder benchmarks.
+"""One-shot GPU check: environment, kernel tests, attention, encoder and decoder benchmarks.
 
 Run it once on a GPU machine (it fits a few minutes) and read ``OUT/gpu_results.md``::
 
@@ -16,24 +16,29 @@ Stages, in order, each timed and recorded, each allowed to fail without stopping
                  Triton and the SDPA attention backend (micro-batched as the server does) vs Hugging
                  Face padded batches of 32; pairs/s, real tokens/s, model FLOP utilisation vs the
                  measured bf16 matmul rate; score agreement packed vs Hugging Face.
-5. ``served``    the same model served by the bundled tritonserver (the `reranker` ensemble), DL19
+5. ``decoder``   random-weight Qwen3-Reranker 0.6B and 4B in bf16 on the Qwen3-Reranker prompts of
+                 DL19 queries and passages: packed causal decoder with the Triton and the SDPA
+                 backend (micro-batched as the server does) vs Hugging Face's causal LM the model
+                 card's way (left-padded batches, SDPA, logits[:, -1, [no, yes]]); pairs/s, real
+                 tokens/s, MFU, the ratio to HF; scores vs HF and vs a float32 reference.
+6. ``served``    the encoder served by the bundled tritonserver (the `reranker` ensemble), DL19
                  requests of 20 and 100 passages from async gRPC clients at several concurrencies;
                  pairs/s, p50/p99, MFU end to end, and the ratio to stage 4's in-process encoder.
 
 ``--carry DIR`` brings what the GPU machine lacks (the tritonserver wheel, tritonclient, the data
 files; ``python -m triton_rerank.bench.gpu.carry`` packs it): it is unpacked before any stage.
 
-``env``, ``attention``, ``encoder`` and ``served`` each run in a child process (a crashed CUDA context or a hung
-compile costs one stage, not the run); the parent imports no torch, enforces ``--max-minutes`` by
-killing a child at its stage deadline, and rewrites ``gpu_results.json`` / ``gpu_results.md``
-after every stage and every few seconds while a stage runs, so a hard kill still leaves data.
+Every stage but ``tests`` runs in a child process (a crashed CUDA context or a hung compile costs
+one stage, not the run); the parent imports no torch, enforces ``--max-minutes`` by killing a
+child at its stage deadline, and rewrites ``gpu_results.json`` / ``gpu_results.md`` after every
+stage and every few seconds while a stage runs, so a hard kill still leaves data.
 
-``--device cpu --quick`` is a smoke mode: stages 3-5 on tiny shapes (a 2-layer model, a few
+``--device cpu --quick`` is a smoke mode: stages 3-6 on tiny shapes (a 2-layer model, a few
 pairs, Triton kernels interpreted) to exercise the code paths without a GPU.
 
 This file is the entry point: arguments, stage scheduling and deadlines, child processes.
 The rest lives beside it: ``bench/workload.py`` (workloads, batching, FLOP counts),
-``bench/random_model.py`` (the random-weight model), ``bench/report.py`` (run context, atomic
+``bench/random_model.py`` (the random-weight models), ``bench/report.py`` (run context, atomic
 files, markdown tables), ``results`` (derived metrics, targets, the results' markdown),
 ``stage_*`` (the stage bodies, their processes and recorder) and ``timing``.
 """
@@ -100,6 +105,7 @@ from ..workload import (  # noqa: E402
     TOKENIZER_FILE,
     resolve_data_dir,
 )
+from .carry import DECODER_DATA_FILES  # noqa: E402
 from .results import (  # noqa: E402
     RESULTS_JSON,
     RESULTS_MD,
@@ -111,11 +117,11 @@ from .results import (  # noqa: E402
 from .stage_process import child_env, read_stage_file, run_child_stage  # noqa: E402
 from .stage_recorder import StageRecorder, error_text, log  # noqa: E402
 
-STAGES = ("env", "tests", "attention", "encoder", "served")
-CHILD_STAGES = ("env", "attention", "encoder", "served")
+STAGES = ("env", "tests", "attention", "encoder", "decoder", "served")
+CHILD_STAGES = ("env", "attention", "encoder", "decoder", "served")
 # Seconds reserved for later stages when sizing an earlier one's time limit.
-STAGE_MIN_SECONDS = {"env": 20, "tests": 30, "attention": 40, "encoder": 90, "served": 120}
-STAGE_CAP_SECONDS = {"env": 90, "tests": 180, "attention": 120, "encoder": 330, "served": 420}
+STAGE_MIN_SECONDS = {"env": 20, "tests": 30, "attention": 40, "encoder": 90, "decoder": 90, "served": 120}
+STAGE_CAP_SECONDS = {"env": 90, "tests": 180, "attention": 120, "encoder": 330, "decoder": 240, "served": 420}
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m triton_rerank.bench.gpu.check",
         description=(
             "One-shot GPU check of triton-rerank: environment and matmul rate, kernel tests, "
-            "varlen attention benchmark, packed encoder vs Hugging Face benchmark. Writes "
+            "varlen attention benchmark, packed encoder and packed decoder (Qwen3-Reranker) vs Hugging "
+            "Face benchmarks, the served encoder. Writes "
             "OUT/gpu_results.json and OUT/gpu_results.md after every stage."
         ),
         epilog=(
@@ -142,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         default=None,
         help=(
-            "shared data folder holding msmarco-dl19-bm25top100.jsonl, tokenizers/xlm-roberta/ and "
-            f"configs/ (default: {DEFAULT_DATA_DIR}, then ./.gpu-data, ./shared/data); synthetic "
-            "lengths and the built-in bge-reranker-v2-m3 config are used when files are missing"
+            "shared data folder holding msmarco-dl19-bm25top100.jsonl, tokenizers/xlm-roberta/, "
+            f"tokenizers/qwen3/ and configs/ (default: {DEFAULT_DATA_DIR}, then ./.gpu-data, "
+            "./shared/data); synthetic lengths and the built-in bge-reranker-v2-m3 config are used when "
+            "the encoder's files are missing; the decoder stage needs its own"
         ),
     )
     p.add_argument(
@@ -157,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="float16",
         choices=DTYPE_NAMES,
-        help="dtype of the encoder benchmark (default float16; forced to float32 with --device cpu)",
+        help="dtype of the encoder benchmark (default float16; forced to float32 with --device cpu); the "
+        "decoder stage runs in bfloat16, as the Qwen3-Reranker releases ship",
     )
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default) or cpu smoke mode")
     p.add_argument(
@@ -186,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hf-batch-size", type=int, default=32, help="Hugging Face padded batch size (default 32)")
     p.add_argument("--max-length", type=int, default=512, help="pair truncation length (default 512)")
-    p.add_argument("--pairs", type=int, default=None, help="limit the encoder workload to this many pairs")
+    p.add_argument(
+        "--pairs", type=int, default=None, help="limit the encoder workload (and each decoder shape's) to this many pairs"
+    )
     # Internal: one stage in a child process.
     p.add_argument("--stage", choices=CHILD_STAGES, default=None, help=argparse.SUPPRESS)
     p.add_argument("--stage-out", default=None, help=argparse.SUPPRESS)
@@ -273,7 +284,8 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "data_dir": str(data_dir) if data_dir else None,
         "data_dir_requested": requested_data_dir,
         "data_files": {
-            f: (data_dir is not None and (data_dir / f).is_file()) for f in (DL19_FILE, TOKENIZER_FILE, CONFIG_FILE)
+            f: (data_dir is not None and (data_dir / f).is_file())
+            for f in (DL19_FILE, TOKENIZER_FILE, CONFIG_FILE, *DECODER_DATA_FILES)
         },
         "package_shim": shim,
         "carried": carried,
@@ -379,6 +391,8 @@ def child_main(args: argparse.Namespace) -> int:
             from .stage_attention import stage_attention as fn
         elif args.stage == "encoder":
             from .stage_encoder import stage_encoder as fn
+        elif args.stage == "decoder":
+            from .stage_decoder import stage_decoder as fn
         else:
             from .stage_served import stage_served as fn
         fn(args, rec)

@@ -58,6 +58,25 @@ def _served_derived(results: dict, peaks: dict, variants: dict) -> None:
         served["in_process_pairs_per_s"] = in_process
 
 
+def _decoder_derived(results: dict, peaks: dict) -> None:
+    """Per decoder shape and variant: MFU vs the measured bf16 matmul rate (the stage runs in bf16) and
+    pairs/s as a multiple of Hugging Face's recipe on the same prompts (``vs_hf``)."""
+    decoder = dig(results, "stages", "decoder", "data", default={}) or {}
+    peak = peaks.get("bfloat16")
+    for shape in (decoder.get("shapes") or {}).values():
+        if not isinstance(shape, dict):
+            continue
+        variants = shape.get("variants") or {}
+        hf = (variants.get("hf_padded") or {}).get("pairs_per_s")
+        for v in variants.values():
+            if not isinstance(v, dict) or not v.get("pairs_per_s"):
+                continue
+            if peak and v.get("tflops") is not None:
+                v["mfu_vs_bf16_matmul"] = v["tflops"] / peak
+            if hf:
+                v["vs_hf"] = v["pairs_per_s"] / hf
+
+
 def _target(name: str, value: float, target: float, unit: str) -> dict:
     return {"name": name, "value": value, "target": target, "unit": unit, "met": value >= target}
 
@@ -74,6 +93,7 @@ def compute_derived(results: dict) -> None:
                 v[key] = v["tflops"] / peaks[dtype]
 
     _served_derived(results, peaks, variants)
+    _decoder_derived(results, peaks)
 
     targets = []
     for case in dig(results, "stages", "attention", "data", "cases", default=[]) or []:
@@ -134,7 +154,8 @@ def _header_section(results: dict, env: dict) -> list[str]:
     missing = [f for f, ok in files.items() if not ok]
     lines.append(
         f"Data: `{results.get('data_dir')}`"
-        + (f" (missing: {', '.join(missing)}; synthetic lengths / built-in config used)" if missing else "")
+        + (f" (missing: {', '.join(missing)}; the encoder stages use synthetic lengths / the built-in config "
+           "instead of theirs, the decoder stage cannot run without its Qwen3 files)" if missing else "")
         + "."
     )
     lines.append("")
@@ -257,6 +278,75 @@ def _encoder_section(enc: dict) -> list[str]:
     return lines
 
 
+def _decoder_section(dec: dict) -> list[str]:
+    shapes = {k: v for k, v in (dec.get("shapes") or {}).items() if isinstance(v, dict)}
+    if not shapes:
+        return []
+    lines = ["## Decoder (Qwen3-Reranker, packed causal decoder vs Hugging Face)", ""]
+    lines.append(
+        f"Random weights, dtype {dec.get('dtype')}; DL19 queries, each with its BM25 passages, as Qwen3-Reranker "
+        f"prompts. Packed: micro-batches of at most {fmt(dec.get('token_budget'))} tokens, logit(yes) - logit(no) "
+        f"from the two label rows. HF: AutoModelForCausalLM (SDPA), left-padded batches of "
+        f"{dec.get('hf_batch_size')} in workload order, logits[:, -1, [no, yes]] of the full-vocabulary head at "
+        "every position. TFLOP/s and MFU count useful work only (the last layer beyond its keys and values, and "
+        "the head's two rows, at the last token); `HF exec/useful` is what HF's forward executes over that "
+        "(padding, every layer at every position, the vocabulary head at every position)."
+    )
+    lines.append("")
+    for name, sh in shapes.items():
+        wl = sh.get("workload") or {}
+        build = sh.get("load_path") or {}
+        text = (f"- **{name}**: {sh.get('model', '')}, {fmt(sh.get('params_total'))} params "
+                f"({fmt(sh.get('params_non_embedding'))} non-embedding); status {sh.get('status')}")
+        if wl:
+            text += (f"; {wl.get('pairs')} prompts ({wl.get('queries')} queries x {wl.get('docs_per_query')}), "
+                     f"{fmt(wl.get('tokens'))} tokens (mean {fmt(wl.get('mean_length'))}, max {wl.get('max_length')}); "
+                     f"useful FLOPs per pass {fmt(sh.get('flops_per_pass'))}, HF exec/useful "
+                     f"{fmt(sh.get('hf_executed_over_useful'))} (its vocabulary head alone "
+                     f"{fmt(sh.get('hf_vocab_head_flops_per_pass'))})")
+        if build.get("hf_build_s") is not None:
+            text += (f"; HF model ready in {fmt(build.get('hf_build_s'))} s, our packed copy of its state dict "
+                     f"{fmt(build.get('pack_direct_s'))} s")
+        if build.get("save_s") is not None:
+            text += (f" (through files: save {fmt(build.get('save_s'))} s + load {fmt(build.get('load_saved_s'))} s, "
+                     f"same weights {build.get('saved_equals_direct')})")
+        if sh.get("peak_memory_gib") is not None:
+            text += f"; peak memory {fmt(sh.get('peak_memory_gib'))} GiB"
+        if sh.get("reason") or sh.get("error"):
+            text += f"; {sh.get('reason') or sh.get('error')}"
+        lines.append(text + ".")
+    lines.append("")
+    rows = [
+        [
+            name, vname, v.get("batches"), v.get("pass_s"), v.get("pairs_per_s"), v.get("tokens_per_s"),
+            v.get("tflops"), v.get("mfu_vs_bf16_matmul"), v.get("vs_hf"), v.get("pad_fraction"), v.get("error"),
+        ]
+        for name, sh in shapes.items()
+        for vname, v in (sh.get("variants") or {}).items()
+        if isinstance(v, dict)
+    ]
+    if rows:
+        lines += _table(["shape", "variant", "batches", "s/pass", "pairs/s", "tokens/s", "TFLOP/s", "MFU", "vs HF",
+                         "pad frac", "error"], rows)
+        lines.append("")
+    agree_rows = []
+    for name, sh in shapes.items():
+        agree = sh.get("agreement") or {}
+        for key, v in agree.items():
+            if isinstance(v, dict) and "max_abs_diff" in v:
+                std = (agree.get("float32_reference") or {}).get("score_std") if key.endswith("_vs_float32") \
+                    else agree.get("hf_score_std")
+                agree_rows.append([name, key, v.get("n"), v.get("max_abs_diff"), v.get("mean_abs_diff"), std])
+        skipped = (agree.get("float32_reference") or {}).get("skipped")
+        if skipped:
+            agree_rows.append([name, "float32 reference", None, None, None, f"skipped: {skipped}"])
+    if agree_rows:
+        lines += _table(["shape", "scores (logit(yes) - logit(no))", "n", "max abs diff", "mean abs diff",
+                         "reference std"], agree_rows)
+        lines.append("")
+    return lines
+
+
 def _served_section(served: dict) -> list[str]:
     if not served:
         return []
@@ -306,6 +396,7 @@ def render_markdown(results: dict) -> str:
     lines += _tests_section(dig(results, "stages", "tests", "data", default={}) or {})
     lines += _attention_section(dig(results, "stages", "attention", "data", default={}) or {})
     lines += _encoder_section(dig(results, "stages", "encoder", "data", default={}) or {})
+    lines += _decoder_section(dig(results, "stages", "decoder", "data", default={}) or {})
     lines += _served_section(dig(results, "stages", "served", "data", default={}) or {})
     lines += _errors_section(results.get("stages") or {})
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""GPU-check stage 5, ``served``: the `reranker` ensemble through the real tritonserver, over gRPC.
+"""GPU-check stage 6, ``served``: the `reranker` ensemble through the real tritonserver, over gRPC.
 
 The same random-weight bge-reranker-v2-m3 shape as ``encoder`` (tiny on CPU), written with the
 real XLM-R tokenizer from the data folder, is served by the bundled tritonserver (nvidia-pytriton;

@@ -158,3 +158,248 @@ def test_child_stage_failure_is_recorded(tmp_path, monkeypatch):
     assert data["status"] == "error"
     assert "torch.cuda.is_available() is False" in data["fatal"]
     assert data["torch"] == torch.__version__  # what was gathered before the failure is kept
+
+
+# ------------------------------------------------------------------------------------------
+# Decoder stage: stage list, FLOP and parameter counts, inputs, the model copy, the smoke run
+# ------------------------------------------------------------------------------------------
+
+QWEN3_0_6B = {"model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8,
+              "head_dim": 128, "intermediate_size": 3072, "num_hidden_layers": 28, "vocab_size": 151669,
+              "tie_word_embeddings": True}
+QWEN3_4B = {**QWEN3_0_6B, "hidden_size": 2560, "num_attention_heads": 32, "intermediate_size": 9728,
+            "num_hidden_layers": 36}
+
+
+def test_decoder_stage_runs_after_the_encoder_and_before_serving():
+    assert gc.STAGES.index("encoder") < gc.STAGES.index("decoder") < gc.STAGES.index("served")
+    assert "decoder" in gc.CHILD_STAGES
+    assert gc.parse_args(["--out", "o", "--only", "decoder"]).only == ["decoder"]
+    assert set(gc.STAGE_MIN_SECONDS) == set(gc.STAGE_CAP_SECONDS) == set(gc.STAGES)
+
+
+def test_decoder_param_counts_match_the_model_cards_and_transformers():
+    pytest.importorskip("torch")
+    from triton_rerank.bench.gpu import stage_decoder as sd
+    from triton_rerank.bench.random_model import random_decoder, tiny_decoder_config
+
+    # Qwen3-0.6B: 0.44B non-embedding of 0.6B; Qwen3-4B: 3.6B of 4.0B (tied embeddings).
+    small, large = sd.decoder_param_counts(QWEN3_0_6B), sd.decoder_param_counts(QWEN3_4B)
+    assert small["non_embedding"] == 28 * 15_730_944 + 1024 and small["lm_head"] == 0
+    assert round(small["non_embedding"] / 1e9, 2) == 0.44 and round(small["total"] / 1e9, 1) == 0.6
+    assert round(large["non_embedding"] / 1e9, 1) == 3.6 and round(large["total"] / 1e9, 1) == 4.0
+    for tied in (False, True):
+        cfg = tiny_decoder_config(tie_word_embeddings=tied)
+        hf = random_decoder(cfg)
+        assert sd.decoder_param_counts(cfg)["total"] == sum(p.numel() for p in hf.parameters())
+
+
+def test_decoder_flops_by_hand():
+    from triton_rerank.bench.gpu import stage_decoder as sd
+
+    # hidden 4, 2 heads and 1 kv head of dim 2, MLP 8, 2 layers, vocab 10.
+    cfg = {"hidden_size": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 2,
+           "intermediate_size": 8, "num_hidden_layers": 2, "vocab_size": 10}
+    q, kv, o, mlp = 2 * 4 * 4, 2 * 4 * 4, 2 * 4 * 4, 2 * 3 * 4 * 8  # per token: 32, 32, 32, 192
+    layer = q + kv + o + mlp  # 288
+    L = 3
+    causal = 2 * 2 * 2 * L * (L + 1)  # QK^T and PV over L(L+1)/2 pairs: 96
+    first = L * layer + causal
+    last = L * kv + q + 4 * 2 * 2 * L + o + mlp  # keys and values of all, the rest at the last token
+    assert sd.decoder_flops([L], cfg) == first + last + 2 * 4 * 2
+    assert sd.decoder_flops([L], cfg, head_rows=10, every_position=True) == 2 * (L * layer + causal) + L * 2 * 4 * 10
+    # A one-token prompt needs all of its work; sequences add up.
+    assert sd.decoder_flops([1], cfg) == sd.decoder_flops([1], cfg, every_position=True)
+    assert sd.decoder_flops([3, 5], cfg) == sd.decoder_flops([3], cfg) + sd.decoder_flops([5], cfg)
+    assert sd.decoder_flops([], cfg) == 0.0
+
+
+def test_decoder_flops_match_what_transformers_executes():
+    """Every position, full-vocabulary head: the matmuls torch counts in HF's eager forward, less
+    its attention (eager computes all L^2 scores; the count takes the causal half)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from triton_rerank.bench.gpu import stage_decoder as sd
+    from triton_rerank.bench.random_model import random_decoder, tiny_decoder_config
+
+    cfg = tiny_decoder_config(layers=2)
+    hf = random_decoder(cfg, attn_implementation="eager")
+    L, heads, head_dim = 7, cfg["num_attention_heads"], cfg["head_dim"]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        hf(input_ids=torch.arange(1, L + 1)[None])
+    counted = counter.get_total_flops()
+    full_attention = 2 * 4 * heads * head_dim * L * L
+    causal = 2 * 2 * heads * head_dim * L * (L + 1)
+    assert sd.decoder_flops([L], cfg, head_rows=cfg["vocab_size"], every_position=True) == counted - full_attention + causal
+
+
+def test_prompts_pack_and_left_pad():
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from triton_rerank.bench.gpu import stage_decoder as sd
+
+    prompts = sd.Prompts.of([np.array([5, 6, 7]), np.array([8]), np.array([9, 10])], "cpu")
+    ids, cu, max_len = prompts.packed([2, 0])
+    assert ids.tolist() == [9, 10, 5, 6, 7] and cu.tolist() == [0, 2, 5] and max_len == 3 and cu.device.type == "cpu"
+    inputs = prompts.left_padded([0, 1, 2], pad_id=0)
+    assert inputs["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert inputs["input_ids"].dtype == torch.long
+
+
+def test_packed_copy_of_a_live_model_equals_the_loaded_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    from triton_rerank.bench.gpu import stage_decoder as sd
+    from triton_rerank.bench.random_model import random_decoder, save_model_dir, tiny_decoder_config
+    from triton_rerank.models.qwen3_reranker import QWEN3_LABEL_TOKEN_IDS, load_qwen3_reranker
+
+    for tied in (False, True):
+        hf = random_decoder(tiny_decoder_config(tie_word_embeddings=tied), dtype=torch.bfloat16).requires_grad_(False)
+        direct = sd.packed_from_hf(hf, QWEN3_LABEL_TOKEN_IDS, torch.bfloat16, "cpu")
+        loaded = load_qwen3_reranker(save_model_dir(tmp_path / str(tied), hf), dtype=torch.bfloat16,
+                                     attention_backend="sdpa", label_token_ids=QWEN3_LABEL_TOKEN_IDS)
+        assert sd._same_weights(direct, loaded)
+        assert direct.head.weight.dtype == torch.float32 and not any(p.requires_grad for p in direct.parameters())
+        ids, cu = torch.randint(0, 151669, (12,)), torch.tensor([0, 5, 12], dtype=torch.int32)
+        with torch.inference_mode():
+            assert torch.equal(direct(ids, cu, 7), loaded(ids, cu, 7))
+
+
+def _qwen3_data_or_skip():
+    from triton_rerank.bench.random_model import QWEN3_TOKENIZER_FILE
+    from triton_rerank.bench.workload import DL19_FILE, resolve_data_dir
+
+    data = resolve_data_dir(None)
+    if data is None or not all((data / f).is_file() for f in (QWEN3_TOKENIZER_FILE, DL19_FILE)):
+        pytest.skip("needs the shared data folder's Qwen3 tokenizer and DL19 file")
+    return data
+
+
+def test_decoder_stage_smoke_on_cpu(tmp_path):
+    """`--device cpu --quick --only decoder`: the tiny decoder through every path of the stage."""
+    _qwen3_data_or_skip()
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "triton_rerank.bench.gpu.check", "--device", "cpu", "--quick", "--only", "decoder",
+         "--out", str(out), "--max-minutes", "4"],
+        capture_output=True, text=True, timeout=300, cwd=str(Path(gc.__file__).resolve().parents[2]))
+    data = json.loads((out / gc.RESULTS_JSON).read_text())
+    stage = data["stages"]["decoder"]
+    assert stage["status"] == "ok", run.stdout[-4000:] + run.stderr[-3000:]
+    tiny = stage["data"]["shapes"]["tiny"]
+    assert tiny["status"] == "ok" and tiny["dtype"] == "float32"
+    assert tiny["workload"]["pairs"] == 3 and tiny["workload"]["tokens"] > 3 * 16
+    variants = tiny["variants"]
+    assert list(variants) == ["hf_padded", "packed_sdpa", "packed_triton"]
+    for name, v in variants.items():
+        assert v["pairs_per_s"] > 0 and v["tflops"] > 0, name
+    assert variants["packed_sdpa"]["batches"] >= 2 and variants["hf_padded"]["pad_fraction"] > 0  # micro-batches, padding
+    assert tiny["hf_executed_over_useful"] > 1
+    assert tiny["load_path"]["saved_equals_direct"] is True
+    agree = tiny["agreement"]
+    assert agree["hf_score_std"] > 0
+    for key in ("packed_sdpa_vs_hf", "packed_triton_vs_hf", "packed_triton_vs_float32", "hf_vs_float32"):
+        assert agree[key]["finite"] and agree[key]["max_abs_diff"] < 1e-4, key  # float32 all through
+    markdown = (out / gc.RESULTS_MD).read_text()
+    assert "## Decoder (Qwen3-Reranker" in markdown and "| tiny | packed_triton |" in markdown
+    assert {data["stages"][n]["status"] for n in gc.STAGES if n != "decoder"} == {"skipped"}
+
+
+def test_carry_packs_the_decoder_files(tmp_path):
+    pytest.importorskip("tritonclient")
+    import tarfile
+    import zipfile
+
+    from triton_rerank.bench.gpu import carry
+
+    data = tmp_path / "data"
+    for name in (*carry.DATA_FILES, *carry.DECODER_DATA_FILES):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_text(f"{name}\n")
+    wheel = tmp_path / "nvidia_pytriton-0.7.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("pytriton/__init__.py", "")
+    folder = tmp_path / "carry"
+    carry.prepare(folder, data, wheel)
+    with tarfile.open(folder / carry.DECODER_DATA_ARCHIVE) as archive:
+        assert sorted(archive.getnames()) == sorted(carry.DECODER_DATA_FILES)
+    done = carry.unpack(folder, tmp_path / "scratch", installed=lambda module: True)
+    for name in (*carry.DATA_FILES, *carry.DECODER_DATA_FILES):
+        assert (Path(done["data_dir"]) / name).read_text() == f"{name}\n"
+    assert carry.missing_decoder_files(data) == []
+    (data / carry.DECODER_DATA_FILES[0]).unlink()  # packed without it, and said so
+    carry.prepare(folder, data, wheel)
+    with tarfile.open(folder / carry.DECODER_DATA_ARCHIVE) as archive:
+        assert sorted(archive.getnames()) == sorted(carry.DECODER_DATA_FILES[1:])
+    assert carry.missing_decoder_files(data) == [carry.DECODER_DATA_FILES[0]]
+    carry.prepare(folder, data, folder / wheel.name)  # re-packed in place with its own wheel
+    assert [p.name for p in folder.glob(carry.WHEEL_GLOB)] == [wheel.name]
+
+
+def test_decoder_shapes_share_the_stage_time_and_a_cut_keeps_the_finished_shape(tmp_path, monkeypatch):
+    """Slots by SLOT_WEIGHTS; a shape with no time left is skipped, one that fails is recorded as
+    such; either way the shape measured before stays in the stage's file."""
+    pytest.importorskip("torch")
+    import argparse
+    import time
+
+    from triton_rerank.bench.gpu import stage_decoder as sd
+    from triton_rerank.bench.gpu.stage_recorder import StageRecorder
+
+    monkeypatch.setattr(sd, "_missing_files", lambda data_dir, shapes: [])
+    monkeypatch.setattr(sd, "resolve_data_dir", lambda data_dir: tmp_path)
+    monkeypatch.setattr(sd, "load_dl19", lambda path: [])
+    args = argparse.Namespace(device="cuda", data_dir=None, token_budget=16384, hf_batch_size=32)
+    seen = []
+
+    def first_uses_the_time(shape, args, data_dir, records, tmp, measure_file_path):
+        seen.append((shape.name, measure_file_path, shape.time_left()))
+        shape.entry["variants"] = {"hf_padded": {"pairs_per_s": 10.0}, "packed_triton": {"pairs_per_s": 30.0}}
+        shape.rec.deadline = time.time() + 20  # what is left cannot hold the next shape
+
+    monkeypatch.setattr(sd, "_run_shape", first_uses_the_time)
+    rec = StageRecorder(tmp_path / "stage-decoder.json", time.time() + 100)
+    sd.stage_decoder(args, rec)
+    assert [name for name, _, _ in seen] == ["0.6B"] and seen[0][1] is True
+    assert 35 < seen[0][2] <= 40  # 1 / (1 + 1.5) of the 100 s
+    shapes = json.loads((tmp_path / "stage-decoder.json").read_text())["shapes"]
+    assert shapes["0.6B"]["status"] == "ok" and shapes["0.6B"]["variants"]["packed_triton"]["pairs_per_s"] == 30.0
+    assert shapes["4B"]["status"] == "skipped" and "deadline" in shapes["4B"]["reason"]
+
+    def second_fails(shape, args, data_dir, records, tmp, measure_file_path):
+        shape.entry["variants"] = {"hf_padded": {"pairs_per_s": 10.0}}
+        if shape.name == "4B":
+            shape.entry["variants"]["packed_sdpa"] = {"error": "skipped: stage deadline near"}
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(sd, "_run_shape", second_fails)
+    rec = StageRecorder(tmp_path / "stage-decoder.json", time.time() + 100)
+    sd.stage_decoder(args, rec)
+    shapes = json.loads((tmp_path / "stage-decoder.json").read_text())["shapes"]
+    assert shapes["0.6B"]["status"] == "ok"
+    assert shapes["4B"]["status"] == "error" and "illegal memory access" in shapes["4B"]["error"]
+    assert rec.data["errors"][0]["where"] == "4B"
+
+
+def test_float32_reference_without_a_float32_copy_of_the_model():
+    """Layer by layer float32 gives what the whole model converted to float32 gives, and the layers'
+    weights are bf16 again after each runs."""
+    torch = pytest.importorskip("torch")
+    from triton_rerank.bench.gpu import stage_decoder as sd
+    from triton_rerank.bench.random_model import random_decoder, tiny_decoder_config
+
+    cfg = tiny_decoder_config(tie_word_embeddings=True)
+    inputs = {"input_ids": torch.randint(0, 151669, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    inputs["attention_mask"][1, :3] = 0  # left padding
+    with torch.no_grad():
+        whole = random_decoder(cfg, dtype=torch.bfloat16).float()(**inputs).logits
+        streamed_model = random_decoder(cfg, dtype=torch.bfloat16)
+        undo = sd.float32_streamed(streamed_model)
+        streamed = streamed_model(**inputs).logits
+        undo()
+    assert streamed.dtype == torch.float32 and torch.equal(streamed, whole)
+    assert {p.dtype for p in streamed_model.model.layers.parameters()} == {torch.bfloat16}
+    assert not streamed_model.model.layers[0]._forward_pre_hooks

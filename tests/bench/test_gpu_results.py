@@ -94,3 +94,60 @@ def test_markdown_names_the_machine_cpu_and_gpu(tmp_path):
     assert json.loads(jp.read_text())["context"]["cpu"] == context.cpu
     results["context"] = {"cpu": "half a record"}  # an old or damaged record: rendered without it
     assert "half a record" not in gr.render_markdown(results)
+
+
+def _decoder_results() -> dict:
+    """A run whose decoder stage finished its 0.6B shape and was cut in the 4B one."""
+    results = _full_results()
+    results["stages"]["decoder"] = {"status": "timeout", "seconds": 240.0, "data": {
+        "dtype": "bfloat16", "token_budget": 16384, "hf_batch_size": 32,
+        "shapes": {
+            "0.6B": {"status": "ok", "model": "Qwen3-Reranker-0.6B shape", "params_total": 595_776_512,
+                     "workload": {"pairs": 2000, "queries": 20, "docs_per_query": 100, "tokens": 330_000,
+                                  "mean_length": 165.0, "max_length": 380},
+                     "flops_per_pass": 3.0e14, "hf_executed_over_useful": 1.8,
+                     "load_path": {"hf_build_s": 2.0, "pack_direct_s": 0.3, "save_s": 4.0, "load_saved_s": 2.0,
+                                   "saved_equals_direct": True},
+                     "variants": {"hf_padded": {"pairs_per_s": 1000.0, "tflops": 150.0, "pad_fraction": 0.3},
+                                  "packed_sdpa": {"pairs_per_s": 2000.0, "tflops": 300.0},
+                                  "packed_triton": {"pairs_per_s": 2500.0, "tflops": 375.0}},
+                     "agreement": {"n": 64, "hf_score_std": 0.5,
+                                   "packed_triton_vs_hf": {"n": 64, "max_abs_diff": 0.03, "mean_abs_diff": 0.01},
+                                   "float32_reference": {"n": 8, "score_std": 0.4},
+                                   "packed_triton_vs_float32": {"n": 8, "max_abs_diff": 0.004,
+                                                                "mean_abs_diff": 0.002}}},
+            "4B": {"status": "running", "model": "Qwen3-Reranker-4B shape",
+                   "variants": {"hf_padded": {"pairs_per_s": 300.0, "tflops": 200.0},
+                                "packed_sdpa": {"error": "skipped: stage deadline near"}},
+                   "agreement": {"n": 64, "float32_reference": {"n": 8, "skipped": "not enough free device memory"}}},
+        },
+    }}
+    return results
+
+
+def test_decoder_shapes_get_mfu_the_ratio_to_hf_and_a_table(tmp_path):
+    jp, mp = gr.write_results(tmp_path, _decoder_results())
+    shapes = json.loads(jp.read_text())["stages"]["decoder"]["data"]["shapes"]
+    small = shapes["0.6B"]["variants"]
+    assert small["packed_triton"]["mfu_vs_bf16_matmul"] == pytest.approx(375 / 600)
+    assert small["packed_triton"]["vs_hf"] == pytest.approx(2.5) and small["hf_padded"]["vs_hf"] == 1.0
+    assert "mfu_vs_bf16_matmul" not in shapes["4B"]["variants"]["packed_sdpa"]  # skipped: nothing derived
+    md = mp.read_text()
+    assert "## Decoder (Qwen3-Reranker" in md
+    assert "| 0.6B | packed_triton | - | - | 2,500.0 |" in md and "| 4B | hf_padded |" in md
+    assert "skipped: stage deadline near" in md  # the cut shape's skipped variant is shown as such
+    assert "| 0.6B | packed_triton_vs_float32 | 8 | 0.004 |" in md
+    assert "| 4B | float32 reference | - | - | - | skipped: not enough free device memory |" in md
+    assert "same weights yes" in md or "same weights True" in md
+    assert "| decoder | timeout |" in md
+
+
+def test_decoder_section_tolerates_partial_and_missing_data():
+    results = _decoder_results()
+    results["stages"]["decoder"]["data"]["shapes"]["4B"] = {"status": "running"}
+    del results["stages"]["env"]
+    gr.compute_derived(results)
+    md = gr.render_markdown(results)
+    assert "**4B**" in md and "mfu_vs_bf16_matmul" not in json.dumps(results["stages"]["decoder"])
+    results["stages"]["decoder"] = {"status": "error", "data": {"shapes": {}}}
+    assert "## Decoder" not in gr.render_markdown(results)
