@@ -1,6 +1,7 @@
 """A real tritonserver per tiny model, started once per session on free ports."""
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +127,24 @@ class ReadmeExamples:
 @pytest.fixture(scope="session")
 def readme() -> ReadmeExamples:
     return ReadmeExamples()
+
+
+def read_banner(serve, timeout: float = 180.0) -> str:
+    """What `triton-rerank serve` (a Popen with text stdout) prints until it says it is ready, exits, or
+    `timeout` seconds pass."""
+    output = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = serve.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if "Ctrl-C stops" in line:
+            break
+    return "".join(output)
+
+
+@pytest.fixture(scope="session")
+def serve_banner():
+    """`read_banner`, for tests that start `triton-rerank serve` themselves."""
+    return read_banner

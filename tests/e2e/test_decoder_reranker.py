@@ -13,7 +13,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -89,7 +88,7 @@ def reference(decoder_dir):
 
 
 @pytest.fixture(scope="module")
-def served(decoder_dir, tmp_path_factory):
+def served(decoder_dir, tmp_path_factory, serve_banner):
     """`triton-rerank serve --model-path DIR` on the tiny Qwen3 reranker: {http, grpc, api} ports."""
     run = tmp_path_factory.mktemp("serve-qwen3")
     http, grpc, metrics, api = free_ports(4)
@@ -98,18 +97,10 @@ def served(decoder_dir, tmp_path_factory):
                str(metrics), "--api-port", str(api), "--run-dir", str(run / "run"), "--max-documents", "64"]
     serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
-    output = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = serve.stdout.readline()
-        if not line:
-            break
-        output.append(line)
-        if "Ctrl-C stops" in line:
-            break
+    banner = serve_banner(serve, 240)
     try:
-        assert "is ready" in "".join(output), "".join(output)
-        yield {"http": http, "grpc": grpc, "api": api, "run": run / "run", "banner": "".join(output)}
+        assert "is ready" in banner, banner
+        yield {"http": http, "grpc": grpc, "api": api, "run": run / "run", "banner": banner}
     finally:
         serve.send_signal(signal.SIGINT)
         try:

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ def test_readme_has_http_and_grpc_examples(readme):
     assert any("tritonclient.http" in e for e in examples) and any("tritonclient.grpc" in e for e in examples)
 
 
-def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_path, readme):
+def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_path, readme, serve_banner):
     http, grpc, metrics, api = free_ports(4)
     command = [
         sys.executable, "-m", "triton_rerank", "serve", "--model-path", str(tiny_model_dirs["bert"]),
@@ -32,17 +31,9 @@ def test_serve_answers_readme_examples_and_stops_cleanly(tiny_model_dirs, tmp_pa
     ]
     serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
-    output = []
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = serve.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if "Ctrl-C stops" in line:
-                break
-        banner = "".join(output)
+        banner = serve_banner(serve)
+        output = banner.splitlines(keepends=True)
         assert "is ready" in banner and f"rerank API  http://127.0.0.1:{api}" in banner, banner
         # The startup line says what --dtype auto means on this CPU, and why.
         from triton_rerank.models.dtypes import auto_dtype
