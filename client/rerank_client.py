@@ -190,10 +190,13 @@ class RerankClient(_ClientSettings):
     def reranker_kind(self) -> str:
         """What SCORES are: "decoder" (logit(yes) - logit(no); sigmoid = P(yes)), "cross-encoder" (a
         classifier's logit), or "auto" when the server's ensemble does not say."""
-        client = self._client()
-        if self.protocol == "grpc":
-            return reranker_kind_of(client.get_model_config(self.model_name, as_json=True))
-        return reranker_kind_of(client.get_model_config(self.model_name))
+        try:
+            client = self._client()
+            if self.protocol == "grpc":
+                return reranker_kind_of(client.get_model_config(self.model_name, as_json=True))
+            return reranker_kind_of(client.get_model_config(self.model_name))
+        except Exception as raw:  # as _infer: tritonclient and the network raise many types
+            raise translate(raw, self.where) from raw
 
     def is_ready(self) -> bool:
         """True when the server answers and the reranker model is ready."""
@@ -325,10 +328,15 @@ class AsyncRerankClient(_ClientSettings):
 
     async def reranker_kind(self) -> str:
         """As RerankClient.reranker_kind."""
-        client = self._client()
-        if self.protocol == "grpc":
-            return reranker_kind_of(await client.get_model_config(self.model_name, as_json=True))
-        return reranker_kind_of(await client.get_model_config(self.model_name))
+        try:
+            client = self._client()
+            if self.protocol == "grpc":
+                return reranker_kind_of(await client.get_model_config(self.model_name, as_json=True))
+            return reranker_kind_of(await client.get_model_config(self.model_name))
+        except asyncio.CancelledError:
+            raise
+        except Exception as raw:
+            raise translate(raw, self.where) from raw
 
     async def is_ready(self, timeout: float = 2.0) -> bool:
         """True when the server answers within `timeout` and the reranker model is ready."""

@@ -17,7 +17,7 @@ from fastapi import Request
 from ..client.errors import InvalidRequestError, RerankError
 from ..client.ranking import RerankResult, ScoredDocuments, rank
 from ..client.triton_io import ScoreOptions
-from .errors import GatewayError, from_client_error
+from .errors import RETRY_AFTER_SECONDS, GatewayError, from_client_error
 from .limits import AdmissionLimiter
 from .metrics import GatewayMetrics
 from .settings import GatewaySettings
@@ -62,7 +62,7 @@ class GatewayState:
                 raise from_client_error(error) from error
             except Exception as error:  # tritonclient raises its own types for a server that is down
                 raise GatewayError(503, f"cannot read the reranker's configuration from Triton ({error})",
-                                   "unavailable") from error
+                                   "unavailable", {"Retry-After": RETRY_AFTER_SECONDS}) from error
         return self._kind
 
     async def score(self, route: str, query: str, documents: list[str],

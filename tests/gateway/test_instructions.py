@@ -104,6 +104,6 @@ def test_a_backend_that_cannot_say_its_kind_is_a_503_not_a_wrong_score():
 
     fake.reranker_kind = down
     response = client.post("/v1/rerank", json={"query": "q", "documents": DOCUMENTS})
-    assert response.status_code == 503
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert "cannot read the reranker's configuration" in response.json()["message"]
     assert fake.options == []
