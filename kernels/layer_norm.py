@@ -14,13 +14,11 @@ Not supported: RMSNorm, no-affine LayerNorm, returning the pre-norm sum, backwar
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, check_device, check_tensor, row_num_warps
+from ._common import SUPPORTED_DTYPES, RowLaunchConfig, check_device, check_row_norm_inputs, row_num_warps
 
 MAX_HIDDEN = 16384
 
@@ -63,38 +61,14 @@ def _add_layer_norm_fwd_kernel(
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-class LayerNormLaunchConfig(NamedTuple):
-    block: int
-    num_warps: int
-
-
-def _launch_config(hidden: int) -> LayerNormLaunchConfig:
+def _launch_config(hidden: int) -> RowLaunchConfig:
     """BLOCK covers the whole row; warps grow with it so each thread keeps <= ~16 fp32 values."""
     block = triton.next_power_of_2(hidden)
-    return LayerNormLaunchConfig(block, row_num_warps(block))
+    return RowLaunchConfig(block, row_num_warps(block))
 
 
 def _check_inputs(x, residual, weight, bias, eps, dtypes):
-    check_tensor("x", x, dtypes=dtypes)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last (hidden) dim, got shape {tuple(x.shape)}")
-    hidden = x.shape[-1]
-    if hidden > MAX_HIDDEN:
-        raise ValueError(f"hidden size {hidden} exceeds the supported maximum {MAX_HIDDEN}")
-    if residual is not None:
-        check_tensor("residual", residual, dtypes=dtypes)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
-        if residual.dtype != x.dtype:
-            raise ValueError(f"residual dtype {residual.dtype} must equal x dtype {x.dtype}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        check_tensor(name, p, ndim=1, dtypes=dtypes)
-        if p.shape[0] != hidden:
-            raise ValueError(f"{name} must have shape [{hidden}], got {tuple(p.shape)}")
-        if p.dtype not in (x.dtype, torch.float32):
-            raise ValueError(f"{name} dtype {p.dtype} must be x's dtype ({x.dtype}) or float32")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative python float, got {eps!r}")
+    check_row_norm_inputs(x, residual, {"weight": weight, "bias": bias}, eps, MAX_HIDDEN, dtypes)
 
 
 def add_layer_norm(x, residual, weight, bias, eps):

@@ -28,13 +28,11 @@ outputs, backward.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, check_device, check_tensor, row_num_warps
+from ._common import SUPPORTED_DTYPES, RowLaunchConfig, check_device, check_row_norm_inputs, row_num_warps
 
 MAX_HIDDEN = 16384
 
@@ -83,40 +81,17 @@ def _rms_norm_fwd_kernel(
     tl.store(Y + row * n_cols + cols, (y * w).to(Y.dtype.element_ty), mask=mask)
 
 
-class RMSNormLaunchConfig(NamedTuple):
-    block: int
-    num_warps: int
-
-
-def _launch_config(hidden: int) -> RMSNormLaunchConfig:
+def _launch_config(hidden: int) -> RowLaunchConfig:
     """BLOCK covers the whole row. Rows below 1024 (per-head norms: head_dim 64/128) get fewer
     warps: 4 warps on a 128-wide row would hold one value per thread and need a cross-warp
     (shared memory) reduction, one warp reduces with shuffles alone."""
     block = triton.next_power_of_2(hidden)
     num_warps = row_num_warps(block) if block >= 1024 else max(1, block // 256)
-    return RMSNormLaunchConfig(block, num_warps)
+    return RowLaunchConfig(block, num_warps)
 
 
 def _check_inputs(x, weight, eps, residual, dtypes):
-    check_tensor("x", x, dtypes=dtypes)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last (hidden) dim, got shape {tuple(x.shape)}")
-    hidden = x.shape[-1]
-    if hidden > MAX_HIDDEN:
-        raise ValueError(f"hidden size {hidden} exceeds the supported maximum {MAX_HIDDEN}")
-    if residual is not None:
-        check_tensor("residual", residual, dtypes=dtypes)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
-        if residual.dtype != x.dtype:
-            raise ValueError(f"residual dtype {residual.dtype} must equal x dtype {x.dtype}")
-    check_tensor("weight", weight, ndim=1, dtypes=dtypes)
-    if weight.shape[0] != hidden:
-        raise ValueError(f"weight must have shape [{hidden}] (x's last dim), got {tuple(weight.shape)}")
-    if weight.dtype not in (x.dtype, torch.float32):
-        raise ValueError(f"weight dtype {weight.dtype} must be x's dtype ({x.dtype}) or float32")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative python float, got {eps!r}")
+    check_row_norm_inputs(x, residual, {"weight": weight}, eps, MAX_HIDDEN, dtypes)
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:

@@ -49,34 +49,33 @@ _LOG2E = math.log2(math.e)
 
 @triton.jit
 def _attn_key_blocks(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_kt,
-    stride_vt,
-    offs_m,
-    offs_n,
-    offs_d,
-    d_mask,
-    seqlen,
-    qk_scale,
+    state,
+    query,
+    keys,
     lo,
     hi,
-    MASK_KEYS: tl.constexpr,
-    MASK_CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) with the key blocks starting at lo, lo + BLOCK_N, ... < hi.
+    """Online-softmax update of state with the key blocks starting at lo, lo + BLOCK_N, ... < hi.
 
-    MASK_KEYS: a block may reach past seqlen, the end of the key range k_base/v_base start (the
-    sequence's own keys or its prefix); loads and scores are masked per column.
+    state: (acc, l_i, m_i), the fp32 accumulator [BLOCK_M, BLOCK_D] and the rows' running sums and
+    maxes [BLOCK_M]; the updated triple is returned.
+    query: (q, offs_m, offs_d, d_mask, qk_scale), the query tile, its rows' positions, the head-dim
+    lanes and their mask (BLOCK_D may pad HEAD_DIM), and the score scale (log2 units).
+    keys: (k_base, v_base, stride_kt, stride_vt, seqlen), one key range of K and V (the sequence's
+    own keys or its prefix): pointers to its first token in this kv head, token strides, length.
+    MASK_KEYS: a block may reach past seqlen, the end of the key range; loads and scores are
+    masked per column.
     MASK_CAUSAL: a block may hold keys after some of the queries (scores above the diagonal get
     -inf). Callers turn both off for blocks that need neither, so those run without the compares.
     """
+    acc, l_i, m_i = state
+    q, offs_m, offs_d, d_mask, qk_scale = query
+    k_base, v_base, stride_kt, stride_vt, seqlen = keys
+    offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASK_KEYS:
@@ -166,7 +165,6 @@ def _varlen_attn_fwd_kernel(
     # int64 token offsets: total_tokens * token_stride can exceed 2**31 for big packed batches.
     tok0 = seq_start.to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < seqlen
@@ -180,6 +178,8 @@ def _varlen_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    state = (acc, l_i, m_i)
+    query = (q, offs_m, offs_d, d_mask, qk_scale)
 
     if HAS_PREFIX:
         # The shared prefix first: every query row sees all of its keys, so only the last, partial
@@ -188,54 +188,18 @@ def _varlen_attn_fwd_kernel(
         # empty prefix runs neither loop and leaves the state as it was.
         prefix_start = tl.load(prefix_starts + seq).to(tl.int64)
         prefix_len = tl.load(prefix_lens + seq)
-        prefix_full = prefix_len // BLOCK_N * BLOCK_N
+        tail = prefix_len // BLOCK_N * BLOCK_N  # where the partial last block (if any) starts
         pk_base = K + prefix_start * stride_kt + kv_head * stride_kh
         pv_base = V + prefix_start * stride_vt + kv_head * stride_vh
-        acc, l_i, m_i = _attn_key_blocks(
-            acc,
-            l_i,
-            m_i,
-            q,
-            pk_base,
-            pv_base,
-            stride_kt,
-            stride_vt,
-            offs_m,
-            offs_n,
-            offs_d,
-            d_mask,
-            prefix_len,
-            qk_scale,
-            0,
-            prefix_full,
-            MASK_KEYS=False,
-            MASK_CAUSAL=False,
-            BLOCK_N=BLOCK_N,
-            IEEE_DOT=IEEE_DOT,
+        prefix = (pk_base, pv_base, stride_kt, stride_vt, prefix_len)
+        state = _attn_key_blocks(
+            state, query, prefix, 0, tail, BLOCK_N, IEEE_DOT, MASK_KEYS=False, MASK_CAUSAL=False
         )
-        acc, l_i, m_i = _attn_key_blocks(
-            acc,
-            l_i,
-            m_i,
-            q,
-            pk_base,
-            pv_base,
-            stride_kt,
-            stride_vt,
-            offs_m,
-            offs_n,
-            offs_d,
-            d_mask,
-            prefix_len,
-            qk_scale,
-            prefix_full,
-            prefix_len,
-            MASK_KEYS=True,
-            MASK_CAUSAL=False,
-            BLOCK_N=BLOCK_N,
-            IEEE_DOT=IEEE_DOT,
+        state = _attn_key_blocks(
+            state, query, prefix, tail, prefix_len, BLOCK_N, IEEE_DOT, MASK_KEYS=True, MASK_CAUSAL=False
         )
 
+    own = (k_base, v_base, stride_kt, stride_vt, seqlen)
     if CAUSAL:
         # Key blocks that end at or before this query block's first row lie below the diagonal
         # for every row and inside the sequence: they run without masks. The remaining blocks,
@@ -243,52 +207,14 @@ def _varlen_attn_fwd_kernel(
         # the diagonal for every row and are never loaded.
         lo = (start_m * BLOCK_M) // BLOCK_N * BLOCK_N
         hi = tl.minimum(seqlen, (start_m + 1) * BLOCK_M)
-        acc, l_i, m_i = _attn_key_blocks(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            stride_kt,
-            stride_vt,
-            offs_m,
-            offs_n,
-            offs_d,
-            d_mask,
-            seqlen,
-            qk_scale,
-            0,
-            lo,
-            MASK_KEYS=False,
-            MASK_CAUSAL=False,
-            BLOCK_N=BLOCK_N,
-            IEEE_DOT=IEEE_DOT,
+        state = _attn_key_blocks(
+            state, query, own, 0, lo, BLOCK_N, IEEE_DOT, MASK_KEYS=False, MASK_CAUSAL=False
         )
     else:
         lo = 0
         hi = seqlen
     acc, l_i, m_i = _attn_key_blocks(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_vt,
-        offs_m,
-        offs_n,
-        offs_d,
-        d_mask,
-        seqlen,
-        qk_scale,
-        lo,
-        hi,
-        MASK_KEYS=True,
-        MASK_CAUSAL=CAUSAL,
-        BLOCK_N=BLOCK_N,
-        IEEE_DOT=IEEE_DOT,
+        state, query, own, lo, hi, BLOCK_N, IEEE_DOT, MASK_KEYS=True, MASK_CAUSAL=CAUSAL
     )
 
     acc = acc / l_i[:, None]
@@ -431,15 +357,7 @@ def _check_inputs(
 
 
 def varlen_attention(
-    q,
-    k,
-    v,
-    cu_seqlens,
-    max_seqlen,
-    softmax_scale=None,
-    causal=False,
-    prefix_starts=None,
-    prefix_lens=None,
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, prefix_starts=None, prefix_lens=None
 ):
     """softmax(q k^T * scale) v within each packed sequence (causal: key j <= query i); a new contiguous tensor.
 
@@ -447,16 +365,7 @@ def varlen_attention(
     k/v[prefix_starts[s] : prefix_starts[s] + prefix_lens[s]] (all visible) followed by its own.
     """
     max_seqlen = _check_inputs(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        max_seqlen,
-        softmax_scale,
-        causal,
-        prefix_starts,
-        prefix_lens,
-        dtypes=SUPPORTED_DTYPES,
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, prefix_starts, prefix_lens, SUPPORTED_DTYPES
     )
     device = check_device(
         _varlen_attn_fwd_kernel,
@@ -514,15 +423,7 @@ def varlen_attention(
 
 
 def varlen_attention_reference(
-    q,
-    k,
-    v,
-    cu_seqlens,
-    max_seqlen,
-    softmax_scale=None,
-    causal=False,
-    prefix_starts=None,
-    prefix_lens=None,
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, causal=False, prefix_starts=None, prefix_lens=None
 ):
     """Plain torch version of ``varlen_attention``: a loop over sequences, math in fp32.
 

@@ -75,6 +75,14 @@ def variant_id(variant) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# The row-wise norms (module name = variant kind): their kernel and its pointer arguments. Both
+# launch the same way: hidden picks BLOCK and num_warps, HAS_RESIDUAL is the only other constexpr.
+ROW_NORMS = {
+    "layer_norm": ("_add_layer_norm_fwd_kernel", ("X", "R", "W", "B", "Y")),
+    "rms_norm": ("_rms_norm_fwd_kernel", ("X", "R", "W", "Y", "S")),
+}
+
+
 def _build(variant):
     """(kernel, signature, constexprs, options) exactly as the host wrapper would launch it."""
     import torch
@@ -105,23 +113,14 @@ def _build(variant):
             # The wrapper passes None without a prefix, which the JIT turns into a constexpr.
             constexprs.update(prefix_starts=None, prefix_lens=None)
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    elif kind == "layer_norm":
-        mod = importlib.import_module("triton_rerank.kernels.layer_norm")
+    elif kind in ROW_NORMS:
+        mod = importlib.import_module(f"triton_rerank.kernels.{kind}")
 
+        kernel_name, pointer_args = ROW_NORMS[kind]
         hidden, residual = variant[2], variant[3]
         cfg = mod._launch_config(hidden)
-        kernel = mod._add_layer_norm_fwd_kernel
-        pointers = {"X": dtype, "R": dtype, "W": dtype, "B": dtype, "Y": dtype}
-        floats = {"eps"}
-        constexprs = dict(BLOCK=cfg.block, HAS_RESIDUAL=residual)
-        options = dict(num_warps=cfg.num_warps)
-    elif kind == "rms_norm":
-        mod = importlib.import_module("triton_rerank.kernels.rms_norm")
-
-        hidden, residual = variant[2], variant[3]
-        cfg = mod._launch_config(hidden)
-        kernel = mod._rms_norm_fwd_kernel
-        pointers = {"X": dtype, "R": dtype, "W": dtype, "Y": dtype, "S": dtype}
+        kernel = getattr(mod, kernel_name)
+        pointers = dict.fromkeys(pointer_args, dtype)
         floats = {"eps"}
         constexprs = dict(BLOCK=cfg.block, HAS_RESIDUAL=residual)
         options = dict(num_warps=cfg.num_warps)

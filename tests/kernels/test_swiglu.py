@@ -14,27 +14,20 @@ Two checks per case:
 On CPU the kernel runs under TRITON_INTERPRET=1.
 """
 
-import os
-
+import pytest
 import torch
+from transformers.activations import ACT2FN
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from transformers.activations import ACT2FN  # noqa: E402
-
-from triton_rerank.kernels.swiglu import _launch_config, silu_mul, silu_mul_reference  # noqa: E402
+from triton_rerank.kernels.swiglu import _launch_config, silu_mul, silu_mul_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 is wrong under the Triton interpreter (triton#11584)")
 
 # (dtype, absolute floor of the float64 bound, rtol and atol against HF)
 DTYPES = [
     pytest.param(torch.float32, 1e-6, 1e-6, 1e-7, id="fp32"),
     pytest.param(torch.float16, 1e-3, 2 * 2**-10, 1e-7, id="fp16"),
-    pytest.param(torch.bfloat16, 8e-3, 2 * 2**-7, 1e-30, id="bf16", marks=needs_cuda),
+    pytest.param(torch.bfloat16, 8e-3, 2 * 2**-7, 1e-30, id="bf16", marks=pytest.mark.bf16),
 ]
 
 # [rows..., 2 * intermediate] (ids: rows_i<intermediate>): 1 row, odd and non-power-of-two intermediate sizes, a size past the

@@ -13,18 +13,13 @@ bound zero. On CPU the kernels run under TRITON_INTERPRET=1 with tiny shapes; on
 run compiled, with bf16 and longer sequences added.
 """
 
-import os
 import sys
 from itertools import pairwise
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from triton_rerank.kernels.varlen_attention import (  # noqa: E402
+from triton_rerank.kernels.varlen_attention import (
     AttnLaunchConfig,
     _launch_config,
     check_cu_seqlens_values,
@@ -35,13 +30,12 @@ from triton_rerank.kernels.varlen_attention import (  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 is wrong under the Triton interpreter (triton#11584)")
 
 # (dtype, absolute floor of the error bound)
 DTYPES = [
     pytest.param(torch.float32, 1e-6, id="fp32"),
     pytest.param(torch.float16, 1e-3, id="fp16"),
-    pytest.param(torch.bfloat16, 5e-3, id="bf16", marks=needs_cuda),
+    pytest.param(torch.bfloat16, 5e-3, id="bf16", marks=pytest.mark.bf16),
 ]
 
 # (sequence lengths packed in one batch, heads, head_dim). Lengths mix 1-token sequences with ones
@@ -326,20 +320,20 @@ def test_fused_gqa_qkv_views(dtype, floor):
 # Tile shapes the GPU configs use relative to each other: BLOCK_N > BLOCK_M (fp32: 32 x 64), where
 # the causal diagonal spans part of one key block and the unmasked part must stop short of the
 # query block's start; BLOCK_N == BLOCK_M; BLOCK_M = 4 * BLOCK_N (fp16/bf16 d96/128: 128 x 32).
-TILES = [
-    pytest.param(16, 32, id="m16n32"),
-    pytest.param(32, 32, id="m32n32"),
-    pytest.param(64, 16, id="m64n16"),
-]
+@pytest.fixture(params=[(16, 32), (32, 32), (64, 16)], ids=["m16n32", "m32n32", "m64n16"])
+def other_tiles(request, monkeypatch):
+    """The wrapper launches (BLOCK_M, BLOCK_N) = request.param tiles for the test's duration."""
+    block_m, block_n = request.param
 
-
-@pytest.mark.parametrize("block_m, block_n", TILES)
-def test_causal_with_other_tile_shapes(monkeypatch, block_m, block_n):
     def config(head_dim, dtype, on_gpu=True):
         return AttnLaunchConfig(block_m, block_n, max(16, 1 << (head_dim - 1).bit_length()), 4, 1)
 
     # The package re-exports the function under the module's name, so reach the module via sys.modules.
     monkeypatch.setattr(sys.modules[varlen_attention.__module__], "_launch_config", config)
+
+
+@pytest.mark.usefixtures("other_tiles")
+def test_causal_with_other_tile_shapes():
     lengths = [1, 47, 16, 80]
     q, k, v = _make_qkv(lengths, 4, 32, torch.float32, seed=16, kv_heads=2)
     _check_accuracy(q, k, v, _cu_seqlens(lengths), max(lengths), 1e-6, causal=True)
@@ -363,115 +357,91 @@ def _good_inputs():
     return dict(q=q, k=k, v=v, cu_seqlens=_cu_seqlens([3, 5]), max_seqlen=5)
 
 
-def _replace(**changes):
-    def make():
-        args = _good_inputs()
-        for key, fn in changes.items():
-            args[key] = fn(args)
-        return args
-
-    return make
+def _zeros(names, *shape):
+    """Changes for assert_rejects: the tensors named (of q, k, v) replaced by fp32 zeros of this shape."""
+    return {name: (lambda a: torch.zeros(shape, device=DEVICE)) for name in names}
 
 
+# (changes for conftest.py's assert_rejects, message) against _good_inputs().
 INVALID = [
-    pytest.param(_replace(cu_seqlens=lambda a: a["cu_seqlens"].long()), "int32", id="cu_seqlens_int64"),
-    pytest.param(_replace(cu_seqlens=lambda a: a["cu_seqlens"].view(1, -1)), "1-D", id="cu_seqlens_2d"),
+    pytest.param(dict(cu_seqlens=lambda a: a["cu_seqlens"].long()), "int32", id="cu_seqlens_int64"),
+    pytest.param(dict(cu_seqlens=lambda a: a["cu_seqlens"].view(1, -1)), "1-D", id="cu_seqlens_2d"),
+    pytest.param(dict(cu_seqlens=lambda a: a["cu_seqlens"].tolist()), "torch.Tensor", id="cu_seqlens_list"),
     pytest.param(
-        _replace(cu_seqlens=lambda a: a["cu_seqlens"].tolist()), "torch.Tensor", id="cu_seqlens_list"
-    ),
-    pytest.param(
-        _replace(k=lambda a: a["k"][:, :1].contiguous()),
+        dict(k=lambda a: a["k"][:, :1].contiguous()),
         "k and v must have the same shape",
         id="k_v_heads_differ",
     ),
-    pytest.param(_replace(v=lambda a: a["v"][:-1]), "k and v must have the same shape", id="v_fewer_tokens"),
+    pytest.param(dict(v=lambda a: a["v"][:-1]), "k and v must have the same shape", id="v_fewer_tokens"),
     pytest.param(
-        _replace(k=lambda a: a["k"][:-1], v=lambda a: a["v"][:-1]),
+        dict(k=lambda a: a["k"][:-1], v=lambda a: a["v"][:-1]),
         "q's total_tokens and head_dim",
         id="kv_fewer_tokens",
     ),
+    pytest.param(_zeros("kv", 8, 2, 64), "q's total_tokens and head_dim", id="kv_other_head_dim"),
     pytest.param(
-        _replace(**{n: (lambda a, n=n: torch.zeros(8, 2, 64, device=DEVICE)) for n in "kv"}),
-        "q's total_tokens and head_dim",
-        id="kv_other_head_dim",
-    ),
-    pytest.param(
-        _replace(**{n: (lambda a, n=n: torch.zeros(8, 4, 32, device=DEVICE)) for n in "kv"}),
+        _zeros("kv", 8, 4, 32),
         r"head count \(2\) must be a multiple of k and v's head count \(4\)",
         id="kv_more_heads",
     ),
     pytest.param(
-        _replace(q=lambda a: torch.zeros(8, 3, 32, device=DEVICE)),
+        _zeros("q", 8, 3, 32),
         r"head count \(3\) must be a multiple of k and v's head count \(2\)",
         id="q_heads_not_multiple",
     ),
+    pytest.param(_zeros("kv", 8, 0, 32), r"multiple of k and v's head count \(0\)", id="kv_zero_heads"),
+    pytest.param(dict(causal=lambda a: 1), "causal must be a python bool", id="causal_int"),
+    pytest.param(dict(causal=lambda a: None), "causal must be a python bool", id="causal_none"),
+    pytest.param(dict(v=lambda a: a["v"].half()), "share a dtype", id="v_fp16"),
+    pytest.param(dict(q=lambda a: a["q"].flatten(1)), "3-D", id="q_2d"),
+    pytest.param(_zeros("qkv", 8, 2, 16), r"head_dim must be in \[32, 128\], got 16", id="head_dim_16"),
+    pytest.param(_zeros("qkv", 8, 1, 256), r"head_dim must be in \[32, 128\], got 256", id="head_dim_256"),
     pytest.param(
-        _replace(**{n: (lambda a, n=n: torch.zeros(8, 0, 32, device=DEVICE)) for n in "kv"}),
-        r"multiple of k and v's head count \(0\)",
-        id="kv_zero_heads",
-    ),
-    pytest.param(_replace(causal=lambda a: 1), "causal must be a python bool", id="causal_int"),
-    pytest.param(_replace(causal=lambda a: None), "causal must be a python bool", id="causal_none"),
-    pytest.param(_replace(v=lambda a: a["v"].half()), "share a dtype", id="v_fp16"),
-    pytest.param(_replace(q=lambda a: a["q"].flatten(1)), "3-D", id="q_2d"),
-    pytest.param(
-        _replace(**{n: (lambda a, n=n: torch.zeros(8, 2, 16, device=DEVICE)) for n in "qkv"}),
-        r"head_dim must be in \[32, 128\], got 16",
-        id="head_dim_16",
-    ),
-    pytest.param(
-        _replace(**{n: (lambda a, n=n: torch.zeros(8, 1, 256, device=DEVICE)) for n in "qkv"}),
-        r"head_dim must be in \[32, 128\], got 256",
-        id="head_dim_256",
-    ),
-    pytest.param(
-        _replace(q=lambda a: torch.zeros(8, 2, 64, device=DEVICE)[:, :, ::2]),
+        dict(q=lambda a: torch.zeros(8, 2, 64, device=DEVICE)[:, :, ::2]),
         "contiguous in its last dim",
         id="q_last_dim_strided",
     ),
-    pytest.param(_replace(max_seqlen=lambda a: 5.0), "python int", id="max_seqlen_float"),
-    pytest.param(_replace(max_seqlen=lambda a: -1), ">= 0", id="max_seqlen_negative"),
-    pytest.param(_replace(prefix_starts=lambda a: _i32([0, 0])), "given together", id="prefix_starts_only"),
-    pytest.param(_replace(prefix_lens=lambda a: _i32([0, 3])), "given together", id="prefix_lens_only"),
+    pytest.param(dict(max_seqlen=lambda a: 5.0), "python int", id="max_seqlen_float"),
+    pytest.param(dict(max_seqlen=lambda a: -1), ">= 0", id="max_seqlen_negative"),
+    pytest.param(dict(prefix_starts=lambda a: _i32([0, 0])), "given together", id="prefix_starts_only"),
+    pytest.param(dict(prefix_lens=lambda a: _i32([0, 3])), "given together", id="prefix_lens_only"),
     pytest.param(
-        _replace(prefix_starts=lambda a: _i32([0, 0]).long(), prefix_lens=lambda a: _i32([0, 3])),
+        dict(prefix_starts=lambda a: _i32([0, 0]).long(), prefix_lens=lambda a: _i32([0, 3])),
         "prefix_starts must be int32",
         id="prefix_starts_int64",
     ),
     pytest.param(
-        _replace(prefix_starts=lambda a: _i32([0, 0]), prefix_lens=lambda a: _i32([0, 3]).float()),
+        dict(prefix_starts=lambda a: _i32([0, 0]), prefix_lens=lambda a: _i32([0, 3]).float()),
         "prefix_lens must be int32",
         id="prefix_lens_fp32",
     ),
     pytest.param(
-        _replace(prefix_starts=lambda a: _i32([0, 0]), prefix_lens=lambda a: [0, 3]),
+        dict(prefix_starts=lambda a: _i32([0, 0]), prefix_lens=lambda a: [0, 3]),
         "prefix_lens must be a torch.Tensor",
         id="prefix_lens_list",
     ),
     pytest.param(
-        _replace(prefix_starts=lambda a: _i32([0, 0, 0]), prefix_lens=lambda a: _i32([0, 3, 0])),
+        dict(prefix_starts=lambda a: _i32([0, 0, 0]), prefix_lens=lambda a: _i32([0, 3, 0])),
         r"prefix_starts must be 1-D \[batch\] = \[2\], got shape \(3,\)",
         id="prefix_one_per_cu_seqlens_entry",
     ),
     pytest.param(
-        _replace(prefix_starts=lambda a: _i32([0, 0]), prefix_lens=lambda a: _i32([[0, 3]])),
+        dict(prefix_starts=lambda a: _i32([0, 0]), prefix_lens=lambda a: _i32([[0, 3]])),
         r"prefix_lens must be 1-D",
         id="prefix_lens_2d",
     ),
     pytest.param(
-        _replace(prefix_starts=lambda a: _i32([0, 9, 0, 9])[::2], prefix_lens=lambda a: _i32([0, 3])),
+        dict(prefix_starts=lambda a: _i32([0, 9, 0, 9])[::2], prefix_lens=lambda a: _i32([0, 3])),
         "prefix_starts must be contiguous",
         id="prefix_starts_strided",
     ),
 ]
 
 
-@pytest.mark.parametrize("make_args, message", INVALID)
+@pytest.mark.parametrize("changes, message", INVALID)
 @pytest.mark.parametrize("fn", [varlen_attention, varlen_attention_reference], ids=["kernel", "reference"])
-def test_invalid_inputs_raise(fn, make_args, message):
-    args = make_args()
-    with pytest.raises(ValueError, match=message):
-        fn(**args)
+def test_invalid_inputs_raise(fn, changes, message, assert_rejects):
+    assert_rejects(fn, _good_inputs(), changes, message)
 
 
 def test_reference_accepts_float64_but_kernel_does_not():
@@ -602,7 +572,7 @@ def test_prefix_reference_wrapper_agrees(dtype, floor):
 PREFIX_EQUIVALENCE_DTYPES = [
     pytest.param(torch.float32, 1e-5, id="fp32"),
     pytest.param(torch.float16, 2e-3, id="fp16"),
-    pytest.param(torch.bfloat16, 1.6e-2, id="bf16", marks=needs_cuda),
+    pytest.param(torch.bfloat16, 1.6e-2, id="bf16", marks=pytest.mark.bf16),
 ]
 
 # (prefix length, document lengths, heads, kv_heads, head_dim)
@@ -680,12 +650,8 @@ def test_prefix_sees_only_its_range():
         assert (out[rows] != out2[rows]).flatten(1).any(dim=1).all()  # every row differs somewhere
 
 
-@pytest.mark.parametrize("block_m, block_n", TILES)
-def test_prefix_with_other_tile_shapes(monkeypatch, block_m, block_n):
-    def config(head_dim, dtype, on_gpu=True):
-        return AttnLaunchConfig(block_m, block_n, max(16, 1 << (head_dim - 1).bit_length()), 4, 1)
-
-    monkeypatch.setattr(sys.modules[varlen_attention.__module__], "_launch_config", config)
+@pytest.mark.usefixtures("other_tiles")
+def test_prefix_with_other_tile_shapes():
     lengths, starts, lens = _prefix_layout([(47, None), (16, 0), (1, 0), (15, None), (40, 3)])
     q, k, v = _make_qkv(lengths, 4, 32, torch.float32, seed=25, kv_heads=2)
     cu = _cu_seqlens(lengths)
