@@ -333,4 +333,4 @@ def add_decoder_options(parser, reranker_kind: str = "auto", chat_template: str 
     parser.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false", default=prefix_sharing,
                         help="decoder rerankers: run every document's whole prompt, instead of computing a "
                              "request's shared head (system prompt, instruction, query) once; scores are the same, "
-                             "for comparison and debugging")
+                             "for comparison and debugging (prefix sharing on: %(default)s)")
