@@ -10,8 +10,8 @@ document.
 - `shared_prefix_length`: the longest common token prefix of a request's pairs, found on the
   token ids themselves (exact by construction: no template or string boundary is guessed), and
   capped so every pair keeps at least its last token (the one scored) as its own.
-- `plan_shared_micro_batches`: the pairs of sharing requests cut into micro-batches by their own
-  lengths, a request's head counted once in each micro-batch that holds any of its pairs.
+- `plan_shared_micro_batches`: the pairs of sharing requests cut into micro-batches request by
+  request, a request's head counted once in each micro-batch that holds any of its pairs.
 - `gather_shared`: one micro-batch packed as `forward_shared` takes it.
 
 numpy and torch only (torch for the batch tensors).
@@ -86,22 +86,30 @@ class SharingPairs:
 
 def plan_shared_micro_batches(own_lengths: np.ndarray, group: np.ndarray, head_lengths: np.ndarray,
                               max_batch_tokens: int) -> list[np.ndarray]:
-    """Index groups of pairs, sorted by own length; a micro-batch's cost is its pairs' padded own
-    tokens plus the head of every request it holds, at most max_batch_tokens (a pair whose own
-    tokens and head alone exceed it gets a micro-batch of its own)."""
-    order = np.argsort(own_lengths, kind="stable")
+    """Index groups of pairs, request by request and by own length within a request; a micro-batch's
+    cost is its pairs' padded own tokens plus the head of every request it holds, at most
+    max_batch_tokens (a pair whose own tokens and head alone exceed it gets a micro-batch of its own).
+
+    Request by request, not by length across requests as the plain plan sorts: a head is computed
+    once in every micro-batch holding any of its request's pairs, so pairs of one request kept
+    together pay for it once; length order across requests would spread every request over every
+    micro-batch. Attention pads at most within power-of-two length buckets (SDPA) or not at all
+    (Triton), so the order inside a micro-batch costs little.
+    """
+    order = np.lexsort((own_lengths, group))
     batches: list[np.ndarray] = []
-    start, heads, head_tokens = 0, set(), 0
+    start, heads, head_tokens, longest = 0, set(), 0, 0
     for end, pair in enumerate(order):
         g = int(group[pair])
         added = 0 if g in heads else int(head_lengths[g])
-        cost = (end + 1 - start) * int(own_lengths[pair]) + head_tokens + added  # sorted: this pair is the longest
-        if end > start and cost > max_batch_tokens:
+        widest = max(longest, int(own_lengths[pair]))
+        if end > start and (end + 1 - start) * widest + head_tokens + added > max_batch_tokens:
             batches.append(order[start:end])
-            start, heads, head_tokens = end, set(), 0
+            start, heads, head_tokens, widest = end, set(), 0, int(own_lengths[pair])
             added = int(head_lengths[g])
         heads.add(g)
         head_tokens += added
+        longest = widest
     if start < len(order):
         batches.append(order[start:])
     return batches
