@@ -314,6 +314,16 @@ def _decoder_section(dec: dict) -> list[str]:
             text += f"; peak memory {fmt(sh.get('peak_memory_gib'))} GiB"
         if sh.get("reason") or sh.get("error"):
             text += f"; {sh.get('reason') or sh.get('error')}"
+        shared = sh.get("shared_heads") or {}
+        if shared.get("predicted_gain"):
+            # The `_shared` variants: each request's head once; their gain over the plain variants set
+            # beside the gain the token counts predict.
+            text += (f"; shared heads (mean {fmt(shared.get('head_tokens_mean'))} tokens): "
+                     f"{fmt(shared.get('tokens_shared'))} tokens run instead of {fmt(shared.get('tokens_whole'))}, "
+                     f"predicted gain {fmt(shared.get('predicted_gain'))}x, scores vs the plain forward max |d| "
+                     f"{fmt((shared.get('vs_plain') or {}).get('max_abs_diff'))}")
+        elif shared.get("error"):
+            text += f"; shared heads: {shared['error']}"
         lines.append(text + ".")
     lines.append("")
     rows = [

@@ -67,6 +67,13 @@ from ...models.qwen3_reranker import (
     label_token_ids,
     load_qwen3_reranker,
 )
+from ...serving.prefix_sharing import (
+    DEFAULT_MIN_SHARED_PREFIX,
+    SharingPairs,
+    gather_shared,
+    plan_shared_micro_batches,
+    shared_prefix_length,
+)
 from ...serving.scoring import gather_pairs, plan_micro_batches
 from ..random_model import (
     QWEN3_RERANKER_CONFIG_FILES,
@@ -89,7 +96,7 @@ QUERIES = {"0.6B": (20, 5), "4B": (10, 2)}
 DOCS_PER_QUERY = 100
 # The smoke run: interpreted Triton kernels cost 30-60 ms a token for the tiny model, so three
 # prompts of 3 queries (~95 tokens: documents cut to 16), still two micro-batches and a padded HF batch.
-TINY_QUERIES, TINY_DOCS, TINY_DOC_TOKENS, TINY_TOKEN_BUDGET, TINY_HF_BATCH = 3, 1, 16, 200, 3
+TINY_QUERIES, TINY_DOCS, TINY_DOC_TOKENS, TINY_TOKEN_BUDGET, TINY_HF_BATCH = 2, 2, 16, 200, 3
 # Share of the stage's remaining time each shape may use (the 4B costs about 8x the FLOPs per token).
 SLOT_WEIGHTS = {"0.6B": 1.0, "4B": 1.5, TINY_SHAPE: 1.0}
 # Prompts of the score agreement (bf16 vs bf16) and of the float32 reference (a subset of them).
@@ -170,13 +177,32 @@ class Prompts:
     offsets: np.ndarray  # [N] int64
     lengths: np.ndarray  # [N] int64
     device: str
+    queries: np.ndarray | None = None  # [N] the request (DL19 query) of each prompt
 
     @classmethod
-    def of(cls, sequences: Sequence[np.ndarray], device: str) -> Prompts:
+    def of(cls, sequences: Sequence[np.ndarray], device: str, queries: Sequence[int] | None = None) -> Prompts:
         lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
         offsets = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], out=offsets[1:])
-        return cls(np.concatenate(sequences).astype(np.int32), offsets, lengths, device)
+        return cls(np.concatenate(sequences).astype(np.int32), offsets, lengths, device,
+                   None if queries is None else np.asarray(queries, dtype=np.int64))
+
+    def sharing(self) -> tuple[SharingPairs, np.ndarray, np.ndarray]:
+        """The prompts as the scoring step shares their heads: each request's (query's) longest common
+        token prefix once, when it reaches min_shared_prefix, and every prompt's own tokens; with the own
+        tokens' offsets and the head lengths. Requests whose head is too short keep a head of 0 tokens,
+        which forward_shared cannot take: the variant then reports the gap instead of timing."""
+        requests = []
+        for query in np.unique(self.queries):
+            members = np.flatnonzero(self.queries == query)
+            ids = np.concatenate([self.input_ids[self.offsets[i]:self.offsets[i] + self.lengths[i]] for i in members])
+            lengths = self.lengths[members].astype(np.int32)
+            head = shared_prefix_length(ids, lengths)
+            requests.append((ids, lengths, head if head >= DEFAULT_MIN_SHARED_PREFIX else 0))
+        pairs = SharingPairs.split(requests)
+        offsets = np.zeros(len(pairs.own_lengths), dtype=np.int64)
+        np.cumsum(pairs.own_lengths[:-1], out=offsets[1:])
+        return pairs, offsets, np.array([len(h) for h in pairs.heads], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -388,6 +414,42 @@ class Shape:
         self.rec.flush()
 
 
+def _time_shared_heads(shape: Shape, packed, passes: int) -> None:
+    """Both backends again with each request's shared head computed once (forward_shared), micro-batched
+    as the scoring step does; the gain the token counts predict (all prompt tokens over the tokens run
+    with sharing) is recorded beside it, and the scores are compared with the plain forward's."""
+    pairs, offsets, head_lengths = shape.prompts.sharing()
+    whole = int(shape.prompts.lengths.sum())
+    if not head_lengths.all():
+        shape.entry["shared_heads"] = {"error": "a request's head is under min_shared_prefix tokens: not shared"}
+        return
+    plan = plan_shared_micro_batches(pairs.own_lengths, pairs.group, head_lengths, shape.token_budget)
+    shared_tokens = int(pairs.own_lengths.sum()) + int(sum(head_lengths[np.unique(pairs.group[b])].sum() for b in plan))
+    shape.entry["shared_heads"] = {"head_tokens_mean": float(head_lengths.mean()), "tokens_whole": whole,
+                                   "tokens_shared": shared_tokens, "predicted_gain": whole / shared_tokens}
+
+    def prepare(batch):
+        b = gather_shared(pairs, offsets, batch)
+        return (b.prefix_ids.to(shape.device), b.prefix_cu, b.input_ids.to(shape.device), b.cu_seqlens, b.groups,
+                b.max_seqlen, b.max_prefix)
+
+    for backend in ("sdpa", "triton"):
+        def fwd(batch, backend=backend):
+            packed.attention_backend = backend
+            return packed.forward_shared(*batch)
+
+        shape.time_variant(f"packed_{backend}_shared", fwd, plan, prepare, passes,
+                           {"token_budget": shape.token_budget, "executed_tokens": shared_tokens})
+    with guarded(shape.rec, f"{shape.name} shared-head scores"):
+        backend = "triton" if shape.device == "cuda" else "sdpa"  # the serving default of each device
+        packed.attention_backend = backend
+        order = np.argsort(np.concatenate(plan), kind="stable")  # plan order -> prompt order
+        shared = torch.cat([packed.forward_shared(*prepare(b)).float().cpu() for b in plan])[order]
+        plain = _packed_scores(packed, backend, shape.prompts, list(range(len(shape.prompts))))
+        shape.entry["shared_heads"]["vs_plain"] = _diff(shared, plain)
+    shape.rec.flush()
+
+
 def _prepare_inputs(shape: Shape, args: argparse.Namespace, data_dir: Path, records: list[dict], tmp: Path) -> None:
     """The shape's config, tokenizer directory (tiny: the whole model directory) and DL19 prompts; recorded."""
     t0 = time.time()
@@ -412,9 +474,11 @@ def _prepare_inputs(shape: Shape, args: argparse.Namespace, data_dir: Path, reco
     else:
         n_queries, docs, doc_tokens = QUERIES[shape.name][1 if args.quick else 0], DOCS_PER_QUERY, None
     sequences = dl19_prompts(shape.model_dir, records, n_queries, docs, args.max_length, doc_tokens)
+    queries = np.repeat(np.arange(n_queries), [min(docs, len(r["candidates"])) for r in records[:n_queries]])
     if args.pairs and args.pairs < len(sequences):
-        sequences = [sequences[i] for i in spread_indices(len(sequences), args.pairs)]
-    prompts = shape.prompts = Prompts.of(sequences, shape.device)
+        kept = spread_indices(len(sequences), args.pairs)
+        sequences, queries = [sequences[i] for i in kept], queries[kept]
+    prompts = shape.prompts = Prompts.of(sequences, shape.device, queries)
     shape.entry["workload"] = {
         "source": "dl19", "queries": n_queries, "docs_per_query": docs, "pairs": len(prompts),
         "tokens": int(prompts.lengths.sum()), "mean_length": float(prompts.lengths.mean()),
@@ -590,6 +654,7 @@ def _run_shape(shape: Shape, args: argparse.Namespace, data_dir: Path, records: 
         torch.cuda.empty_cache()
     shape.time_variant("packed_triton", _packed_forward(packed, "triton"), server_plan, prompts.packed, passes,
                        dict(packed_extra))
+    _time_shared_heads(shape, packed, passes)
     if shape.device == "cuda":
         entry["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
 

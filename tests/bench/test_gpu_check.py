@@ -291,9 +291,15 @@ def test_decoder_stage_smoke_on_cpu(tmp_path):
     assert stage["status"] == "ok", run.stdout[-4000:] + run.stderr[-3000:]
     tiny = stage["data"]["shapes"]["tiny"]
     assert tiny["status"] == "ok" and tiny["dtype"] == "float32"
-    assert tiny["workload"]["pairs"] == 3 and tiny["workload"]["tokens"] > 3 * 16
+    assert tiny["workload"]["pairs"] == 4 and tiny["workload"]["tokens"] > 4 * 16
     variants = tiny["variants"]
-    assert list(variants) == ["hf_padded", "packed_sdpa", "packed_triton"]
+    assert list(variants) == ["hf_padded", "packed_sdpa", "packed_triton", "packed_sdpa_shared",
+                              "packed_triton_shared"]
+    # Two requests of two prompts: each head once, the gain its token counts predict, scores unchanged.
+    shared = tiny["shared_heads"]
+    assert shared["head_tokens_mean"] >= 16 and shared["tokens_shared"] < shared["tokens_whole"]
+    assert shared["predicted_gain"] == pytest.approx(shared["tokens_whole"] / shared["tokens_shared"])
+    assert shared["vs_plain"]["finite"] and shared["vs_plain"]["max_abs_diff"] < 1e-5
     for name, v in variants.items():
         assert v["pairs_per_s"] > 0 and v["tflops"] > 0, name
     assert variants["packed_sdpa"]["batches"] >= 2 and variants["hf_padded"]["pad_fraction"] > 0  # micro-batches, padding
@@ -305,6 +311,7 @@ def test_decoder_stage_smoke_on_cpu(tmp_path):
         assert agree[key]["finite"] and agree[key]["max_abs_diff"] < 1e-4, key  # float32 all through
     markdown = (out / gc.RESULTS_MD).read_text()
     assert "## Decoder (Qwen3-Reranker" in markdown and "| tiny | packed_triton |" in markdown
+    assert "| tiny | packed_triton_shared |" in markdown and "predicted gain" in markdown
     assert {data["stages"][n]["status"] for n in gc.STAGES if n != "decoder"} == {"skipped"}
 
 
