@@ -43,11 +43,15 @@ and the counts exactly, or the run fails (exit 1); in bfloat16 the score differe
 not judged (shared and whole sum in different orders, so they differ slightly too).
 
 Writes decoder.csv (medians over runs), decoder_runs.csv (each run), decoder_gain.csv (the gain of
-shared heads) and decoder.md to --out, and prints the tables. The committed results (the 0.6B
-shape in bfloat16 on 2 cores: 3 queries x 20 documents and 1 query x 100, 2 runs of HF and of each
-served variant at concurrency 1 and 4 (1 only where there is a single request); about 15 minutes):
+shared heads) and decoder.md to --out, and prints the tables. The comparison the shared heads are
+judged by (the 0.6B shape in bfloat16 on 2 cores: 3 queries x 20 documents and 1 query x 100, 2 runs
+of HF and of each served variant at concurrency 1 and 4 (1 only where there is a single request);
+about 15 minutes on a quiet machine):
 
     triton-rerank bench-decoder --docs-per-request 20,100 --max-queries 3,1 --out results/cpu-qwen3-reranker
+
+results/cpu-qwen3-reranker/ holds, for now, the earlier form of this benchmark: 3 queries x 20
+documents, HF against the served ensemble with shared heads only (no triton-whole variant yet).
 """
 
 from __future__ import annotations
