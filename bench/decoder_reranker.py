@@ -50,8 +50,8 @@ about 15 minutes on a quiet machine):
 
     triton-rerank bench-decoder --docs-per-request 20,100 --max-queries 3,1 --out results/cpu-qwen3-reranker
 
-results/cpu-qwen3-reranker/ holds, for now, the earlier form of this benchmark: 3 queries x 20
-documents, HF against the served ensemble with shared heads only (no triton-whole variant yet).
+results/cpu-qwen3-reranker/ holds one run of it (--repeat 1 --concurrency 1, about 12 minutes)
+on a machine other work was also loading.
 """
 
 from __future__ import annotations
