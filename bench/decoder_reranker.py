@@ -44,14 +44,11 @@ not judged (shared and whole sum in different orders, so they differ slightly to
 
 Writes decoder.csv (medians over runs), decoder_runs.csv (each run), decoder_gain.csv (the gain of
 shared heads) and decoder.md to --out, and prints the tables. The comparison the shared heads are
-judged by (the 0.6B shape in bfloat16 on 2 cores: 3 queries x 20 documents and 1 query x 100, 2 runs
-of HF and of each served variant at concurrency 1 and 4 (1 only where there is a single request);
-about 15 minutes on a quiet machine):
+judged by, and the committed results (the 0.6B shape in bfloat16 on 2 cores: 3 queries x 20
+documents and 1 query x 100, 2 runs of HF and of each served variant at concurrency 1 and 4 (1 only
+where there is a single request); 12 minutes on a quiet machine):
 
     triton-rerank bench-decoder --docs-per-request 20,100 --max-queries 3,1 --out results/cpu-qwen3-reranker
-
-results/cpu-qwen3-reranker/ holds one run of it (--repeat 1 --concurrency 1, about 12 minutes)
-on a machine other work was also loading.
 """
 
 from __future__ import annotations
