@@ -11,13 +11,14 @@ import argparse
 from .bench import command as bench_command
 from .bench import decoder_reranker as decoder_bench
 from .bench import long_documents as long_documents_bench
+from .bench import prefix_threshold as prefix_threshold_bench
 from .bench import random_model
 from .client import rerank_command
 from .gateway import command as api_command
 from .launcher import serve as serve_command
 
 COMMANDS = (serve_command, api_command, rerank_command, random_model, bench_command, long_documents_bench,
-            decoder_bench)
+            decoder_bench, prefix_threshold_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ drift hits all of them:
   `reranker` ensemble: the prompt tokenizer step, then our packed causal decoder, which projects
   only the yes/no rows at each prompt's last token), with its default prefix sharing: each
   request's prompt head (system prompt, instruction, query: the longest common token prefix of its
-  prompts, when at least 16 tokens) computed once, each document's own tokens attending to it;
+  prompts, when at least min_shared_prefix tokens) computed once, each document's own tokens attending to it;
 - triton-whole: the same server with `serve --no-prefix-sharing` (config.pbtxt prefix_sharing:
   false): every prompt computed whole.
 
@@ -34,7 +34,7 @@ The gain of shared heads, per request size: measured = shared / whole pairs/s wi
 median over runs), against what the token counts predict: whole tokens (every prompt's length) over
 shared tokens (each request's head once plus every prompt's own tokens), the head found on the
 tokenizer's ids exactly as the server finds it (serving/prefix_sharing.shared_prefix_length, below
-16 tokens no head).
+the server's min_shared_prefix no head).
 
 Parity: the served P(yes) = sigmoid(SCORES) (SCORES = logit(yes) - logit(no)) against HF's P(yes)
 on the same documents, per variant, max |difference| and Spearman per request, every prompt's token
@@ -700,6 +700,8 @@ def target_line(gains: Sequence[GainRow], fraction: float = 0.85) -> str:
 def markdown(sized: Sequence[tuple[int, Sequence[ld.Row]]], gains: Sequence[GainRow], workloads: Sequence[Workload],
              context: dict[str, str], checks: Sequence[DecoderParity], backends: dict[str, str],
              notes: list[str]) -> str:
+    from ..serving.prefix_sharing import DEFAULT_MIN_SHARED_PREFIX
+
     parts = [
         "# Decoder reranker (Qwen3-Reranker): served with and without shared prompt heads, against the Hugging "
         "Face recipe",
@@ -729,7 +731,7 @@ def markdown(sized: Sequence[tuple[int, Sequence[ld.Row]]], gains: Sequence[Gain
             "passes side by side), then the median over runs. Predicted gain: whole tokens (every prompt's "
             "length, summed) over shared tokens (each request's head once, plus every prompt's own tokens), the "
             "head found on the tokenizer's ids as the server finds it (the longest common token prefix of a "
-            "request's prompts, at most the shortest less one; below 16 tokens none). A fraction of the predicted "
+            f"request's prompts, at most the shortest less one; below {DEFAULT_MIN_SHARED_PREFIX} tokens none). A fraction of the predicted "
             "gain has two readings, both given: measured / predicted (of the speed-up factor) and "
             "(measured - 1) / (predicted - 1) (of the saving, the gain above 1x). A target such as \"within 85% "
             f"of the predicted gain\" does not say which: {target_line(gains)}.",
@@ -1051,6 +1053,8 @@ def idle_note(meters: dict[str, ServerCpu]) -> str:
 
 def method_notes(args, max_length: int, workloads: Sequence[Workload], meters: dict[str, ServerCpu],
                  started: float) -> list[str]:
+    from ..serving.prefix_sharing import DEFAULT_MIN_SHARED_PREFIX
+
     crowded = [f"concurrency {', '.join(map(str, [c for c in w.levels if c > len(w.requests.requests)]))} exceeds "
                f"the {len(w.requests.requests)} requests of a pass at {w.docs_per_request} documents: all of them "
                "are in flight at once" for w in workloads if any(c > len(w.requests.requests) for c in w.levels)]
@@ -1075,7 +1079,8 @@ def method_notes(args, max_length: int, workloads: Sequence[Workload], meters: d
         "(as the recipe's model(**inputs).logits), P(yes) = exp(log_softmax([no, yes]))[1]; tokenization included, "
         "as on the served side",
         "token counts: the recipe's prompts (the same ids as the server's tokenizer step), each request's head by "
-        "serving/prefix_sharing.shared_prefix_length, kept at 16 tokens or more (the server's min_shared_prefix)",
+        f"serving/prefix_sharing.shared_prefix_length, kept at {DEFAULT_MIN_SHARED_PREFIX} tokens or more (the server's "
+        "min_shared_prefix)",
         "weights: random, of the config's shape (speed does not depend on their values), built in bfloat16 as the "
         "releases ship; every contender loads the same files and casts them to the run's dtype",
         "in decoder.csv, documents_per_s and windows_per_s are both pairs/s (one prompt per document)",

@@ -139,10 +139,10 @@ def test_rows_carry_this_benchmarks_names_and_ratios():
 def test_predicted_gain_against_a_hand_computed_example():
     head = list(range(100, 120))  # 20 tokens every prompt of request a starts with
     a = [head + [1, 2, 3, 4, 5], head + list(range(6, 16)), head + [16, 17]]  # 25, 30, 22 tokens
-    b = [list(range(200, 210)) + [1, 2, 3, 4, 5], list(range(200, 210)) + [7, 7]]  # 10 shared: under 16
+    b = [list(range(200, 210)) + [1, 2, 3, 4, 5], list(range(200, 210)) + [7, 7]]  # 10 shared: under 16 (below)
     c = [list(range(300, 318))] * 2  # identical: the head stops one short of the shorter (17)
     d = [list(range(400, 430))]  # alone: nothing shared
-    tokens = dr.prompt_tokens([a, b, c, d])
+    tokens = dr.prompt_tokens([a, b, c, d], min_shared_prefix=16)
     assert tokens.heads == (20, 0, 17, 0)
     assert tokens.whole == 77 + 27 + 36 + 30 == 170
     # a: its head once + 5 + 10 + 2 own tokens; b and d whole; c: 17 + 1 + 1.
@@ -154,9 +154,11 @@ def test_predicted_gain_against_a_hand_computed_example():
     assert dr.prompt_tokens([a, b, c, d], min_shared_prefix=10).shared == 113 - 10
     # The server's plan at 40 tokens per micro-batch: a's own 2 and 5 with its head (27), then its own 10 with the
     # head again (30); b whole (27); c's two own tokens with its head (19); d whole (30).
-    planned = dr.prompt_tokens([a, b, c, d], max_batch_tokens=40)
+    planned = dr.prompt_tokens([a, b, c, d], min_shared_prefix=16, max_batch_tokens=40)
     assert planned.planned == 27 + 30 + 27 + 19 + 30 == 133 and planned.planned_gain == pytest.approx(170 / 133)
-    assert dr.prompt_tokens([a, b, c, d], max_batch_tokens=4096).planned == 113
+    assert dr.prompt_tokens([a, b, c, d], min_shared_prefix=16, max_batch_tokens=4096).planned == 113
+    # The server's default threshold (8) shares b's head as well.
+    assert dr.prompt_tokens([a, b, c, d]).heads == (20, 10, 17, 0)
 
 
 def test_levels_above_the_request_count_are_measured_once():

@@ -8,6 +8,7 @@ import torch
 
 from triton_rerank.models.dtypes import auto_dtype
 from triton_rerank.serving.packed_inputs import PackedRequest
+from triton_rerank.serving.prefix_sharing import DEFAULT_MIN_SHARED_PREFIX
 from triton_rerank.serving.scoring import (
     EncoderSettings,
     gather_pairs,
@@ -179,7 +180,7 @@ def test_heads_are_shared_only_for_packed_decoders_and_only_when_on(tiny_model_d
     decoder.mkdir()
     (decoder / "config.json").write_text('{"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}')
     on = EncoderSettings.from_parameters({"model_path": str(decoder)})
-    assert (on.reranker_kind, on.shared_prefix_threshold) == ("decoder", 16)
+    assert (on.reranker_kind, on.shared_prefix_threshold) == ("decoder", DEFAULT_MIN_SHARED_PREFIX)
     assert EncoderSettings.from_parameters({"model_path": str(decoder), "min_shared_prefix": "40"}
                                            ).shared_prefix_threshold == 40
     for params in ({"prefix_sharing": "false"}, {"engine": "hf"}):
