@@ -27,11 +27,12 @@ import torch
 # Below this many shared tokens the plain path is taken. Measured (`triton-rerank bench-prefix-threshold`,
 # results/cpu-prefix-threshold: the 0.6B shape, bfloat16, 2 CPU cores): a head of h tokens saves
 # (documents - 1) x h tokens of every layer's projections and MLP, and the measured gain follows that
-# count (94-108% of it) from the first token; at two documents a request, where a head saves least,
-# the shared path is faster in 3 of 4 repeats from 8 tokens on, and at 1-2 tokens 3-6% slower (4:
-# even). Not measured on a GPU, where fixed costs weigh more against a short head. Qwen3-Reranker's
+# count (94-109% of it) from the first token, with no fixed cost that shows. Under ~12 tokens at two
+# documents a request the saving (under 6%) is within the machine's noise: two runs found the
+# shared path faster in 3 of 4 repeats at every head from 8 and from 16 tokens on; 16 is where both
+# agree. Not measured on a GPU, where fixed costs weigh more against a short head. Qwen3-Reranker's
 # system prompt alone is about 40 tokens, so real heads are far above it either way.
-DEFAULT_MIN_SHARED_PREFIX = 8
+DEFAULT_MIN_SHARED_PREFIX = 16
 
 
 def shared_prefix_length(input_ids: np.ndarray, lengths: np.ndarray, block: int = 256) -> int:

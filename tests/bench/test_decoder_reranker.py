@@ -157,8 +157,8 @@ def test_predicted_gain_against_a_hand_computed_example():
     planned = dr.prompt_tokens([a, b, c, d], min_shared_prefix=16, max_batch_tokens=40)
     assert planned.planned == 27 + 30 + 27 + 19 + 30 == 133 and planned.planned_gain == pytest.approx(170 / 133)
     assert dr.prompt_tokens([a, b, c, d], min_shared_prefix=16, max_batch_tokens=4096).planned == 113
-    # The server's default threshold (8) shares b's head as well.
-    assert dr.prompt_tokens([a, b, c, d]).heads == (20, 10, 17, 0)
+    # The server's default threshold (16) keeps b whole, as above.
+    assert dr.prompt_tokens([a, b, c, d]).heads == (20, 0, 17, 0)
 
 
 def test_levels_above_the_request_count_are_measured_once():
