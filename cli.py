@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .bench import command as bench_command
+from .bench import cpu_matmul as cpu_matmul_bench
 from .bench import decoder_reranker as decoder_bench
 from .bench import long_documents as long_documents_bench
 from .bench import prefix_threshold as prefix_threshold_bench
@@ -18,7 +19,7 @@ from .gateway import command as api_command
 from .launcher import serve as serve_command
 
 COMMANDS = (serve_command, api_command, rerank_command, random_model, bench_command, long_documents_bench,
-            decoder_bench, prefix_threshold_bench)
+            decoder_bench, prefix_threshold_bench, cpu_matmul_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
