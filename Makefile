@@ -47,7 +47,7 @@ bench-peer-setup:
 	$(INFVENV)/bin/pip install -q "infinity-emb[server,torch]==0.0.78"
 
 bench: setup
-	$(BIN)/triton-rerank bench --out results/cpu-minilm-l6 --repeat 3 --max-batch-tokens 4096 \
+	$(BIN)/triton-rerank bench --out results/cpu-minilm-l6 --repeat 3 --max-batch-tokens 4096 --dtype float32 \
 	  --triton-variant delay=0,instances=1,threads=2 --infinity-python $(INFVENV)/bin/python $(BENCH_ARGS)
 
 bench-quick: setup

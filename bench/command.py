@@ -91,7 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch threads of every contender; default the "
                    "cores this process may use")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                   help="every contender's dtype; auto (default): what `serve` picks on this device, the precision "
+                   "a user gets (on a CPU bfloat16 with AMX or AVX512-BF16, else float32)")
     g.add_argument("--max-batch-tokens", type=int, default=16384, help="packed encoder token budget (server and "
                    "in-process)")
     g.add_argument("--attention-backend", default="", choices=["", "sdpa", "triton"])
@@ -153,6 +155,12 @@ def run(args: argparse.Namespace) -> int:
     from .random_model import build_bench_model, describe_model
 
     apply_quick(args)
+    notes: list[str] = []
+    if args.dtype == "auto":
+        from ..models.dtypes import auto_dtype
+
+        args.dtype, why = auto_dtype("cuda" if args.device.startswith("cuda") else "cpu")
+        notes.append(f"dtype auto: {args.dtype} for every contender ({why}), as `serve` picks it on this device")
     if args.threads is None:
         args.threads = report.usable_cores()
     if args.latency_repeats is None:
@@ -160,7 +168,6 @@ def run(args: argparse.Namespace) -> int:
     out, work = Path(args.out), Path(args.work_dir)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
     data_dir = resolve_data_dir(args.data_dir)
     model_dir = Path(args.model_dir) if args.model_dir else build_bench_model(
         Path("build") / "bench-model-minilm-l6", data_dir)

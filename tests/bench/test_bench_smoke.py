@@ -37,3 +37,8 @@ def test_bench_mini_run(tiny_model_dirs, tmp_path):
     assert float(packed["tokenizer_ms"]) > 0 and float(packed["encoder_ms"]) > 0
     text = (out / "bench.md").read_text()
     assert "triton-grpc" in text and "failed" not in text and (out / "bench.png").stat().st_size > 0
+    # No --dtype: every contender in the precision `serve` picks on this CPU, said in the report.
+    from triton_rerank.models.dtypes import auto_dtype
+
+    assert f"dtype auto: {auto_dtype('cpu')[0]} for every contender" in text
+    assert {r["dtype"] for r in rows} == {auto_dtype("cpu")[0]}
