@@ -83,7 +83,11 @@ def test_killed_stub_is_replaced_under_load(tiny_model_dirs, start_extra_server,
             deadline = time.monotonic() + 120
             while server.supervisor.reloads.get(victim, 0) < death and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert server.supervisor.reloads.get(victim) == death, "the dead model was not reloaded"
+            # On failure, say whether the supervisor saw the death and what Triton did meanwhile.
+            assert server.supervisor.reloads.get(victim) == death, (
+                f"the dead model was not reloaded within 120 s (death {death}, stub {pid}); reloads "
+                f"{server.supervisor.reloads}; stubs now {stub_models(server.process.pid)}; outcomes "
+                f"{outcomes[-3:]}; server log:\n{server.log_tail(40)}")
             served_before = outcomes.count("ok")
             time.sleep(2.0)
         # One reload per death: the replaced model's other instances ending is no death to repair.
