@@ -41,6 +41,7 @@ import numpy as np
 from ..models.dtypes import DTYPE_NAMES
 from . import report
 from .decoder_reranker import config_file as decoder_config_file
+from .long_documents import _levels
 
 QUICK = {"docs": [2, 4], "heads": [1, 8, 32], "repeat": 2}
 FULL = {"docs": [2, 8], "heads": [1, 2, 4, 8, 12, 16, 24, 32, 64], "repeat": 7}
@@ -198,13 +199,6 @@ def write_csv(path: Path, points: list[Point], context: dict[str, str]) -> Path:
     return path
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return values
-
-
 def _range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
     try:
@@ -233,9 +227,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--model-dir", default=None, help="an existing Qwen3ForCausalLM reranker directory instead")
     p.add_argument("--data-dir", default=None, help="the shared data folder; default ../shared/data if present")
-    p.add_argument("--docs", type=_ints, default=None, help="documents per request, comma-separated (default "
+    p.add_argument("--docs", type=_levels, default=None, help="documents per request, comma-separated (default "
                    f"{','.join(map(str, FULL['docs']))}): two is where a head saves least")
-    p.add_argument("--heads", type=_ints, default=None, help="shared head lengths in tokens, comma-separated "
+    p.add_argument("--heads", type=_levels, default=None, help="shared head lengths in tokens, comma-separated "
                    f"(default {','.join(map(str, FULL['heads']))})")
     p.add_argument("--own-tokens", type=_range, default=(60, 130), help="each document's own tokens, LOW-HIGH "
                    "(default 60-130)")
