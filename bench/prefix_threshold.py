@@ -112,7 +112,8 @@ def measure_point(engine, requests: list, head: int, max_batch_tokens: int) -> P
         (scores,) = score_requests(engine, [request], max_batch_tokens, min_shared_prefix=min_shared_prefix)
         return time.perf_counter() - start, scores
 
-    timed(requests[0], None), timed(requests[0], 1)
+    for warm_up in (None, 1):
+        timed(requests[0], warm_up)
     whole, shared, diff = [], [], 0.0
     for r, request in enumerate(requests):
         times = {}
