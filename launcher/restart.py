@@ -11,13 +11,15 @@ loop gives up, so that a server that cannot stay up ends the process with an err
 restarting forever (a process manager or the container's restart policy takes over from there).
 
 The loop only ever sees exits it did not cause: stopping (Ctrl-C, SIGTERM) raises in the thread
-running it, and the caller stops the server after the loop has been left.
+running it, and the caller stops the server after the loop has been left. A loop run in a thread of
+its own is told with `stop()` before the server is stopped, and then returns instead of restarting.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -125,6 +127,11 @@ class ServerKeeper:
         self.report = report
         self.sleep = sleep
         self.restarts = 0
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """The next exit of the server is one asked for: run() returns 0 instead of restarting it."""
+        self._stopped.set()
 
     def run(self) -> int:
         while True:
@@ -132,6 +139,8 @@ class ServerKeeper:
             if process is None:
                 raise LauncherError("tritonserver is not running")
             returncode = process.wait()
+            if self._stopped.is_set():
+                return 0
             message = f"tritonserver (pid {process.pid}) {describe_exit(returncode)}"
             if self.server.log_file is not None:
                 message += f"; last lines of {self.server.log_file}:\n{self.server.log_tail()}"

@@ -7,6 +7,7 @@ the docker entry point, the benchmarks and the tests all run what it returns.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -315,16 +316,46 @@ def remove_shared_memory(prefix: str) -> list[str]:
     return removed
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n ports free on host right now (for tests and benchmarks that start their own servers)."""
-    sockets = [socket.socket() for _ in range(n)]
+# Where the kernel picks the local ports of outgoing connections (Linux's default when it cannot be read).
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_FREE_PORT = 10000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
     try:
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        low, high = (int(v) for v in EPHEMERAL_RANGE_FILE.read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports free on host right now (for tests and benchmarks that start their own servers).
+
+    Taken below the ephemeral range: a port the kernel handed out (bind to port 0) is one it may
+    hand out again, as the local port of any outgoing connection, before the server binds it.
+    """
+    low, high = LOWEST_FREE_PORT, ephemeral_port_range()[0] - 1
+    if high - low < 1000:  # an unusual ephemeral range leaves no room below it: take from above
+        low, high = ephemeral_port_range()[1] + 1, 65535
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    for _ in range(100 * n):
+        port = rng.randint(low, high)
+        if port not in ports and _bindable(host, port):
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    raise LauncherError(f"found only {len(ports)} of {n} free ports on {host} in {low}-{high}")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def process_group_alive(pgid: int) -> bool:

@@ -1,8 +1,10 @@
 """The one hardened tritonserver command line, the server object that runs it, and the loop that restarts it."""
 
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ from triton_rerank.launcher.server import (
     SHM_DIRECTORY,
     ServerAddress,
     TritonServer,
+    ephemeral_port_range,
+    free_ports,
     remove_shared_memory,
     server_command,
 )
@@ -132,6 +136,29 @@ class Clock:
         return self.now
 
 
+def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range():
+    # Outside it, no outgoing connection can take a port between its choice and the server's bind.
+    low, high = ephemeral_port_range()
+    ports = free_ports(20)
+    assert len(set(ports)) == 20
+    assert not any(low <= port <= high for port in ports), (ports, (low, high))
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_free_ports_skip_a_port_in_use(monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        taken.listen()
+        # The only two candidates: the port in use, then a free one.
+        candidates = iter([port, port, free_ports(1)[0]])
+        monkeypatch.setattr("random.SystemRandom.randint", lambda self, a, b: next(candidates))
+        (chosen,) = free_ports(1)
+        assert chosen != port
+
+
 def test_backoff_doubles_up_to_its_cap_and_the_budget_runs_out():
     clock = Clock()
     budget = RestartBudget(RestartPolicy(max_restarts=6, window=600, backoff=1, max_backoff=10), clock)
@@ -229,6 +256,19 @@ def test_keeper_restarts_until_the_policy_gives_up():
                      "tritonserver is ready again", "giving up on tritonserver: it needed more than 2 restarts within 600 s"):
         assert expected in text, text
     assert not process_running(server.process.pid)
+
+
+def test_a_stopped_keeper_returns_instead_of_restarting():
+    # A keeper in a thread of its own, told to stop before its server is stopped.
+    server = CrashingServer(["import time; time.sleep(60)"])
+    keeper = ServerKeeper(server, RestartPolicy(max_restarts=2, backoff=0), 5.0, report=lambda m: None)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(keeper.run()))
+    thread.start()
+    keeper.stop()
+    server.process.kill()
+    thread.join(10)
+    assert outcome == [0] and server.starts == 1 and keeper.restarts == 0
 
 
 def test_a_restart_that_does_not_get_ready_counts():
