@@ -40,7 +40,7 @@ from triton_rerank.launcher.restart import RestartPolicy, ServerKeeper, add_rest
 from triton_rerank.launcher.serve import DEFAULT_MODEL
 from triton_rerank.launcher.server import ServerAddress, StopRequested, TritonServer, stop_on_sigterm
 from triton_rerank.launcher.triton_install import SYSTEM_BACKEND_DIRECTORY, TritonInstall
-from triton_rerank.models.dtypes import DTYPE_NAMES
+from triton_rerank.models.dtypes import DTYPE_NAMES, QUANTIZE_NAMES
 from triton_rerank.serving.model_files import ModelNotFoundError, resolve_model_path
 
 # --tritonserver value that means the server bundled in the nvidia-pytriton wheel (tests, no image).
@@ -78,7 +78,7 @@ def settings_from(args: argparse.Namespace, model_path: str) -> RepositorySettin
     if args.instances < 1:
         raise ValueError(f"INSTANCES must be at least 1, got {args.instances}")
     settings = RepositorySettings(
-        model_path=model_path, device=args.device, dtype=args.dtype, engine=args.engine,
+        model_path=model_path, device=args.device, dtype=args.dtype, quantize=args.quantize, engine=args.engine,
         attention_backend=args.attention_backend, max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens, instances=args.instances, gpus=gpus, num_threads=args.num_threads,
         long_documents=args.long_documents, max_chunks_per_doc=args.max_chunks_per_doc,
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default=_env("DTYPE", "auto"),
                    help="cross-encoder precision; auto = float16 on GPU, on CPU bfloat16 where it has AMX or "
                         "AVX512-BF16, else float32")
+    p.add_argument("--quantize", choices=QUANTIZE_NAMES, default=_env("QUANTIZE", "none"),
+                   help="int8: the cross-encoder's linears in int8 on a CPU's VNNI or AMX-INT8 (DEVICE=cpu)")
     p.add_argument("--engine", choices=["packed", "hf"], default=_env("ENGINE", "packed"))
     p.add_argument("--attention-backend", choices=["", "triton", "sdpa"], default=_env("ATTENTION_BACKEND", ""),
                    help="empty = triton on GPU, sdpa on CPU")

@@ -23,6 +23,7 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 from tritonclient.grpc.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
+from ..models.dtypes import QUANTIZE_NAMES, int8_instructions
 from ..models.families import RERANKER_KINDS, reranker_kind
 from ..serving.request_options import LONG_DOCUMENT_MODES
 from .errors import LauncherError
@@ -98,6 +99,7 @@ class RepositorySettings:
     # those in `gpus`); cuda:N = cuda on GPU N.
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"  # or int8 (models/int8_linear.py)
     engine: str = "packed"
     attention_backend: str = ""
     max_length: int = 0
@@ -163,6 +165,7 @@ class RepositorySettings:
                 "engine": self.engine,
                 "attention_backend": self.attention_backend,
                 "dtype": self.dtype,
+                "quantize": self.quantize,
                 # GPU instances keep "auto": each then runs on the GPU Triton placed it on, where
                 # "cuda" would put every instance of a multi-GPU host on cuda:0.
                 "device": "cpu" if self.device == "cpu" else "auto",
@@ -188,6 +191,22 @@ class RepositorySettings:
         except ValueError as error:
             raise LauncherError(str(error)) from None
 
+    def _check_quantize(self) -> None:
+        if self.quantize not in QUANTIZE_NAMES:
+            raise LauncherError(f"quantize must be one of {', '.join(QUANTIZE_NAMES)}, got {self.quantize!r}")
+        if self.quantize == "none":
+            return
+        # device auto is let through: on a host without a GPU it is the CPU (the scoring step refuses a GPU).
+        if self.device.startswith("cuda"):
+            raise LauncherError(f"quantize {self.quantize} is for CPUs: set device cpu (got {self.device}), or use "
+                                "dtype float16 on a GPU")
+        if self.engine != "packed" or self.resolved_kind() == "decoder":
+            raise LauncherError(f"quantize {self.quantize} is for the packed engine of cross-encoders, not the "
+                                f"{self.engine} engine of a {self.resolved_kind()} reranker")
+        if not int8_instructions():
+            raise LauncherError("quantize int8 needs a CPU with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI "
+                                "or AMX-INT8) and this one has none: without them int8 is slower than float32")
+
     def check(self) -> None:
         if self.reranker_kind not in ("auto", *RERANKER_KINDS):
             raise LauncherError(f"reranker_kind must be auto or one of {', '.join(RERANKER_KINDS)}, "
@@ -209,6 +228,7 @@ class RepositorySettings:
                                 f"got {self.long_documents!r}")
         if self.instances < 1:
             raise LauncherError(f"instances must be at least 1, got {self.instances}")
+        self._check_quantize()
         if self.queue_delay_us is not None and self.queue_delay_us < 0:
             raise LauncherError(f"queue_delay_us must be >= 0, got {self.queue_delay_us}")
         self.placement()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..gateway.command import add_gateway_options, gateway_settings
 from ..gateway.settings import GatewayStartError
-from ..models.dtypes import DTYPE_NAMES, auto_dtype
+from ..models.dtypes import DTYPE_NAMES, QUANTIZE_NAMES, auto_dtype
 from ..serving.model_files import ModelNotFoundError, resolve_model_path
 from .errors import LauncherError
 from .repository import (
@@ -51,6 +51,10 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                    help="cross-encoder precision; auto = float16 on GPU, on CPU bfloat16 where it has AMX or "
                         "AVX512-BF16, else float32")
+    p.add_argument("--quantize", choices=QUANTIZE_NAMES, default="none",
+                   help="int8: the cross-encoder's linears in int8 (weights per channel, activations per token) "
+                        "on the CPU's VNNI or AMX-INT8 instructions, the rest in --dtype; compiled at start "
+                        "(seconds); CPUs only")
     p.add_argument("--attention-backend", choices=["triton", "sdpa"], default=None,
                    help="attention of the packed encoder; default triton on GPU, sdpa on CPU")
     p.add_argument("--engine", choices=["packed", "hf"], default="packed",
@@ -101,7 +105,7 @@ def run(args) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="triton-rerank-") if temporary else args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = RepositorySettings(
-        model_path=str(model_dir), device=args.device, dtype=args.dtype, engine=args.engine,
+        model_path=str(model_dir), device=args.device, dtype=args.dtype, quantize=args.quantize, engine=args.engine,
         attention_backend=args.attention_backend or "", max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens, instances=args.instances, num_threads=args.num_threads,
         # One limit for every door: the gateway's, the tokenizer step's and the scoring step's.
@@ -121,7 +125,8 @@ def run(args) -> int:
         return 2
     # SIGTERM (docker stop, systemd) takes the same clean path as Ctrl-C.
     stop_on_sigterm()
-    print(f"starting tritonserver for {model_dir}, encoder {encoder_precision(args.device, args.dtype)} "
+    linears = "" if args.quantize == "none" else f", {args.quantize} linears"
+    print(f"starting tritonserver for {model_dir}, encoder {encoder_precision(args.device, args.dtype)}{linears} "
           f"(log: {server.log_file})", flush=True)
     gateway = None
     try:

@@ -33,9 +33,12 @@ from torch import Tensor, nn
 
 from . import families
 from .checkpoint import assign_weights, read_state_dict, select_tensors
-from .dtypes import check_torch_dtype
+from .dtypes import QUANTIZE_NAMES, check_torch_dtype
+from .int8_linear import Int8Linear, check_int8_support
 
 ATTENTION_BACKENDS = ("triton", "sdpa")
+# The linears `quantize="int8"` makes int8 (the head stays float32: see ClassificationHead).
+QUANTIZED_LINEARS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,27 +269,44 @@ class Embeddings(nn.Module):
                                   self.norm.bias, self.norm.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that also gives its product without the bias, for a bias fused into the next op
+    (int8_linear.Int8Linear has the same two calls)."""
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # rows: query, key, value
-        self.attn_out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # rows: query, key, value
+        self.attn_out = Linear(cfg.hidden_size, cfg.hidden_size)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_in = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: Tensor, attention, ops, keep: Tensor | None = None) -> Tensor:
         # x [T, hidden] -> [T, hidden], or [len(keep), hidden] when keep (row indices) is given
         T, hidden = x.shape
-        qkv = self.qkv(x).view(T, 3, self.num_heads, self.head_dim)  # [T, 3, heads, head_dim]
+        qkv = self.project(x).view(T, 3, self.num_heads, self.head_dim)  # [T, 3, heads, head_dim]
         a = attention(qkv).reshape(T, hidden)  # [T, hidden]
         if keep is not None:  # last layer: only the first tokens feed the head
             a, x = a[keep], x[keep]
+        return self.finish(a, x, ops)
+
+    # The layer around attention, in two blocks that torch.compile may fuse (PackedCrossEncoder.compile_layers).
+
+    def project(self, x: Tensor) -> Tensor:
+        return self.qkv(x)  # [rows, hidden] -> [rows, 3 * hidden]
+
+    def finish(self, a: Tensor, x: Tensor, ops) -> Tensor:
+        # a (attention output), x (residual) [rows, hidden] -> [rows, hidden]
         x = ops.add_layer_norm(self.attn_out(a), x, self.attn_norm.weight, self.attn_norm.bias,
                                self.attn_norm.eps)
-        h = ops.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias)  # [rows, intermediate]
+        h = ops.bias_gelu(self.ffn_in.matmul(x), self.ffn_in.bias)  # [rows, intermediate]
         return ops.add_layer_norm(self.ffn_out(h), x, self.ffn_norm.weight, self.ffn_norm.bias,
                                   self.ffn_norm.eps)
 
@@ -327,6 +347,34 @@ class PackedCrossEncoder(nn.Module):
         if name not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention_backend {name!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
         self._attention_backend = name
+
+    def quantize_int8(self) -> None:
+        """Replaces every layer's linears by int8 ones, quantized from their current (float32) weights."""
+        for layer in self.layers:
+            for name in QUANTIZED_LINEARS:
+                setattr(layer, name, Int8Linear.from_linear(getattr(layer, name)))
+
+    def compile_layers(self) -> None:
+        """torch.compile each layer's blocks around attention, for any token count (attention and the
+        bucketing stay eager). Compiling happens on the first calls: warm_up() makes them."""
+        import torch._inductor.config
+
+        # Compile in this process: the model may run inside a server's worker, where a pool of
+        # compiler processes is not wanted.
+        torch._inductor.config.compile_threads = 1
+        for layer in self.layers:
+            layer.project = torch.compile(layer.project, dynamic=True)
+            layer.finish = torch.compile(layer.finish, dynamic=True)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Runs the shapes that make compiled blocks compile (one token and one sequence, which torch
+        specializes, then any other count), so that no request pays for it."""
+        device = self.embeddings.word_embeddings.weight.device
+        for lengths in ([1], [2, 3]):
+            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+            ids = torch.full((int(cu[-1]),), self.config.pad_token_id, dtype=torch.long, device=device)
+            self(ids, cu, max(lengths), torch.zeros_like(ids))
 
     def position_ids(self, cu_seqlens: Tensor, total_tokens: int) -> Tensor:
         # cu_seqlens [B+1] -> [T]: offset + index of each token within its sequence
@@ -446,21 +494,39 @@ def convert_hf_state_dict(cfg: EncoderConfig, hf: dict[str, Tensor]) -> dict[str
 
 def load_cross_encoder(model_path: str | Path, *, dtype: torch.dtype = torch.float32,
                        device: str | torch.device = "cpu",
-                       attention_backend: str | None = None) -> PackedCrossEncoder:
+                       attention_backend: str | None = None, quantize: str = "none") -> PackedCrossEncoder:
     """Load an HF cross-encoder directory (config.json + weights) as a PackedCrossEncoder in eval mode.
 
     attention_backend None picks "triton" on CUDA and "sdpa" elsewhere. The weights are copies
     the model owns (see models/checkpoint.py for why that matters to reproducibility).
+    quantize "int8" (CPUs with int8 dot-product instructions) makes the encoder layers' linears
+    int8 (models/int8_linear.py), quantized from the checkpoint's float32 weights, with `dtype`
+    for everything else (activations, norms, attention); their blocks are compiled and warmed up
+    here, which takes seconds, so that no request pays for it.
     """
     check_torch_dtype(dtype)
+    if quantize not in QUANTIZE_NAMES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_NAMES)}, got {quantize!r}")
     path = Path(model_path)
     device = torch.device(device)
+    if quantize == "int8":
+        check_int8_support(device)
     if attention_backend is None:
         attention_backend = "triton" if device.type == "cuda" else "sdpa"
     cfg = EncoderConfig.from_json(path / "config.json")
     with torch.device("meta"):
         model = PackedCrossEncoder(cfg, attention_backend=attention_backend)
     state = convert_hf_state_dict(cfg, read_state_dict(path))
-    assign_weights(model, state, dtype=dtype, device=device, source_names=hf_name_map(cfg))
+    assign_weights(model, state, dtype=torch.float32 if quantize == "int8" else dtype, device=device,
+                   source_names=hf_name_map(cfg))
+    if quantize == "int8":
+        model.quantize_int8()
+        for param in model.parameters():  # what stays float: embeddings, norms (the int8 linears hold buffers)
+            param.data = param.data.to(dtype)
     model.head.float()  # see ClassificationHead
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if quantize == "int8":
+        # Eager, the quantizing around each int8 product costs what int8 saves (models/int8_linear.py).
+        model.compile_layers()
+        model.warm_up()
+    return model

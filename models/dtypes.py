@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# Weight quantization of the encoder's linears: none, or int8 (CPUs; models/int8_linear.py).
+QUANTIZE_NAMES = ("none", "int8")
 
 # CPU flags (Linux /proc/cpuinfo) of bf16 matrix instructions, which torch's CPU kernels (oneDNN)
 # use for bfloat16 matmuls: Intel AMX, or AVX512-BF16 (Intel Cooper Lake on, AMD Zen 4 on).
@@ -25,6 +27,16 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
         if line.startswith("flags"):
             return set(line.partition(":")[2].split())
     return set()
+
+
+# CPU flags of int8 dot-product instructions, which torch's int8 matmul (oneDNN) uses.
+INT8_FLAGS = (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"))
+
+
+def int8_instructions(flags: set[str] | None = None) -> list[str]:
+    """Names of the int8 dot-product instructions this CPU has (empty: none)."""
+    flags = cpu_flags() if flags is None else flags
+    return [name for flag, name in INT8_FLAGS if flag in flags]
 
 
 def auto_dtype(device_type: str, flags: set[str] | None = None) -> tuple[str, str]:

@@ -30,13 +30,14 @@ class ScoringMetrics:
             "rerank_micro_batch_tokens", "tokens per encoder forward (micro-batch)", histogram
         ).Metric(labels=labels, buckets=TOKEN_BUCKETS)
 
-    def describe_encoder(self, engine: str, dtype: str, device: str) -> None:
-        """rerank_encoder_info{engine, dtype, device} 1: what this instance runs, for dashboards and
-        for telling which precision dtype=auto chose."""
+    def describe_encoder(self, engine: str, dtype: str, device: str, quantize: str = "none") -> None:
+        """rerank_encoder_info{engine, dtype, quantize, device} 1: what this instance runs, for dashboards
+        and for telling which precision dtype=auto chose."""
         family = self._pb_utils.MetricFamily(name="rerank_encoder_info", description="the encoder an instance runs "
                                              "(value 1)", kind=self._pb_utils.MetricFamily.GAUGE)
         self._families.append(family)
-        family.Metric(labels={**self._labels, "engine": engine, "dtype": dtype, "device": device}).set(1)
+        family.Metric(labels={**self._labels, "engine": engine, "dtype": dtype, "quantize": quantize,
+                                     "device": device}).set(1)
 
     def observe_micro_batch(self, tokens: int, seconds: float) -> None:
         self.tokens.increment(tokens)

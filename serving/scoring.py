@@ -19,6 +19,7 @@ Engines:
 from __future__ import annotations
 
 import json
+import locale
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.dtypes import auto_dtype, torch_dtype
+from ..models.dtypes import QUANTIZE_NAMES, auto_dtype, torch_dtype
 from ..models.families import reranker_kind
 from .packed_inputs import PackedInputLimits, PackedRequest
 from .prefix_sharing import (
@@ -177,11 +178,13 @@ class PackedDecoderEngine:
 class PackedEngine:
     """Our packed encoder: no compute spent on padding."""
 
-    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, attention_backend: str | None):
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, attention_backend: str | None,
+                 quantize: str = "none"):
         from ..models.cross_encoder import load_cross_encoder
 
         self.device = device
-        self.model = load_cross_encoder(model_path, dtype=dtype, device=device, attention_backend=attention_backend)
+        self.model = load_cross_encoder(model_path, dtype=dtype, device=device, attention_backend=attention_backend,
+                                        quantize=quantize)
 
     @torch.inference_mode()
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
@@ -205,6 +208,7 @@ class EncoderSettings:
     attention_backend: str | None = None
     dtype: torch.dtype = torch.float32
     dtype_reason: str = ""  # why this dtype ("auto: this CPU has AVX512-BF16"), for the startup log
+    quantize: str = "none"  # or "int8": the packed cross-encoder's linears (models/int8_linear.py)
     device: torch.device = torch.device("cpu")
     max_batch_tokens: int = 16384
     num_threads: int = 0
@@ -241,6 +245,9 @@ class EncoderSettings:
             raise ValueError(f"max_batch_tokens must be positive (or 0 for the device default), got {max_batch_tokens}")
         if max_batch_tokens == 0:
             max_batch_tokens = DEFAULT_BATCH_TOKENS[device.type]
+        quantize = params.get("quantize") or "none"
+        if quantize not in QUANTIZE_NAMES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_NAMES)}, got {quantize!r}")
         model_path = resolve_model_path(params["model_path"], progress=False, base=model_dir)
         kind = reranker_kind(json.loads((model_path / "config.json").read_text()),
                              params.get("reranker_kind") or "auto")
@@ -251,6 +258,7 @@ class EncoderSettings:
             attention_backend=params.get("attention_backend") or None,
             dtype=torch_dtype(dtype),
             dtype_reason=dtype_reason,
+            quantize=quantize,
             device=device,
             max_batch_tokens=max_batch_tokens,
             num_threads=int(params.get("num_threads") or 0),
@@ -282,16 +290,39 @@ def _as_switch(name: str, value: str) -> bool:
     return value.lower() in ("true", "1")
 
 
+def use_utf8_file_encoding() -> None:
+    """Makes open()'s default encoding UTF-8 in this process where it is not.
+
+    Python embedded in Triton's stub does not set its locale from the environment, so files open
+    as ASCII there even under LANG=C.UTF-8, and torch.compile (quantize int8) fails reading its own
+    UTF-8 code templates.
+    """
+    for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+        if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+            return
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+        except locale.Error:
+            continue
+
+
 def build_engine(settings: EncoderSettings):
     """The engine named by settings.engine: "packed" (default) or "hf" (the transformers reference)."""
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
     decoder = settings.reranker_kind == "decoder"
+    if settings.quantize != "none" and (decoder or settings.engine != "packed"):
+        raise ValueError(f"quantize {settings.quantize} is for the packed engine of cross-encoders, not the "
+                         f"{settings.engine} engine of a {settings.reranker_kind} reranker; set quantize to none")
     if settings.engine == "hf":
         return (HFDecoderEngine if decoder else HFEngine)(settings.model_path, settings.dtype, settings.device)
     if settings.engine == "packed":
-        return (PackedDecoderEngine if decoder else PackedEngine)(settings.model_path, settings.dtype, settings.device,
-                                                                  settings.attention_backend)
+        if decoder:
+            return PackedDecoderEngine(settings.model_path, settings.dtype, settings.device, settings.attention_backend)
+        if settings.quantize != "none":
+            use_utf8_file_encoding()
+        return PackedEngine(settings.model_path, settings.dtype, settings.device, settings.attention_backend,
+                            settings.quantize)
     raise ValueError(f"engine must be 'packed' or 'hf', got {settings.engine!r}")
 
 

@@ -52,7 +52,7 @@ def test_rendered_configs_parse_back_with_the_values_set(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == MODELS
     cross, tokenizer = parse(out / "cross_encoder" / "config.pbtxt"), parse(out / "tokenizer" / "config.pbtxt")
     assert params(cross) == {"model_path": '/models/a "b"', "engine": "hf", "attention_backend": "sdpa",
-                             "dtype": "float16", "device": "auto", "max_batch_tokens": "4096", "num_threads": "3",
+                             "dtype": "float16", "quantize": "none", "device": "auto", "max_batch_tokens": "4096", "num_threads": "3",
                              "max_documents": "10", "max_chunks_per_doc": "5", "max_length": "512",
                              "reranker_kind": "auto",  # no local config.json to read: each step reads it
                              "prefix_sharing": "true", "min_shared_prefix": "0"}
@@ -138,6 +138,9 @@ def test_unknown_parameter_is_refused_naming_it(tmp_path):
     ({"max_documents": 0}, "max_documents must be at least 1"),
     ({"max_chunks_per_doc": 0}, "max_chunks_per_doc must be at least 1"),
     ({"long_documents": "split"}, "long_documents must be one of truncate, chunk, error, got 'split'"),
+    ({"quantize": "int4"}, "quantize must be one of none, int8, got 'int4'"),
+    ({"quantize": "int8", "device": "cuda"}, "quantize int8 is for CPUs: set device cpu"),
+    ({"quantize": "int8", "device": "cpu", "engine": "hf"}, "for the packed engine of cross-encoders, not the hf"),
 ])
 def test_bad_settings_are_refused(tmp_path, settings, message):
     with pytest.raises(LauncherError, match=message):
@@ -255,3 +258,13 @@ def test_reranker_kind_mistakes_are_refused_before_anything_is_written(tmp_path,
     with pytest.raises(LauncherError, match=message):
         render_model_repository(RepositorySettings(model_path=str(model), **settings), tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+def test_int8_is_refused_before_anything_starts_on_a_cpu_without_int8_instructions(tmp_path, monkeypatch):
+    monkeypatch.setattr("triton_rerank.models.dtypes.cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    with pytest.raises(LauncherError, match="needs a CPU with int8 dot-product instructions"):
+        render_model_repository(RepositorySettings(model_path="m", device="cpu", quantize="int8"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setattr("triton_rerank.models.dtypes.cpu_flags", lambda: {"avx512_vnni"})
+    out = render_model_repository(RepositorySettings(model_path="m", device="cpu", quantize="int8"), tmp_path / "r")
+    assert params(parse(out / "cross_encoder" / "config.pbtxt"))["quantize"] == "int8"

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from triton_rerank.models.cross_encoder import EncoderConfig, PackedCrossEncoder, load_cross_encoder
+from triton_rerank.models.int8_linear import Int8Linear, int8_instructions
 
 # tests/conftest.py does this too; repeated so this file also runs on its own. It must happen
 # before triton is first imported: the encoder imports the kernels lazily, but transformers'
@@ -342,3 +343,44 @@ def test_inconsistent_cu_seqlens_is_refused_on_the_host(backend, cu, max_seqlen,
     device = next(model.parameters()).device
     with pytest.raises(ValueError, match=match), torch.inference_mode():
         model(torch.full((6,), 5, device=device), torch.tensor(cu, dtype=torch.int32), max_seqlen)
+
+
+int8_cpu = pytest.mark.skipif(not int8_instructions(), reason="this CPU has no int8 dot-product instructions")
+
+
+@int8_cpu
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_scores_follow_float32(kind, dtype, model_dirs):
+    ids, types = _random_pairs(kind, [30, 12, 3, 57, 1], seed=11)
+    model = load_cross_encoder(model_dirs[kind], dtype=dtype, quantize="int8")
+    assert all(isinstance(getattr(layer, name), Int8Linear) for layer in model.layers
+               for name in ("qkv", "attn_out", "ffn_in", "ffn_out"))
+    assert model.embeddings.word_embeddings.weight.dtype == dtype and model.head.dense.weight.dtype == torch.float32
+    got = _packed_logits(model, ids, types)
+    want = _packed_logits(load_cross_encoder(model_dirs[kind]), ids, types)
+    assert got.dtype == torch.float32
+    # As loose as half precision's bound: int8 rounds activations to 127 steps per token.
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+    assert not torch.equal(got, want)  # quantized for real
+
+
+@int8_cpu
+def test_int8_compiles_at_load_never_on_a_request(model_dirs):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = load_cross_encoder(model_dirs["bert"], dtype=torch.bfloat16, quantize="int8")
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    # Token counts and batch sizes the warm-up did not run, one sequence of one token included.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lengths in ([1], [7], [40, 2, 9], [64] * 5):
+            ids, types = _random_pairs("bert", lengths, seed=len(lengths))
+            assert _packed_logits(model, ids, types).shape == (len(lengths),)
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_quantize_names_are_checked(model_dirs):
+    with pytest.raises(ValueError, match="quantize must be one of none, int8, got 'int4'"):
+        load_cross_encoder(model_dirs["bert"], quantize="int4")

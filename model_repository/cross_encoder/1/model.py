@@ -24,10 +24,12 @@ class TritonPythonModel:
                                      "not sign (each request is still checked); `triton-rerank serve` sets it")
         self.engine = build_engine(self.settings)
         settings = self.settings
-        pb_utils.Logger.log_info(f"cross_encoder: {settings.reranker_kind} reranker, {settings.engine} engine, {str(settings.dtype).removeprefix('torch.')} "
-                                 f"({settings.dtype_reason}) on {settings.device}")
+        dtype = str(settings.dtype).removeprefix("torch.")
+        linears = "" if settings.quantize == "none" else f", {settings.quantize} linears"
+        pb_utils.Logger.log_info(f"cross_encoder: {settings.reranker_kind} reranker, {settings.engine} engine, {dtype} "
+                                 f"({settings.dtype_reason}){linears} on {settings.device}")
         self.metrics = ScoringMetrics(pb_utils, {"model": args["model_name"], "version": args["model_version"]})
-        self.metrics.describe_encoder(settings.engine, str(settings.dtype).removeprefix("torch."), str(settings.device))
+        self.metrics.describe_encoder(settings.engine, dtype, str(settings.device), settings.quantize)
 
     def execute(self, requests):
         # Each request is checked alone; only those that pass are packed and scored together, so a
