@@ -109,7 +109,8 @@ def hf_padded(model_dir: Path, requests: RequestSet, *, threads: int, batch_size
 
 def packed(model_dir: Path, requests: RequestSet, *, threads: int, max_batch_tokens: int = 16384,
            device: str = "cpu", dtype: str = "float32", attention_backend: str | None = None,
-           latency_repeats: int = 10, progress: Callable[[str], None] | None = None) -> InProcessResult:
+           quantize: str = "none", latency_repeats: int = 10,
+           progress: Callable[[str], None] | None = None) -> InProcessResult:
     import numpy as np
     import torch
 
@@ -119,7 +120,8 @@ def packed(model_dir: Path, requests: RequestSet, *, threads: int, max_batch_tok
 
     torch.set_num_threads(threads)
     tokenizer = PairTokenizer(model_dir)
-    engine = PackedEngine(str(model_dir), torch_dtype(dtype), torch.device(device), attention_backend or None)
+    engine = PackedEngine(str(model_dir), torch_dtype(dtype), torch.device(device), attention_backend or None,
+                          quantize)
 
     def score_all(reqs: Sequence[Request]) -> np.ndarray:
         parts = [tokenizer.encode(r.query, list(r.documents)) for r in reqs]
@@ -135,7 +137,7 @@ def packed(model_dir: Path, requests: RequestSet, *, threads: int, max_batch_tok
         return tokenized - started, time.perf_counter() - tokenized
 
     backend = (f"PackedEngine ({attention_backend or ('triton' if device.startswith('cuda') else 'sdpa')} "
-               f"attention), max_batch_tokens {max_batch_tokens}")
+               f"attention), max_batch_tokens {max_batch_tokens}" + ("" if quantize == "none" else f", {quantize}"))
     result = _measure("packed", backend, requests, score_all, score_one, latency_repeats, device, progress)
     return result
 

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..models.dtypes import DTYPE_NAMES
+from ..models.dtypes import DTYPE_NAMES, QUANTIZE_NAMES
 from . import report
 from .peer import INFINITY_OPTIMUM_SETUP, INFINITY_SETUP
 from .served import level_count
@@ -94,14 +94,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="every contender's dtype; auto (default): what `serve` picks on this device, the precision "
                    "a user gets (on a CPU bfloat16 with AMX or AVX512-BF16, else float32)")
+    g.add_argument("--quantize", default="none", choices=QUANTIZE_NAMES,
+                   help="int8: our contenders' linears in int8 (serve --quantize int8); a --triton-variant may say "
+                   "q=int8 or q=none for itself")
     g.add_argument("--max-batch-tokens", type=int, default=16384, help="packed encoder token budget (server and "
                    "in-process)")
     g.add_argument("--attention-backend", default="", choices=["", "sdpa", "triton"])
     g.add_argument("--hf-batch-size", type=int, default=32)
     g.add_argument("--triton-variant", action="append", default=None, metavar="SPEC",
-                   help="server settings, repeatable: delay=US,instances=N,threads=N,tok=N,mbt=N (queue delay of "
-                   "cross_encoder, its instances, torch threads per instance, RAYON_NUM_THREADS of the tokenizer, "
-                   "max_batch_tokens); default: config.pbtxt's delay, 1 instance, --threads, --max-batch-tokens")
+                   help="server settings, repeatable: delay=US,instances=N,threads=N,tok=N,mbt=N,q=none|int8 (queue "
+                   "delay of cross_encoder, its instances, torch threads per instance, RAYON_NUM_THREADS of the "
+                   "tokenizer, max_batch_tokens, quantize); default: config.pbtxt's delay, 1 instance, --threads, "
+                   "--max-batch-tokens, --quantize")
     g = p.add_argument_group("peer server (Infinity)", "Create its environment once:\n" + INFINITY_SETUP
                              + "\nIts ONNX Runtime engine (--infinity-engine optimum) needs older pins:\n"
                              + INFINITY_OPTIMUM_SETUP)
@@ -240,8 +244,8 @@ def in_process(name: str, args, model_dir: Path, requests: RequestSet, note) -> 
     else:
         result = bench_baselines.packed(model_dir, requests, threads=args.threads, max_batch_tokens=args.max_batch_tokens,
                                         device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
-                                        latency_repeats=args.latency_repeats, progress=note)
-        variant = f"thr={args.threads}"
+                                        quantize=args.quantize, latency_repeats=args.latency_repeats, progress=note)
+        variant = f"thr={args.threads}" + ("" if args.quantize == "none" else f" {args.quantize}")
     per_request = requests.num_pairs / len(requests.requests)
     rows = [report.Row(result.name, "in-process", "offline", 0, variant, result.backend, len(requests.requests),
                        result.pairs_per_s / per_request, result.pairs_per_s)]
@@ -262,11 +266,11 @@ def triton_variants(args):
 
     threads = args.threads or report.usable_cores()
     if not args.triton_variant:
-        return [TritonVariant(configured_queue_delay(), 1, threads)]
+        return [TritonVariant(configured_queue_delay(), 1, threads, quantize=args.quantize)]
     variants = [parse_variant(spec, threads) for spec in args.triton_variant]
     default_delay = configured_queue_delay()
-    return [v if v.queue_delay_us is not None else dataclasses.replace(v, queue_delay_us=default_delay)
-            for v in variants]
+    return [dataclasses.replace(v, queue_delay_us=default_delay if v.queue_delay_us is None else v.queue_delay_us,
+                                quantize=v.quantize or args.quantize) for v in variants]
 
 
 def infinity_settings(args, notes: list[str]):

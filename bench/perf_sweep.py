@@ -27,6 +27,7 @@ from ..launcher.repository import (
     render_model_repository,
 )
 from ..launcher.server import ServerAddress, TritonServer, free_ports
+from ..models.dtypes import QUANTIZE_NAMES
 from .perf_analyzer import perf_analyzer_binary, perf_analyzer_environment
 
 # perf_analyzer 2.51 `-f` CSV columns we read (times in microseconds).
@@ -92,6 +93,7 @@ class TritonVariant:
     num_threads: int = 2
     tokenizer_threads: int | None = None  # RAYON_NUM_THREADS of the server (the tokenizer stub)
     max_batch_tokens: int | None = None  # None: the run's --max-batch-tokens
+    quantize: str | None = None  # None: the run's --quantize
 
     def label(self) -> str:
         parts = [f"inst={self.instances}", f"thr={self.num_threads}"]
@@ -101,6 +103,8 @@ class TritonVariant:
             parts.append(f"tok={self.tokenizer_threads}")
         if self.max_batch_tokens is not None:
             parts.append(f"mbt={self.max_batch_tokens}")
+        if self.quantize not in (None, "none"):
+            parts.append(self.quantize)
         return " ".join(parts)
 
 
@@ -109,13 +113,17 @@ _VARIANT_KEYS = {"delay": "queue_delay_us", "instances": "instances", "threads":
 
 
 def parse_variant(spec: str, default_threads: int) -> TritonVariant:
-    """'delay=0,instances=2,threads=1,tok=1,mbt=4096' -> TritonVariant (omitted keys keep their defaults)."""
-    values: dict[str, int] = {"num_threads": default_threads}
+    """'delay=0,instances=2,threads=1,tok=1,mbt=4096,q=int8' -> TritonVariant (omitted keys keep their defaults)."""
+    values: dict[str, int | str] = {"num_threads": default_threads}
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep or key.strip() not in _VARIANT_KEYS or not value.strip().isdigit():
-            raise ValueError(f"bad Triton variant item {part!r}: use delay=US,instances=N,threads=N,tok=N,mbt=N")
-        values[_VARIANT_KEYS[key.strip()]] = int(value)
+        key, sep, value = (s.strip() for s in part.partition("="))
+        if key == "q" and value in QUANTIZE_NAMES:
+            values["quantize"] = value
+            continue
+        if not sep or key not in _VARIANT_KEYS or not value.isdigit():
+            raise ValueError(f"bad Triton variant item {part!r}: use delay=US,instances=N,threads=N,tok=N,mbt=N,"
+                             f"q={'|'.join(QUANTIZE_NAMES)}")
+        values[_VARIANT_KEYS[key]] = int(value)
     if values.get("instances", 1) < 1 or values.get("max_batch_tokens", 1) < 1:
         raise ValueError("instances and mbt must be >= 1")
     return TritonVariant(**values)
@@ -140,7 +148,8 @@ class ServerSpec:
 
 def render_repository(spec: ServerSpec, target: Path) -> Path:
     settings = RepositorySettings(
-        model_path=str(spec.model_dir), device=spec.device, dtype=spec.dtype, engine="packed",
+        model_path=str(spec.model_dir), device=spec.device, dtype=spec.dtype, quantize=spec.variant.quantize or "none",
+        engine="packed",
         attention_backend=spec.attention_backend, max_batch_tokens=spec.variant.max_batch_tokens or spec.max_batch_tokens,
         instances=spec.variant.instances, num_threads=spec.variant.num_threads,
         queue_delay_us=spec.variant.queue_delay_us, extra=spec.extra,

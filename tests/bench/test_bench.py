@@ -50,7 +50,7 @@ def test_arguments_defaults_quick_and_errors():
                    "--infinity-python", "/x/python", "--infinity-arg=--compile"])
     assert args.concurrency == [1, 3] and args.protocols == ["grpc"] and args.contenders == ["packed", "triton"]
     variants = bench.triton_variants(args)
-    assert variants[0] == bench_perf.TritonVariant(0, 2, 1, None)
+    assert variants[0] == bench_perf.TritonVariant(0, 2, 1, None, quantize="none")
     assert variants[1].tokenizer_threads == 1 and variants[1].queue_delay_us is not None  # config.pbtxt's delay
     assert variants[0].label() == "delay=0us inst=2 thr=1"
     assert args.infinity_arg == ["--compile"]
@@ -59,6 +59,13 @@ def test_arguments_defaults_quick_and_errors():
             _parse(bad)
     with pytest.raises(ValueError):
         bench_perf.parse_variant("delay=x", 2)
+    with pytest.raises(ValueError, match="q=none|int8"):
+        bench_perf.parse_variant("q=int4", 2)
+    # --quantize is every contender's; a variant's q= is its own.
+    args = _parse(["--quantize", "int8", "--triton-variant", "mbt=4096", "--triton-variant", "q=none"])
+    assert [v.quantize for v in bench.triton_variants(args)] == ["int8", "none"]
+    assert bench.triton_variants(args)[0].label().endswith("mbt=4096 int8")
+    assert bench.triton_variants(_parse(["--quantize", "int8"]))[0].quantize == "int8"
 
 
 def test_perf_csv_parsing_and_command():
@@ -119,16 +126,19 @@ def test_metrics_give_step_times():
     assert bench_perf.step_times(after, after) is None
 
 
-def test_queue_delay_and_rendered_repository(tmp_path):
+def test_queue_delay_and_rendered_repository(tmp_path, monkeypatch):
+    monkeypatch.setattr("triton_rerank.models.dtypes.cpu_flags", lambda: {"avx512_vnni"})  # int8 renders anywhere
     from google.protobuf import text_format
     from tritonclient.grpc.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
     def parse(model: str) -> ModelConfig:
         return text_format.Parse((repo / model / "config.pbtxt").read_text(), ModelConfig())
 
-    spec = bench_perf.ServerSpec(tmp_path / "model", bench_perf.TritonVariant(500, 2, 1), max_batch_tokens=4096)
+    spec = bench_perf.ServerSpec(tmp_path / "model", bench_perf.TritonVariant(500, 2, 1, quantize="int8"),
+                                 device="cpu", max_batch_tokens=4096)
     repo = bench_perf.render_repository(spec, tmp_path / "repo")
     config = parse("cross_encoder")
+    assert config.parameters["quantize"].string_value == "int8"
     assert bench_perf.configured_queue_delay(repo) == 500 == config.dynamic_batching.max_queue_delay_microseconds
     assert [(g.count, g.kind) for g in config.instance_group] == [(2, ModelInstanceGroup.KIND_CPU)]
     assert config.parameters["num_threads"].string_value == "1"
