@@ -1,14 +1,15 @@
-"""bfloat16 against float32 on a CPU: how far the served scores and rankings move, on DL19.
+"""bfloat16 and int8 against float32 on a CPU: how far the served scores and rankings move, on DL19.
 
-The server picks bfloat16 by default on CPUs with AMX or AVX512-BF16. This measures what that
-costs in fidelity: the same DL19 (query, passage) pairs are scored by the server's engine
-(`PackedEngine`: our packed encoder, torch SDPA attention, CPU, micro-batches of the CPU's token
-budget, torch threads = the cores) in float32 and in bfloat16, and the two are compared:
+The server picks bfloat16 by default on CPUs with AMX or AVX512-BF16, and `--quantize int8` makes
+the encoder's linears int8 (bfloat16 elsewhere). This measures what each costs in fidelity: the
+same DL19 (query, passage) pairs are scored by the server's engine (`PackedEngine`: our packed
+encoder, torch SDPA attention, CPU, micro-batches of the CPU's token budget, torch threads = the
+cores) in float32 and in each reduced precision (--precisions), and each is compared with float32:
 
-  - |bf16 - fp32| per pair: max and mean, and both over the fp32 scores' std (scale-free);
+  - |reduced - fp32| per pair: max and mean, and both over the fp32 scores' std (scale-free);
   - per query: Spearman rank correlation of the two score lists (average ranks for ties), min and
     median over queries; top-10 overlap; whether the top passage is the same;
-  - pairs whose bf16 score ties another pair of the same query (bf16 keeps 8 significant bits).
+  - pairs whose reduced score ties another pair of the same query (bf16 keeps 8 significant bits).
 
 Checks come with it, on the first --reference-pairs pairs: the Hugging Face transformers reference
 (AutoModelForSequenceClassification, SDPA, padded micro-batches) in float32 must give our float32
@@ -60,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from ..models.dtypes import auto_dtype, cpu_flags
+from ..models.dtypes import auto_dtype, cpu_flags, int8_instructions
 from . import report
 from .random_model import MINILM_L6_CONFIG
 from .workload import (
@@ -163,14 +164,15 @@ class QueryFidelity:
     same_top1: bool
     max_abs_diff: float
     fp32_ties: int
-    bf16_ties: int
+    reduced_ties: int
 
 
-def per_query(fp32: np.ndarray, bf16: np.ndarray, counts: Sequence[int], qids: Sequence[str]) -> list[QueryFidelity]:
+def per_query(fp32: np.ndarray, reduced: np.ndarray, counts: Sequence[int],
+              qids: Sequence[str]) -> list[QueryFidelity]:
     """The comparison of each query's pairs (the next counts[i] scores)."""
     out, start = [], 0
     for i, (n, qid) in enumerate(zip(counts, qids, strict=True)):
-        a, b = fp32[start:start + n], bf16[start:start + n]
+        a, b = fp32[start:start + n], reduced[start:start + n]
         start += n
         out.append(QueryFidelity(i, str(qid), n, spearman(a, b), top_k_overlap(a, b),
                                  bool(top_k(a, 1)[0] == top_k(b, 1)[0]), float(np.abs(b - a).max()),
@@ -182,7 +184,7 @@ def per_query(fp32: np.ndarray, bf16: np.ndarray, counts: Sequence[int], qids: S
 
 @dataclass
 class Fidelity:
-    """bf16 against fp32 over a whole workload."""
+    """A reduced precision (bf16, int8) against fp32 over a whole workload."""
 
     pairs: int
     queries: int
@@ -196,7 +198,7 @@ class Fidelity:
     top10_overlap_mean: float
     top10_overlap_min: float
     same_top1: int  # queries whose best passage is the same
-    bf16_ties: int  # pairs tied with another of their query in bf16 ...
+    reduced_ties: int  # pairs tied with another of their query in the reduced precision ...
     fp32_ties: int  # ... and in fp32
 
     @property
@@ -208,9 +210,9 @@ class Fidelity:
         return self.mean_abs_diff / self.score_std if self.score_std > 0 else float("nan")
 
 
-def fidelity(fp32: np.ndarray, bf16: np.ndarray, queries: list[QueryFidelity]) -> Fidelity:
-    fp32, bf16 = np.asarray(fp32, dtype=np.float64), np.asarray(bf16, dtype=np.float64)
-    diff = np.abs(bf16 - fp32)
+def fidelity(fp32: np.ndarray, reduced: np.ndarray, queries: list[QueryFidelity]) -> Fidelity:
+    fp32, reduced = np.asarray(fp32, dtype=np.float64), np.asarray(reduced, dtype=np.float64)
+    diff = np.abs(reduced - fp32)
     rho = np.array([q.spearman for q in queries])
     overlap = np.array([q.top_k_overlap for q in queries])
     return Fidelity(
@@ -219,7 +221,7 @@ def fidelity(fp32: np.ndarray, bf16: np.ndarray, queries: list[QueryFidelity]) -
         spearman_min=float(np.nanmin(rho)), spearman_median=float(np.nanmedian(rho)),
         spearman_mean=float(np.nanmean(rho)), top10_overlap_mean=float(overlap.mean()),
         top10_overlap_min=float(overlap.min()), same_top1=sum(q.same_top1 for q in queries),
-        bf16_ties=sum(q.bf16_ties for q in queries), fp32_ties=sum(q.fp32_ties for q in queries))
+        reduced_ties=sum(q.reduced_ties for q in queries), fp32_ties=sum(q.fp32_ties for q in queries))
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,16 +301,22 @@ def encode(model_dir: Path, workload: Workload) -> EncodedPairs:
 # --------------------------------------------------------------------------------------------
 
 
+# The reduced precisions measured against float32: (activation dtype, quantize) of the server's engine.
+# int8 is what `serve --quantize int8` runs on a CPU whose dtype=auto is bfloat16.
+PRECISIONS = {"bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8")}
+PRECISION_TITLES = {"bfloat16": "bf16", "int8": "int8 linears (bf16 elsewhere)"}
+
+
 @dataclass
 class Pass:
-    engine: str  # "packed float32", "packed bfloat16", "transformers float32"
+    engine: str  # "packed float32", "packed bfloat16", "packed int8", "transformers float32"
     scores: np.ndarray
     seconds: float
     tokens: int
     head_dtype: str = ""  # the dtype the classification head ran in ("" when not known)
 
 
-def make_engine(kind: str, model_dir: Path, dtype_name: str):
+def make_engine(kind: str, model_dir: Path, dtype_name: str, quantize: str = "none"):
     """The server's engines on the CPU: "packed" (PackedEngine, sdpa) or "hf" (HFEngine, the reference)."""
     import torch
 
@@ -316,18 +324,20 @@ def make_engine(kind: str, model_dir: Path, dtype_name: str):
 
     dtype, cpu = getattr(torch, dtype_name), torch.device("cpu")
     if kind == "packed":
-        return PackedEngine(str(model_dir), dtype, cpu, "sdpa")
+        return PackedEngine(str(model_dir), dtype, cpu, "sdpa", quantize)
     if kind == "hf":
         return HFEngine(str(model_dir), dtype, cpu)
     raise ValueError(f"engine kind must be 'packed' or 'hf', got {kind!r}")
 
 
-def score_pass(kind: str, model_dir: Path, dtype_name: str, pairs: EncodedPairs, max_batch_tokens: int,
+def score_pass(kind: str, model_dir: Path, precision: str, pairs: EncodedPairs, max_batch_tokens: int,
                on_tokens: Callable[[int], None] | None = None) -> Pass:
-    """Every pair scored by a freshly loaded engine (freed afterwards: a 568M model is 2.3 GB in fp32)."""
+    """Every pair scored by a freshly loaded engine (freed afterwards: a 568M model is 2.3 GB in fp32).
+    precision: float32, or one of PRECISIONS (transformers: float32 or bfloat16)."""
     from ..serving.scoring import score_pairs
 
-    engine = make_engine(kind, model_dir, dtype_name)
+    dtype_name, quantize = PRECISIONS.get(precision, (precision, "none"))
+    engine = make_engine(kind, model_dir, dtype_name, quantize)
     head = getattr(getattr(engine, "model", None), "head", None)
     head_dtype = str(head.out_proj.weight.dtype).removeprefix("torch.") if head is not None else ""
     observe = (lambda tokens, _seconds: on_tokens(tokens)) if on_tokens else None
@@ -340,17 +350,18 @@ def score_pass(kind: str, model_dir: Path, dtype_name: str, pairs: EncodedPairs,
         del engine
         gc.collect()
     name = {"packed": "packed", "hf": "transformers"}[kind]
-    return Pass(f"{name} {dtype_name}", scores, seconds, pairs.tokens, head_dtype)
+    return Pass(f"{name} {precision}", scores, seconds, pairs.tokens, head_dtype)
 
 
 @dataclass
 class Reference:
-    """The transformers checks on the first `pairs` pairs: its fp32 against ours, and its bf16 error against ours."""
+    """The transformers checks on the first `pairs` pairs: its fp32 against ours, and its bf16 error next to
+    our reduced precision's."""
 
     pairs: int = 0
     fp32_max_abs_diff: float = float("nan")  # max |packed fp32 - transformers fp32|
-    ours_bf16_max: float = float("nan")  # max |packed bf16 - packed fp32| on these pairs
-    ours_bf16_mean: float = float("nan")
+    ours_max: float = float("nan")  # max |packed reduced - packed fp32| on these pairs
+    ours_mean: float = float("nan")
     hf_bf16_max: float = float("nan")  # max |transformers bf16 - transformers fp32|
     hf_bf16_mean: float = float("nan")
 
@@ -358,6 +369,7 @@ class Reference:
 @dataclass
 class ModelResult:
     model: str  # label, e.g. "minilm-l6 x2.5"
+    precision: str  # the reduced one: a key of PRECISIONS
     description: str
     model_dir: str
     fidelity: Fidelity
@@ -370,36 +382,42 @@ class ModelResult:
         return next((p.seconds for p in self.passes if p.engine == engine), float("nan"))
 
 
-def reference_check(fp32: np.ndarray, bf16: np.ndarray, hf32: np.ndarray, hf16: np.ndarray) -> Reference:
+def reference_check(fp32: np.ndarray, reduced: np.ndarray, hf32: np.ndarray, hf16: np.ndarray) -> Reference:
     """The checks on the first len(hf32) pairs (hf16 may be empty: not run)."""
     n = len(hf32)
-    ours = np.abs(bf16[:n].astype(np.float64) - fp32[:n])
+    ours = np.abs(reduced[:n].astype(np.float64) - fp32[:n])
     theirs = np.abs(hf16.astype(np.float64) - hf32) if len(hf16) else np.array([float("nan")])
     return Reference(n, float(np.abs(hf32.astype(np.float64) - fp32[:n]).max()), float(ours.max()),
                      float(ours.mean()), float(theirs.max()), float(theirs.mean()))
 
 
 def measure(model_dir: Path, label: str, description: str, workload: Workload, *, reference_pairs: int,
-            max_batch_tokens: int = CPU_BATCH_TOKENS, on_tokens: Callable[[int], None] | None = None,
-            on_step: Callable[[str], None] | None = None) -> ModelResult:
-    """fp32 and bf16 passes of the packed engine over the workload; transformers fp32 and bf16 on the first
-    `reference_pairs` pairs."""
+            precisions: Sequence[str] = ("bfloat16",), max_batch_tokens: int = CPU_BATCH_TOKENS,
+            on_tokens: Callable[[int], None] | None = None,
+            on_step: Callable[[str], None] | None = None) -> list[ModelResult]:
+    """fp32 and each of `precisions` passes of the packed engine over the workload, transformers fp32 and bf16
+    on the first `reference_pairs` pairs: one result per reduced precision."""
     pairs = encode(model_dir, workload)
     head = pairs.head(reference_pairs)
     passes = {}
-    for kind, dtype_name, subset in (("packed", "float32", pairs), ("packed", "bfloat16", pairs),
-                                     ("hf", "float32", head), ("hf", "bfloat16", head)):
+    for kind, precision, subset in (("packed", "float32", pairs), *(("packed", p, pairs) for p in precisions),
+                                    ("hf", "float32", head), ("hf", "bfloat16", head)):
         if not len(subset.lengths):
             continue
         if on_step:
-            on_step(f"{label}: {kind} {dtype_name}")
-        passes[kind, dtype_name] = score_pass(kind, model_dir, dtype_name, subset, max_batch_tokens, on_tokens)
-    fp32, bf16 = passes["packed", "float32"].scores, passes["packed", "bfloat16"].scores
-    queries = per_query(fp32, bf16, pairs.counts, workload.qids)
-    reference = reference_check(fp32, bf16, passes["hf", "float32"].scores, passes["hf", "bfloat16"].scores) \
-        if ("hf", "float32") in passes else Reference()
-    return ModelResult(label, description, str(model_dir), fidelity(fp32, bf16, queries), queries, reference,
-                       pairs.tokens, list(passes.values()))
+            on_step(f"{label}: {kind} {precision}")
+        passes[kind, precision] = score_pass(kind, model_dir, precision, subset, max_batch_tokens, on_tokens)
+    fp32 = passes["packed", "float32"].scores
+    results = []
+    for precision in precisions:
+        reduced = passes["packed", precision].scores
+        queries = per_query(fp32, reduced, pairs.counts, workload.qids)
+        reference = reference_check(fp32, reduced, passes["hf", "float32"].scores, passes["hf", "bfloat16"].scores) \
+            if ("hf", "float32") in passes else Reference()
+        shown = [p for (kind, name), p in passes.items() if kind == "hf" or name in ("float32", precision)]
+        results.append(ModelResult(label, precision, description, str(model_dir), fidelity(fp32, reduced, queries),
+                                   queries, reference, pairs.tokens, shown))
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,21 +577,21 @@ def machine_context(threads: int) -> dict[str, str]:
 # Reports
 # --------------------------------------------------------------------------------------------
 
-CSV_FIELDS = ("model", "pairs", "queries", "tokens", "score_mean", "score_std", "max_abs_diff", "mean_abs_diff",
-              "max_over_std", "mean_over_std", "spearman_min", "spearman_median", "spearman_mean",
-              "top10_overlap_mean", "top10_overlap_min", "same_top1", "bf16_ties", "fp32_ties", "reference_pairs",
-              "reference_fp32_max_abs_diff", "reference_ours_bf16_max", "reference_ours_bf16_mean",
-              "reference_hf_bf16_max", "reference_hf_bf16_mean", "fp32_s", "bf16_s", "hf_fp32_s", "hf_bf16_s",
+CSV_FIELDS = ("model", "precision", "pairs", "queries", "tokens", "score_mean", "score_std", "max_abs_diff",
+              "mean_abs_diff", "max_over_std", "mean_over_std", "spearman_min", "spearman_median", "spearman_mean",
+              "top10_overlap_mean", "top10_overlap_min", "same_top1", "reduced_ties", "fp32_ties", "reference_pairs",
+              "reference_fp32_max_abs_diff", "reference_ours_max", "reference_ours_mean",
+              "reference_hf_bf16_max", "reference_hf_bf16_mean", "fp32_s", "reduced_s", "hf_fp32_s", "hf_bf16_s",
               "description")
 
 
 def csv_row(r: ModelResult) -> dict[str, Any]:
     f = r.fidelity
-    return {"model": r.model, **asdict(f), "tokens": r.tokens, "max_over_std": f.max_over_std,
-            "mean_over_std": f.mean_over_std,
+    return {"model": r.model, "precision": r.precision, **asdict(f), "tokens": r.tokens,
+            "max_over_std": f.max_over_std, "mean_over_std": f.mean_over_std,
             **{f"reference_{k}": v for k, v in asdict(r.reference).items() if k != "pairs"},
             "reference_pairs": r.reference.pairs,
-            "fp32_s": r.seconds("packed float32"), "bf16_s": r.seconds("packed bfloat16"),
+            "fp32_s": r.seconds("packed float32"), "reduced_s": r.seconds(f"packed {r.precision}"),
             "hf_fp32_s": r.seconds("transformers float32"), "hf_bf16_s": r.seconds("transformers bfloat16"),
             "description": r.description}
 
@@ -595,23 +613,24 @@ def write_csvs(out: Path, results: list[ModelResult], context: dict[str, str]) -
     paths.append(out / "precision_fidelity.csv")
     with report.atomic_path(out / "precision_fidelity_queries.csv") as tmp, open(tmp, "w", newline="") as f:
         names = [f.name for f in fields(QueryFidelity)]
-        writer = csv.DictWriter(f, fieldnames=["model", *names])
+        writer = csv.DictWriter(f, fieldnames=["model", "precision", *names])
         writer.writeheader()
         for r in results:
             for q in r.queries:
-                writer.writerow({"model": r.model, **{k: (f"{v:.6g}" if isinstance(v, float) else v)
+                writer.writerow({"model": r.model, "precision": r.precision, **{k: (f"{v:.6g}" if isinstance(v, float) else v)
                                                       for k, v in asdict(q).items()}})
     paths.append(out / "precision_fidelity_queries.csv")
     return paths
 
 
 def results_table(results: list[ModelResult]) -> str:
-    headers = ["model", "pairs (queries)", "score std", "max abs d", "mean abs d", "max d / std", "mean d / std",
-               "Spearman min", "Spearman median", "top-10 overlap", "same top-1", "ours vs transformers fp32"]
+    headers = ["model", "precision", "pairs (queries)", "score std", "max abs d", "mean abs d", "max d / std",
+               "mean d / std", "Spearman min", "Spearman median", "top-10 overlap", "same top-1",
+               "ours vs transformers fp32"]
     rows = []
     for r in results:
         f = r.fidelity
-        rows.append([r.model, f"{f.pairs} ({f.queries})", _g(f.score_std), _g(f.max_abs_diff), _g(f.mean_abs_diff),
+        rows.append([r.model, PRECISION_TITLES[r.precision], f"{f.pairs} ({f.queries})", _g(f.score_std), _g(f.max_abs_diff), _g(f.mean_abs_diff),
                      _g(f.max_over_std), _g(f.mean_over_std), f"{f.spearman_min:.4f}", f"{f.spearman_median:.4f}",
                      f"{f.top10_overlap_mean:.2f} (min {f.top10_overlap_min:.1f})", f"{f.same_top1}/{f.queries}",
                      f"{_g(r.reference.fp32_max_abs_diff)} ({r.reference.pairs} pairs)"])
@@ -619,20 +638,23 @@ def results_table(results: list[ModelResult]) -> str:
 
 
 def reference_table(results: list[ModelResult]) -> str:
-    headers = ["model", "pairs", "max abs(ours fp32 - transformers fp32)", "bf16 max abs d: ours",
-               "bf16 max abs d: transformers", "bf16 mean abs d: ours", "bf16 mean abs d: transformers"]
-    rows = [[r.model, r.reference.pairs, _g(r.reference.fp32_max_abs_diff), _g(r.reference.ours_bf16_max),
-             _g(r.reference.hf_bf16_max), _g(r.reference.ours_bf16_mean), _g(r.reference.hf_bf16_mean)]
+    headers = ["model", "precision", "pairs", "max abs(ours fp32 - transformers fp32)", "max abs d: ours",
+               "max abs d: transformers bf16", "mean abs d: ours", "mean abs d: transformers bf16"]
+    rows = [[r.model, PRECISION_TITLES[r.precision], r.reference.pairs, _g(r.reference.fp32_max_abs_diff),
+             _g(r.reference.ours_max), _g(r.reference.hf_bf16_max), _g(r.reference.ours_mean),
+             _g(r.reference.hf_bf16_mean)]
             for r in results]
     return report.markdown_table(headers, rows)
 
 
 def timing_table(results: list[ModelResult]) -> str:
-    headers = ["model", "tokens", "fp32 s", "bf16 s", "bf16 speed-up", "transformers fp32 / bf16 s (pairs)"]
+    headers = ["model", "precision", "tokens", "fp32 s", "reduced s", "speed-up over fp32",
+               "transformers fp32 / bf16 s (pairs)"]
     rows = []
     for r in results:
-        fp32, bf16 = r.seconds("packed float32"), r.seconds("packed bfloat16")
-        rows.append([r.model, r.tokens, f"{fp32:.1f}", f"{bf16:.1f}", f"{fp32 / bf16:.2f}x",
+        fp32, reduced = r.seconds("packed float32"), r.seconds(f"packed {r.precision}")
+        rows.append([r.model, PRECISION_TITLES[r.precision], r.tokens, f"{fp32:.1f}", f"{reduced:.1f}",
+                     f"{fp32 / reduced:.2f}x",
                      f"{r.seconds('transformers float32'):.1f} / {r.seconds('transformers bfloat16'):.1f} "
                      f"({r.reference.pairs})"])
     return report.markdown_table(headers, rows)
@@ -640,7 +662,7 @@ def timing_table(results: list[ModelResult]) -> str:
 
 def markdown(results: list[ModelResult], context: dict[str, str], workloads: dict[str, str], notes: list[str]) -> str:
     lines = [
-        "# bfloat16 against float32 on the CPU: score and ranking fidelity",
+        "# bfloat16 and int8 against float32 on the CPU: score and ranking fidelity",
         "",
         f"CPU {context['cpu']}, {context['cores']} cores, {context['torch_threads']} torch threads; "
         f"bf16 flags: {context['bf16_flags']} (the server's dtype=auto here: {context['server_default']}); "
@@ -650,9 +672,11 @@ def markdown(results: list[ModelResult], context: dict[str, str], workloads: dic
         f"`{context['command']}`",
         "",
         "Each model scores the same DL19 pairs with the server's engine (PackedEngine: packed encoder, SDPA "
-        f"attention, micro-batches of {context['max_batch_tokens']} tokens) in float32 and in bfloat16. "
-        "d = bf16 - fp32 per pair; Spearman per query over its passages (average ranks for ties), min and "
-        "median over queries; top-10 overlap |top10(fp32) & top10(bf16)| / 10, mean (min) over queries; "
+        f"attention, micro-batches of {context['max_batch_tokens']} tokens) in float32 and in each reduced "
+        "precision: bf16 (`--dtype bfloat16`), and int8 linears with bf16 elsewhere (`--quantize int8`, weights "
+        "int8 per output channel, activations int8 per token). d = reduced - fp32 per pair; Spearman per query "
+        "over its passages (average ranks for ties), min and median over queries; top-10 overlap "
+        "|top10(fp32) & top10(reduced)| / 10, mean (min) over queries; "
         "same top-1: queries whose best passage is the same. The last column is the sanity check: max "
         "|packed fp32 - transformers fp32| on the first pairs (below).",
         "",
@@ -661,13 +685,18 @@ def markdown(results: list[ModelResult], context: dict[str, str], workloads: dic
         "## Models and workloads",
         "",
     ]
-    lines += [f"- **{r.model}**: {r.description}; {workloads[r.model]}; {r.tokens:,} tokens; "
-              f"fp32 score mean {_g(r.fidelity.score_mean)}, std {_g(r.fidelity.score_std)}; pairs tied with another "
-              f"of their query: bf16 {r.fidelity.bf16_ties}, fp32 {r.fidelity.fp32_ties}" for r in results]
+    for model in dict.fromkeys(r.model for r in results):  # each model once, in order
+        same = [r for r in results if r.model == model]
+        r = same[0]
+        ties = ", ".join(f"{PRECISION_TITLES[o.precision]} {o.fidelity.reduced_ties}" for o in same)
+        lines.append(f"- **{model}**: {r.description}; {workloads[model]}; {r.tokens:,} tokens; fp32 score mean "
+                     f"{_g(r.fidelity.score_mean)}, std {_g(r.fidelity.score_std)}; pairs tied with another of their "
+                     f"query: fp32 {r.fidelity.fp32_ties}, {ties}")
     lines += ["", "## transformers on the same pairs", "",
               "The first pairs of each workload, also scored by transformers (AutoModelForSequenceClassification, "
               "SDPA, padded micro-batches) in float32 and in bfloat16: its fp32 must be ours, and its own bf16 "
-              "error says whether ours is bf16's or our engine's.", "", reference_table(results),
+              "error says whether ours is bf16's or our engine's (and sets int8's error beside bf16's).", "",
+              reference_table(results),
               "", "## Time (shared CPU: indicative only)", "", timing_table(results), "", "## Notes", ""]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -693,6 +722,15 @@ def _shapes(text: str) -> list[str]:
     bad = [n for n in names if n not in SHAPES]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown shape {', '.join(bad) or text!r}; choose from {', '.join(SHAPES)}")
+    return names
+
+
+def _precisions(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in PRECISIONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown precision {', '.join(bad) or text!r}; choose from "
+                                         f"{', '.join(PRECISIONS)}")
     return names
 
 
@@ -733,6 +771,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores this process may use)")
     g.add_argument("--max-batch-tokens", type=int, default=CPU_BATCH_TOKENS,
                    help="tokens per forward (default: %(default)s, the server's CPU default)")
+    g.add_argument("--precisions", type=_precisions,
+                   default=list(PRECISIONS) if int8_instructions() else ["bfloat16"],
+                   help="reduced precisions to compare with float32, comma-separated: " + ", ".join(
+                       f"{k} ({v})" for k, v in PRECISION_TITLES.items()) + " (default: all; int8 only on a CPU "
+                   "with VNNI or AMX-INT8)")
     return p
 
 
@@ -800,16 +843,16 @@ def main(argv: list[str] | None = None) -> int:
                 if building:
                     built.append(f"{model_dir} in {time.monotonic() - t:.0f} s")
             pairs = encode(model_dir, workload)
-            total = 2 * pairs.tokens + 2 * pairs.head(job.reference_pairs).tokens
+            total = (1 + len(args.precisions)) * pairs.tokens + 2 * pairs.head(job.reference_pairs).tokens
             with tqdm(total=total, desc=job.label, unit="tok", unit_scale=True, leave=False, dynamic_ncols=True,
                       file=sys.stderr) as tokens_bar:
-                result = measure(model_dir, job.label, describe(model_dir, job.shape and job.shape.title), workload,
-                                 reference_pairs=job.reference_pairs, max_batch_tokens=args.max_batch_tokens,
-                                 on_tokens=tokens_bar.update, on_step=step)
-            results.append(result)
+                results += measure(model_dir, job.label, describe(model_dir, job.shape and job.shape.title),
+                                   workload, reference_pairs=job.reference_pairs, precisions=args.precisions,
+                                   max_batch_tokens=args.max_batch_tokens, on_tokens=tokens_bar.update, on_step=step)
             workloads[job.label] = workload.source
             bar.update(1)
-    head_dtypes = sorted({p.head_dtype for r in results for p in r.passes if p.engine == "packed bfloat16"})
+    head_dtypes = sorted({p.head_dtype for r in results for p in r.passes
+                          if p.engine.startswith("packed") and p.engine != "packed float32"})
     notes = method_notes(args, built, time.monotonic() - started, head_dtypes)
     report.atomic_write(out / "precision_fidelity.md", markdown(results, context, workloads, notes))
     paths = [out / "precision_fidelity.md", *write_csvs(out, results, context)]
@@ -826,21 +869,25 @@ def method_notes(args, built: list[str], seconds: float, head_dtypes: Sequence[s
                 "significant bits: a score near 4 moves by up to 2^-6 = 0.016 from that alone, and pairs of a "
                 "query can tie (counts above).")
     else:
-        head = (f"The bf16 engine's classification head ran in {' and '.join(head_dtypes) or 'an unknown dtype'}: "
-                "only the encoder's arithmetic is bf16's (a bf16 head would round the score itself to 8 "
+        head = (f"The reduced engines' classification head ran in {' and '.join(head_dtypes) or 'an unknown dtype'}: "
+                "only the encoder's arithmetic is reduced (a bf16 head would round the score itself to 8 "
                 "significant bits).")
     return [
-        "Random weights, not a trained reranker: the figures show what bf16 rounding does to this architecture's "
+        "Random weights, not a trained reranker: the figures show what reduced precision does to this architecture's "
         "arithmetic at a given weight scale. Encoder x1 keeps transformers' init (std 0.02), where the [CLS] state "
         "differs little between pairs next to what all pairs share, so rounding noise is large next to the ranking "
         "signal (a pessimistic case); x2.5 (std 0.05) makes the state depend more on the pair. A trained model's "
         "fidelity is not pinned down by either; measure a real checkpoint with --model-dir when one is reachable.",
-        f"The output projection is calibrated (affine, no ranking changes) on {CALIBRATION_QUERIES * len(CALIBRATION_RANKS)} "
-        f"fixed pairs (the last {CALIBRATION_QUERIES} DL19 queries, BM25 ranks {', '.join(map(str, CALIBRATION_RANKS))}) "
+        f"The output projection is calibrated (affine, no ranking changes) on "
+        f"{CALIBRATION_QUERIES * len(CALIBRATION_RANKS)} fixed pairs (the last {CALIBRATION_QUERIES} DL19 queries, "
+        f"BM25 ranks {', '.join(map(str, CALIBRATION_RANKS))}) "
         f"to fp32 mean 0, std {args.score_std:g}; the std on the measured pairs is in the table. |d| scales with "
         "that choice; |d|/std and the rank figures do not. Centring takes a bias that cancels the projection's "
-        "common part (the raw mean above); bf16's error on that part is largely common to all pairs, so it moves "
+        "common part (the raw mean above); rounding error on that part is largely common to all pairs, so it moves "
         "|d| more than the rankings.",
+        "int8: per token, each activation row is scaled to 127 steps by its own maximum, so a token with one "
+        "large feature loses resolution on the others; per output channel likewise for weights. Int8 products "
+        "are summed exactly in int32.",
         head,
         f"Engines load and score one at a time, torch threads {args.threads or report.usable_cores()}; "
         "the CPU was shared with other jobs, so the times are indicative only.",

@@ -13,6 +13,7 @@ import torch
 
 from triton_rerank.bench import precision_fidelity as pf
 from triton_rerank.bench.random_model import _WORDS, random_model, tiny_config, train_tokenizer
+from triton_rerank.models.dtypes import int8_instructions
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -95,12 +96,12 @@ def dl19_like(num_queries: int = 5, passages: int = 6, seed: int = 0) -> list[di
             for q in range(num_queries)]
 
 
-def scores_pair_by_pair(model_dir, workload: pf.Workload, dtype: torch.dtype) -> np.ndarray:
+def scores_pair_by_pair(model_dir, workload: pf.Workload, dtype: torch.dtype, quantize: str = "none") -> np.ndarray:
     """Each pair alone through the packed encoder (its own forward), in workload order."""
     from triton_rerank.models.cross_encoder import load_cross_encoder
     from triton_rerank.serving.tokenization import PairTokenizer
 
-    model = load_cross_encoder(model_dir, dtype=dtype, attention_backend="sdpa")
+    model = load_cross_encoder(model_dir, dtype=dtype, attention_backend="sdpa", quantize=quantize)
     tokenizer = PairTokenizer(model_dir)
     out = []
     with torch.inference_mode():
@@ -120,7 +121,7 @@ def test_reported_numbers_are_those_of_the_scores(tiny_model_dirs, reference_sco
     workload = pf.select_workload(dl19_like(), queries=3, passages=5)
     assert workload.pairs == 15 and workload.qids == ["1000", "1001", "1003"]  # spread over the 5 queries
     # A budget of one token: every pair gets a forward of its own, as it does here.
-    result = pf.measure(model_dir, arch, "tiny", workload, reference_pairs=7, max_batch_tokens=1)
+    (result,) = pf.measure(model_dir, arch, "tiny", workload, reference_pairs=7, max_batch_tokens=1)
 
     fp32 = scores_pair_by_pair(model_dir, workload, torch.float32)
     bf16 = scores_pair_by_pair(model_dir, workload, torch.bfloat16)
@@ -143,16 +144,35 @@ def test_reported_numbers_are_those_of_the_scores(tiny_model_dirs, reference_sco
     hf = np.array(reference_scores(model_dir, workload.queries[0], workload.documents[0])
                   + reference_scores(model_dir, workload.queries[1], workload.documents[1][:2]))
     np.testing.assert_allclose(hf, fp32[:7], atol=1e-4)
-    assert reference.ours_bf16_max == pytest.approx(float(diff[:7].max()), abs=1e-7)
+    assert reference.ours_max == pytest.approx(float(diff[:7].max()), abs=1e-7)
     assert reference.hf_bf16_max > 0 and np.isfinite(reference.hf_bf16_mean)
     assert result.passes[1].head_dtype in ("bfloat16", "float32") and result.passes[2].head_dtype == ""
     assert [p.engine for p in result.passes] == ["packed float32", "packed bfloat16", "transformers float32",
                                                  "transformers bfloat16"]
 
 
+@pytest.mark.skipif(not int8_instructions(), reason="this CPU has no int8 dot-product instructions")
+def test_each_reduced_precision_gets_its_own_result(tiny_model_dirs):
+    model_dir = tiny_model_dirs["bert"]
+    workload = pf.select_workload(dl19_like(), queries=2, passages=4)
+    bf16, int8 = pf.measure(model_dir, "bert", "tiny", workload, reference_pairs=3, max_batch_tokens=1,
+                            precisions=("bfloat16", "int8"))
+    assert (bf16.precision, int8.precision) == ("bfloat16", "int8")
+    assert [p.engine for p in int8.passes] == ["packed float32", "packed int8", "transformers float32",
+                                               "transformers bfloat16"]
+    fp32 = scores_pair_by_pair(model_dir, workload, torch.float32)
+    quantized = scores_pair_by_pair(model_dir, workload, torch.bfloat16, quantize="int8")
+    np.testing.assert_allclose(int8.passes[1].scores, quantized, rtol=0, atol=1e-6)
+    diff = np.abs(quantized.astype(np.float64) - fp32)
+    assert int8.fidelity.max_abs_diff == pytest.approx(float(diff.max()), abs=1e-6) and diff.max() > 0
+    assert int8.reference.ours_max == pytest.approx(float(diff[:3].max()), abs=1e-6)
+    # The same fp32 pass and transformers check serve both.
+    assert bf16.passes[0] is int8.passes[0] and bf16.reference.fp32_max_abs_diff == int8.reference.fp32_max_abs_diff
+
+
 def test_no_reference_pairs_skip_transformers(tiny_model_dirs):
     workload = pf.select_workload(dl19_like(), queries=2, passages=3)
-    result = pf.measure(tiny_model_dirs["bert"], "bert", "tiny", workload, reference_pairs=0)
+    (result,) = pf.measure(tiny_model_dirs["bert"], "bert", "tiny", workload, reference_pairs=0)
     assert len(result.passes) == 2 and result.reference.pairs == 0 and np.isnan(result.reference.fp32_max_abs_diff)
 
 
@@ -228,14 +248,18 @@ def test_the_command_writes_its_reports(tiny_model_dirs, tiny_data_dir, tmp_path
     printed = capsys.readouterr().out
     assert "Spearman median" in printed and "avx512_bf16" in printed
     rows = list(csv.DictReader(open(out / "precision_fidelity.csv")))
-    assert len(rows) == 1 and rows[0]["model"] == "xlm-roberta" and rows[0]["pairs"] == "12"
+    precisions = ["bfloat16", "int8"] if int8_instructions() else ["bfloat16"]
+    assert [r["precision"] for r in rows] == precisions
+    assert {r["model"] for r in rows} == {"xlm-roberta"} and rows[0]["pairs"] == "12"
     assert int(rows[0]["reference_pairs"]) == 5 and float(rows[0]["reference_fp32_max_abs_diff"]) < 1e-4
     assert -1 <= float(rows[0]["spearman_min"]) <= float(rows[0]["spearman_median"]) <= 1
     queries = list(csv.DictReader(open(out / "precision_fidelity_queries.csv")))
-    assert [q["pairs"] for q in queries] == ["4", "4", "4"]
-    assert max(float(q["max_abs_diff"]) for q in queries) == pytest.approx(float(rows[0]["max_abs_diff"]), rel=1e-5)
+    assert [q["pairs"] for q in queries] == ["4", "4", "4"] * len(precisions)
+    for row in rows:
+        own = [float(q["max_abs_diff"]) for q in queries if q["precision"] == row["precision"]]
+        assert max(own) == pytest.approx(float(row["max_abs_diff"]), rel=1e-5)
     text = (out / "precision_fidelity.md").read_text()
-    assert "| xlm-roberta | 12 (3) |" in text and "## transformers on the same pairs" in text
+    assert "| xlm-roberta | bf16 | 12 (3) |" in text and "## transformers on the same pairs" in text
 
 
 def test_help_and_bad_arguments(capsys):
