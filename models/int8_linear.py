@@ -13,8 +13,8 @@ depends on that row alone (the int32 sums are exact), and small rows keep their 
 
 What it costs is the quantizing and rescaling around the product: in eager mode those passes over
 memory eat the int8 gain (a MiniLM-shaped forward of 2,048 tokens on a 2-core AMD EPYC Zen 4:
-eager int8 308 ms against 202 ms in bfloat16); fused into their neighbours by torch.compile they
-do not (138-148 ms against 176 ms). So the models compile the layer blocks that hold these linears
+eager int8 linears with float32 elsewhere took 308-375 ms, bfloat16 176-216 ms); fused into their
+neighbours by torch.compile they do not (int8 linears, bfloat16 elsewhere: 138-148 ms). So the models compile the layer blocks that hold these linears
 (models/cross_encoder.py).
 
 `Int8Linear.forward` takes and returns the model's activation dtype (float32 or bfloat16); the
