@@ -94,6 +94,7 @@ class TritonVariant:
     tokenizer_threads: int | None = None  # RAYON_NUM_THREADS of the server (the tokenizer stub)
     max_batch_tokens: int | None = None  # None: the run's --max-batch-tokens
     quantize: str | None = None  # None: the run's --quantize
+    compile: int = 0  # 1: torch.compile the encoder's layers (serve --compile)
 
     def label(self) -> str:
         parts = [f"inst={self.instances}", f"thr={self.num_threads}"]
@@ -105,11 +106,13 @@ class TritonVariant:
             parts.append(f"mbt={self.max_batch_tokens}")
         if self.quantize not in (None, "none"):
             parts.append(self.quantize)
+        if self.compile:
+            parts.append("compiled")
         return " ".join(parts)
 
 
 _VARIANT_KEYS = {"delay": "queue_delay_us", "instances": "instances", "threads": "num_threads",
-                 "tok": "tokenizer_threads", "mbt": "max_batch_tokens"}
+                 "tok": "tokenizer_threads", "mbt": "max_batch_tokens", "compile": "compile"}
 
 
 def parse_variant(spec: str, default_threads: int) -> TritonVariant:
@@ -122,7 +125,7 @@ def parse_variant(spec: str, default_threads: int) -> TritonVariant:
             continue
         if not sep or key not in _VARIANT_KEYS or not value.isdigit():
             raise ValueError(f"bad Triton variant item {part!r}: use delay=US,instances=N,threads=N,tok=N,mbt=N,"
-                             f"q={'|'.join(QUANTIZE_NAMES)}")
+                             f"compile=0|1,q={'|'.join(QUANTIZE_NAMES)}")
         values[_VARIANT_KEYS[key]] = int(value)
     if values.get("instances", 1) < 1 or values.get("max_batch_tokens", 1) < 1:
         raise ValueError("instances and mbt must be >= 1")
@@ -149,7 +152,7 @@ class ServerSpec:
 def render_repository(spec: ServerSpec, target: Path) -> Path:
     settings = RepositorySettings(
         model_path=str(spec.model_dir), device=spec.device, dtype=spec.dtype, quantize=spec.variant.quantize or "none",
-        engine="packed",
+        compile=bool(spec.variant.compile), engine="packed",
         attention_backend=spec.attention_backend, max_batch_tokens=spec.variant.max_batch_tokens or spec.max_batch_tokens,
         instances=spec.variant.instances, num_threads=spec.variant.num_threads,
         queue_delay_us=spec.variant.queue_delay_us, extra=spec.extra,

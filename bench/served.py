@@ -106,7 +106,7 @@ def paired_latency(args, model_dir: Path, requests: RequestSet, address, variant
     max_batch_tokens = variant.max_batch_tokens or args.max_batch_tokens
     tokenizer = PairTokenizer(model_dir)
     engine = PackedEngine(str(model_dir), torch_dtype(args.dtype), torch.device(args.device),
-                          args.attention_backend or None, variant.quantize or "none")
+                          args.attention_backend or None, variant.quantize or "none", bool(variant.compile))
 
     def local(query: str, documents: tuple[str, ...]) -> None:
         packed = tokenizer.encode(query, list(documents))

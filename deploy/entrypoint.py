@@ -78,7 +78,8 @@ def settings_from(args: argparse.Namespace, model_path: str) -> RepositorySettin
     if args.instances < 1:
         raise ValueError(f"INSTANCES must be at least 1, got {args.instances}")
     settings = RepositorySettings(
-        model_path=model_path, device=args.device, dtype=args.dtype, quantize=args.quantize, engine=args.engine,
+        model_path=model_path, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
+        engine=args.engine,
         attention_backend=args.attention_backend, max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens, instances=args.instances, gpus=gpus, num_threads=args.num_threads,
         long_documents=args.long_documents, max_chunks_per_doc=args.max_chunks_per_doc,
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "AVX512-BF16, else float32")
     p.add_argument("--quantize", choices=QUANTIZE_NAMES, default=_env("QUANTIZE", "none"),
                    help="int8: the cross-encoder's linears in int8 on a CPU's VNNI or AMX-INT8 (DEVICE=cpu)")
+    p.add_argument("--compile", action="store_true", default=_env("COMPILE", "false").lower() in ("1", "true"),
+                   help="torch.compile the cross-encoder's layers at start (needs a C++ compiler in the image)")
     p.add_argument("--engine", choices=["packed", "hf"], default=_env("ENGINE", "packed"))
     p.add_argument("--attention-backend", choices=["", "triton", "sdpa"], default=_env("ATTENTION_BACKEND", ""),
                    help="empty = triton on GPU, sdpa on CPU")

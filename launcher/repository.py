@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ class RepositorySettings:
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "none"  # or int8 (models/int8_linear.py)
+    compile: bool = False  # torch.compile the packed cross-encoder at load
     engine: str = "packed"
     attention_backend: str = ""
     max_length: int = 0
@@ -166,6 +168,7 @@ class RepositorySettings:
                 "attention_backend": self.attention_backend,
                 "dtype": self.dtype,
                 "quantize": self.quantize,
+                "compile": "true" if self.compile else "false",
                 # GPU instances keep "auto": each then runs on the GPU Triton placed it on, where
                 # "cuda" would put every instance of a multi-GPU host on cuda:0.
                 "device": "cpu" if self.device == "cpu" else "auto",
@@ -191,18 +194,24 @@ class RepositorySettings:
         except ValueError as error:
             raise LauncherError(str(error)) from None
 
-    def _check_quantize(self) -> None:
+    def _check_compiled_encoder(self) -> None:
+        """quantize and compile: what they need (the packed cross-encoder, a C++ compiler, int8 instructions)."""
         if self.quantize not in QUANTIZE_NAMES:
             raise LauncherError(f"quantize must be one of {', '.join(QUANTIZE_NAMES)}, got {self.quantize!r}")
+        if self.compile or self.quantize != "none":
+            what = "compile" if self.quantize == "none" else f"quantize {self.quantize}"
+            if self.engine != "packed" or self.resolved_kind() == "decoder":
+                raise LauncherError(f"{what} is for the packed engine of cross-encoders, not the {self.engine} "
+                                    f"engine of a {self.resolved_kind()} reranker")
+            if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+                raise LauncherError(f"{what} compiles the encoder with torch.compile, which needs a C++ compiler on "
+                                    "this host: install g++ (apt-get install g++)")
         if self.quantize == "none":
             return
         # device auto is let through: on a host without a GPU it is the CPU (the scoring step refuses a GPU).
         if self.device.startswith("cuda"):
             raise LauncherError(f"quantize {self.quantize} is for CPUs: set device cpu (got {self.device}), or use "
                                 "dtype float16 on a GPU")
-        if self.engine != "packed" or self.resolved_kind() == "decoder":
-            raise LauncherError(f"quantize {self.quantize} is for the packed engine of cross-encoders, not the "
-                                f"{self.engine} engine of a {self.resolved_kind()} reranker")
         if not int8_instructions():
             raise LauncherError("quantize int8 needs a CPU with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI "
                                 "or AMX-INT8) and this one has none: without them int8 is slower than float32")
@@ -228,7 +237,7 @@ class RepositorySettings:
                                 f"got {self.long_documents!r}")
         if self.instances < 1:
             raise LauncherError(f"instances must be at least 1, got {self.instances}")
-        self._check_quantize()
+        self._check_compiled_encoder()
         if self.queue_delay_us is not None and self.queue_delay_us < 0:
             raise LauncherError(f"queue_delay_us must be >= 0, got {self.queue_delay_us}")
         self.placement()

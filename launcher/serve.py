@@ -55,6 +55,9 @@ def register(subparsers) -> None:
                    help="int8: the cross-encoder's linears in int8 (weights per channel, activations per token) "
                         "on the CPU's VNNI or AMX-INT8 instructions, the rest in --dtype; compiled at start "
                         "(seconds); CPUs only")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the cross-encoder's layers at start (seconds; fuses norms, GELU and casts "
+                        "around the matmuls; needs a C++ compiler); --quantize int8 always compiles")
     p.add_argument("--attention-backend", choices=["triton", "sdpa"], default=None,
                    help="attention of the packed encoder; default triton on GPU, sdpa on CPU")
     p.add_argument("--engine", choices=["packed", "hf"], default="packed",
@@ -105,7 +108,8 @@ def run(args) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="triton-rerank-") if temporary else args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = RepositorySettings(
-        model_path=str(model_dir), device=args.device, dtype=args.dtype, quantize=args.quantize, engine=args.engine,
+        model_path=str(model_dir), device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
+        engine=args.engine,
         attention_backend=args.attention_backend or "", max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens, instances=args.instances, num_threads=args.num_threads,
         # One limit for every door: the gateway's, the tokenizer step's and the scoring step's.
@@ -125,7 +129,8 @@ def run(args) -> int:
         return 2
     # SIGTERM (docker stop, systemd) takes the same clean path as Ctrl-C.
     stop_on_sigterm()
-    linears = "" if args.quantize == "none" else f", {args.quantize} linears"
+    linears = ("" if args.quantize == "none" else f", {args.quantize} linears") + (
+        ", compiled" if args.compile or args.quantize != "none" else "")
     print(f"starting tritonserver for {model_dir}, encoder {encoder_precision(args.device, args.dtype)}{linears} "
           f"(log: {server.log_file})", flush=True)
     gateway = None

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,6 +361,9 @@ class PackedCrossEncoder(nn.Module):
         bucketing stay eager). Compiling happens on the first calls: warm_up() makes them."""
         import torch._inductor.config
 
+        if not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")):
+            raise RuntimeError("compiling the encoder (compile, or quantize int8) needs a C++ compiler, which "
+                               "torch.compile runs on a CPU: install g++ (apt-get install g++), or turn both off")
         # Compile in this process: the model may run inside a server's worker, where a pool of
         # compiler processes is not wanted.
         torch._inductor.config.compile_threads = 1
@@ -494,7 +499,8 @@ def convert_hf_state_dict(cfg: EncoderConfig, hf: dict[str, Tensor]) -> dict[str
 
 def load_cross_encoder(model_path: str | Path, *, dtype: torch.dtype = torch.float32,
                        device: str | torch.device = "cpu",
-                       attention_backend: str | None = None, quantize: str = "none") -> PackedCrossEncoder:
+                       attention_backend: str | None = None, quantize: str = "none",
+                       compile: bool = False) -> PackedCrossEncoder:
     """Load an HF cross-encoder directory (config.json + weights) as a PackedCrossEncoder in eval mode.
 
     attention_backend None picks "triton" on CUDA and "sdpa" elsewhere. The weights are copies
@@ -502,7 +508,8 @@ def load_cross_encoder(model_path: str | Path, *, dtype: torch.dtype = torch.flo
     quantize "int8" (CPUs with int8 dot-product instructions) makes the encoder layers' linears
     int8 (models/int8_linear.py), quantized from the checkpoint's float32 weights, with `dtype`
     for everything else (activations, norms, attention); their blocks are compiled and warmed up
-    here, which takes seconds, so that no request pays for it.
+    here, which takes seconds, so that no request pays for it. compile compiles them whatever the
+    precision (on a CPU: fused norms, GELU and casts around the matmuls).
     """
     check_torch_dtype(dtype)
     if quantize not in QUANTIZE_NAMES:
@@ -525,7 +532,7 @@ def load_cross_encoder(model_path: str | Path, *, dtype: torch.dtype = torch.flo
             param.data = param.data.to(dtype)
     model.head.float()  # see ClassificationHead
     model = model.eval().requires_grad_(False)
-    if quantize == "int8":
+    if compile or quantize == "int8":
         # Eager, the quantizing around each int8 product costs what int8 saves (models/int8_linear.py).
         model.compile_layers()
         model.warm_up()

@@ -179,12 +179,12 @@ class PackedEngine:
     """Our packed encoder: no compute spent on padding."""
 
     def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, attention_backend: str | None,
-                 quantize: str = "none"):
+                 quantize: str = "none", compile: bool = False):
         from ..models.cross_encoder import load_cross_encoder
 
         self.device = device
         self.model = load_cross_encoder(model_path, dtype=dtype, device=device, attention_backend=attention_backend,
-                                        quantize=quantize)
+                                        quantize=quantize, compile=compile)
 
     @torch.inference_mode()
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
@@ -209,6 +209,7 @@ class EncoderSettings:
     dtype: torch.dtype = torch.float32
     dtype_reason: str = ""  # why this dtype ("auto: this CPU has AVX512-BF16"), for the startup log
     quantize: str = "none"  # or "int8": the packed cross-encoder's linears (models/int8_linear.py)
+    compile: bool = False  # torch.compile the packed cross-encoder's layers at load (int8 always is)
     device: torch.device = torch.device("cpu")
     max_batch_tokens: int = 16384
     num_threads: int = 0
@@ -259,6 +260,7 @@ class EncoderSettings:
             dtype=torch_dtype(dtype),
             dtype_reason=dtype_reason,
             quantize=quantize,
+            compile=_as_switch("compile", params.get("compile") or "false"),
             device=device,
             max_batch_tokens=max_batch_tokens,
             num_threads=int(params.get("num_threads") or 0),
@@ -314,15 +316,18 @@ def build_engine(settings: EncoderSettings):
     if settings.quantize != "none" and (decoder or settings.engine != "packed"):
         raise ValueError(f"quantize {settings.quantize} is for the packed engine of cross-encoders, not the "
                          f"{settings.engine} engine of a {settings.reranker_kind} reranker; set quantize to none")
+    if settings.compile and (decoder or settings.engine != "packed"):
+        raise ValueError(f"compile is for the packed engine of cross-encoders, not the {settings.engine} engine "
+                         f"of a {settings.reranker_kind} reranker; set compile to false")
     if settings.engine == "hf":
         return (HFDecoderEngine if decoder else HFEngine)(settings.model_path, settings.dtype, settings.device)
     if settings.engine == "packed":
         if decoder:
             return PackedDecoderEngine(settings.model_path, settings.dtype, settings.device, settings.attention_backend)
-        if settings.quantize != "none":
+        if settings.quantize != "none" or settings.compile:
             use_utf8_file_encoding()
         return PackedEngine(settings.model_path, settings.dtype, settings.device, settings.attention_backend,
-                            settings.quantize)
+                            settings.quantize, settings.compile)
     raise ValueError(f"engine must be 'packed' or 'hf', got {settings.engine!r}")
 
 

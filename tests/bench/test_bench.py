@@ -65,6 +65,7 @@ def test_arguments_defaults_quick_and_errors():
     args = _parse(["--quantize", "int8", "--triton-variant", "mbt=4096", "--triton-variant", "q=none"])
     assert [v.quantize for v in bench.triton_variants(args)] == ["int8", "none"]
     assert bench.triton_variants(args)[0].label().endswith("mbt=4096 int8")
+    assert bench_perf.parse_variant("compile=1", 2).label().endswith("compiled")
     assert bench.triton_variants(_parse(["--quantize", "int8"]))[0].quantize == "int8"
 
 

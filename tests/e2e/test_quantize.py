@@ -1,5 +1,6 @@
-"""`quantize int8` through the running server: the int8 encoder's scores follow transformers' float32,
-over gRPC (tritonclient) and the gateway's /v1/rerank, and the server says what it runs."""
+"""`compile` and `quantize int8` through the running server: the compiled float32 encoder keeps parity
+with transformers, the int8 encoder's scores follow transformers' float32 over gRPC (tritonclient)
+and the gateway's /v1/rerank, and the server says what it runs."""
 
 import numpy as np
 import pytest
@@ -29,6 +30,15 @@ def grpc_scores(url: str) -> np.ndarray:
         return client.infer("reranker", [q, d]).as_numpy("SCORES").reshape(-1)
 
 
+def test_compiled_float32_server_keeps_parity_with_transformers(start_extra_server, tiny_model_dirs,
+                                                                reference_scores):
+    running = start_extra_server(tiny_model_dirs["xlm-roberta"], "xlm-roberta", dtype="float32", compile=True)
+    expected = reference_scores(running.model_dir, QUERY, DOCUMENTS)
+    np.testing.assert_allclose(grpc_scores(running.grpc_url), expected, atol=1e-4)
+    log = running.server.log_file.read_text(errors="replace")
+    assert "float32 (set in config.pbtxt), compiled on cpu" in log, log[-2000:]
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_int8_server_follows_float32(start_extra_server, tiny_model_dirs, reference_scores, dtype):
     running = start_extra_server(tiny_model_dirs["bert"], "bert", dtype=dtype, quantize="int8")
@@ -51,4 +61,4 @@ def test_int8_server_follows_float32(start_extra_server, tiny_model_dirs, refere
     (labels,) = encoder_info(running.server)
     assert (labels["dtype"], labels["quantize"]) == (dtype, "int8")
     log = running.server.log_file.read_text(errors="replace")
-    assert f"{dtype} (set in config.pbtxt), int8 linears on cpu" in log, log[-2000:]
+    assert f"{dtype} (set in config.pbtxt), int8 linears, compiled on cpu" in log, log[-2000:]

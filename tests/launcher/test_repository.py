@@ -52,7 +52,7 @@ def test_rendered_configs_parse_back_with_the_values_set(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == MODELS
     cross, tokenizer = parse(out / "cross_encoder" / "config.pbtxt"), parse(out / "tokenizer" / "config.pbtxt")
     assert params(cross) == {"model_path": '/models/a "b"', "engine": "hf", "attention_backend": "sdpa",
-                             "dtype": "float16", "quantize": "none", "device": "auto", "max_batch_tokens": "4096", "num_threads": "3",
+                             "dtype": "float16", "quantize": "none", "compile": "false", "device": "auto", "max_batch_tokens": "4096", "num_threads": "3",
                              "max_documents": "10", "max_chunks_per_doc": "5", "max_length": "512",
                              "reranker_kind": "auto",  # no local config.json to read: each step reads it
                              "prefix_sharing": "true", "min_shared_prefix": "0"}
@@ -141,6 +141,7 @@ def test_unknown_parameter_is_refused_naming_it(tmp_path):
     ({"quantize": "int4"}, "quantize must be one of none, int8, got 'int4'"),
     ({"quantize": "int8", "device": "cuda"}, "quantize int8 is for CPUs: set device cpu"),
     ({"quantize": "int8", "device": "cpu", "engine": "hf"}, "for the packed engine of cross-encoders, not the hf"),
+    ({"compile": True, "engine": "hf"}, "compile is for the packed engine of cross-encoders, not the hf"),
 ])
 def test_bad_settings_are_refused(tmp_path, settings, message):
     with pytest.raises(LauncherError, match=message):
@@ -268,3 +269,13 @@ def test_int8_is_refused_before_anything_starts_on_a_cpu_without_int8_instructio
     monkeypatch.setattr("triton_rerank.models.dtypes.cpu_flags", lambda: {"avx512_vnni"})
     out = render_model_repository(RepositorySettings(model_path="m", device="cpu", quantize="int8"), tmp_path / "r")
     assert params(parse(out / "cross_encoder" / "config.pbtxt"))["quantize"] == "int8"
+
+
+def test_compiling_needs_a_cxx_compiler_and_is_told_to_the_scoring_step(tmp_path, monkeypatch):
+    out = render_model_repository(RepositorySettings(model_path="m", device="cpu", compile=True), tmp_path / "r")
+    assert params(parse(out / "cross_encoder" / "config.pbtxt"))["compile"] == "true"
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    for settings in ({"compile": True}, {"quantize": "int8"}):
+        with pytest.raises(LauncherError, match="needs a C\\+\\+ compiler on this host: install g\\+\\+"):
+            render_model_repository(RepositorySettings(model_path="m", device="cpu", **settings), tmp_path / "s")
+    assert not (tmp_path / "s").exists()

@@ -384,3 +384,16 @@ def test_int8_compiles_at_load_never_on_a_request(model_dirs):
 def test_quantize_names_are_checked(model_dirs):
     with pytest.raises(ValueError, match="quantize must be one of none, int8, got 'int4'"):
         load_cross_encoder(model_dirs["bert"], quantize="int4")
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+def test_compiled_layers_keep_parity_with_transformers(kind, model_dirs, hf_models):
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    ids, types = _random_pairs(kind, [30, 12, 3, 57, 1], seed=12)
+    model = load_cross_encoder(model_dirs[kind], compile=True)
+    assert not isinstance(model.layers[0], OptimizedModule)  # the layer's blocks are compiled, not the layer
+    assert getattr(model.layers[0].finish, "_torchdynamo_orig_callable", None) is not None
+    pad = json.loads((model_dirs[kind] / "config.json").read_text())["pad_token_id"]
+    got = _packed_logits(model, ids, types)
+    torch.testing.assert_close(got, _hf_logits(hf_models[kind], pad, ids, types), atol=1e-4, rtol=0)

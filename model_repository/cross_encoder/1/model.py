@@ -25,7 +25,8 @@ class TritonPythonModel:
         self.engine = build_engine(self.settings)
         settings = self.settings
         dtype = str(settings.dtype).removeprefix("torch.")
-        linears = "" if settings.quantize == "none" else f", {settings.quantize} linears"
+        linears = ("" if settings.quantize == "none" else f", {settings.quantize} linears") + (
+            ", compiled" if settings.compile or settings.quantize != "none" else "")
         pb_utils.Logger.log_info(f"cross_encoder: {settings.reranker_kind} reranker, {settings.engine} engine, {dtype} "
                                  f"({settings.dtype_reason}){linears} on {settings.device}")
         self.metrics = ScoringMetrics(pb_utils, {"model": args["model_name"], "version": args["model_version"]})
