@@ -40,7 +40,13 @@ clean:
 # Benchmarks (see README "Performance"). Infinity, the peer server, lives in its own venv.
 INFVENV ?= build/infinity-venv
 BENCH_ARGS ?=
-.PHONY: bench bench-quick bench-peer-setup
+.PHONY: bench bench-quick bench-peer-setup bench-cpu-peers-setup
+# sentence-transformers on torch, ONNX Runtime and OpenVINO: `triton-rerank bench --contenders peers,...`
+bench-cpu-peers-setup:
+	$(PYTHON) -m venv build/cpu-peers-venv
+	build/cpu-peers-venv/bin/pip install -q "torch==2.13.0"
+	build/cpu-peers-venv/bin/pip install -q "sentence-transformers[onnx,openvino]" onnxruntime
+
 bench-peer-setup:
 	$(PYTHON) -m venv $(INFVENV)
 	$(INFVENV)/bin/pip install -q "torch==2.13.0"

@@ -7,7 +7,10 @@ same torch thread count, on the same requests:
 - hf-padded (in-process): transformers, padded batches of 32, SDPA (what a user writes by hand);
 - packed (in-process): our packed encoder without the server;
 - infinity-http: Infinity (infinity-emb) on the same model directory, the same requests at the
-  same concurrency levels over HTTP (skipped, with a note, when not installed).
+  same concurrency levels over HTTP (skipped, with a note, when not installed);
+- peers (asked for with --contenders ...,peers): the CPU rerankers people pick, sentence-transformers'
+  CrossEncoder on torch fp32/bf16, ONNX Runtime (fp32, O3, int8) and OpenVINO, each in its own
+  process from their own venv (--peer-python), all pairs in one go, checked against transformers fp32.
 Writes bench.csv, bench.md and bench.png to --out.
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from ..models.dtypes import DTYPE_NAMES, QUANTIZE_NAMES
 from . import report
+from .cpu_peers import PEER_SETUP, PEERS
 from .peer import INFINITY_OPTIMUM_SETUP, INFINITY_SETUP
 from .served import level_count
 from .workload import (
@@ -34,7 +38,8 @@ from .workload import (
     vocabulary_words,
 )
 
-CONTENDERS = ("hf", "packed", "triton", "infinity")
+CONTENDERS = ("hf", "packed", "triton", "infinity", "peers")
+DEFAULT_CONTENDERS = ("hf", "packed", "triton", "infinity")
 QUICK = {"concurrency": "1,4", "requests_per_level": 6, "rounds": 2, "max_queries": 12, "warmup": 4}
 
 
@@ -73,8 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic", default="q=16,d=96,r=40", help="synthetic workload: q=QUERY_TOKENS,"
                    "d=DOC_TOKENS,r=REQUESTS (n=DOCS_PER_REQUEST, default --docs-per-request)")
     g = p.add_argument_group("measurement")
-    g.add_argument("--contenders", type=_names(CONTENDERS), default=list(CONTENDERS),
-                   help="which to run, comma-separated")
+    g.add_argument("--contenders", type=_names(CONTENDERS), default=list(DEFAULT_CONTENDERS),
+                   help=f"which to run, comma-separated, from {', '.join(CONTENDERS)} (default: "
+                   f"{','.join(DEFAULT_CONTENDERS)})")
     g.add_argument("--concurrency", type=_int_list, default=[1, 2, 4, 8, 16], help="levels of the sweep")
     g.add_argument("--protocols", type=_names(("grpc", "http")), default=["grpc", "http"])
     g.add_argument("--requests-per-level", type=int, default=16,
@@ -115,6 +121,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--infinity-batch-size", type=int, default=16,
                    help="Infinity's --batch-size (its default is 32; 16 measured best on the 2-core CPU)")
     g.add_argument("--infinity-arg", action="append", default=[], help="extra Infinity CLI argument, repeatable")
+    g = p.add_argument_group("CPU peers (sentence-transformers, ONNX Runtime, OpenVINO)",
+                             "Create their environment once:\n" + PEER_SETUP)
+    g.add_argument("--peer-python", default=None, help="python of the peers' venv, e.g. build/cpu-peers-venv/bin/python")
+    g.add_argument("--peers", type=_names(PEERS), default=list(PEERS), help=f"which peers, comma-separated, from "
+                   f"{', '.join(PEERS)} (st-torch-fp32, the reference, always runs)")
+    g.add_argument("--peer-batch-size", type=int, default=16, help="CrossEncoder.predict batch size")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -181,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     infinity = infinity_settings(args, notes) if "infinity" in args.contenders else None
 
     levels = len(args.concurrency)
-    total = args.repeat * (("hf" in args.contenders) + ("packed" in args.contenders)
+    total = args.repeat * (("hf" in args.contenders) + ("packed" in args.contenders) + ("peers" in args.contenders)
                            + ("triton" in args.contenders) * len(variants) * len(args.protocols) * levels
                            + (infinity is not None) * levels)
     raw: list[report.Row] = []
@@ -217,11 +229,26 @@ def run_contenders(args, model_dir: Path, requests: RequestSet, variants, infini
         for variant in variants:
             _guard(notes, f"triton [{variant.label()}]", lambda v=variant: rows.extend(
                 sweep_triton(args, model_dir, requests, v, work, note, bar)))
+    if "peers" in args.contenders:
+        _guard(notes, "peers", lambda: rows.extend(peers(args, model_dir, requests, work, note, notes)))
+        bar.update(1)
     if infinity is not None:
         from .served import sweep_infinity
 
         _guard(notes, "infinity", lambda: rows.extend(
             sweep_infinity(args, model_dir, requests, infinity, work, note, bar)))
+
+
+def peers(args, model_dir: Path, requests: RequestSet, work: Path, note, notes: list[str]) -> list[report.Row]:
+    from .cpu_peers import run_peers
+
+    if not args.peer_python:
+        if not any("peers skipped" in n for n in notes):
+            notes.append("peers skipped: pass --peer-python; create their environment with: "
+                         + "; ".join(PEER_SETUP.splitlines()))
+        return []
+    return run_peers(args.peer_python, args.peers, model_dir, requests, work, args.threads, args.peer_batch_size,
+                     note)
 
 
 def _guard(notes: list[str], name: str, step) -> None:

@@ -345,3 +345,15 @@ def test_bench_model_without_shared_data(tmp_path):
     stamp = (model / "model.safetensors").stat().st_mtime_ns
     assert build_bench_model(tmp_path / "model", data_dir=empty) == model  # reused, not rebuilt
     assert (model / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_peers_are_asked_for_and_skipped_with_a_note_without_their_venv(tmp_path):
+    assert "peers" not in _parse([]).contenders  # not by default: they need a venv of their own
+    args = _parse(["--contenders", "peers", "--peers", "st-onnx-int8,st-openvino", "--peer-batch-size", "8"])
+    assert args.contenders == ["peers"] and args.peers == ["st-onnx-int8", "st-openvino"] and args.peer_batch_size == 8
+    with pytest.raises(SystemExit):
+        _parse(["--peers", "st-vllm"])
+    notes = []
+    assert bench.peers(args, tmp_path, None, tmp_path, print, notes) == []
+    assert bench.peers(args, tmp_path, None, tmp_path, print, notes) == []
+    assert len(notes) == 1 and "peers skipped: pass --peer-python" in notes[0] and "sentence-transformers" in notes[0]
