@@ -132,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "AVX512-BF16, else float32")
     p.add_argument("--quantize", choices=QUANTIZE_NAMES, default=_env("QUANTIZE", "none"),
                    help="int8: the cross-encoder's linears in int8 on a CPU's VNNI or AMX-INT8 (DEVICE=cpu)")
-    p.add_argument("--compile", action="store_true", default=_env("COMPILE", "false").lower() in ("1", "true"),
-                   help="torch.compile the cross-encoder's layers at start (needs a C++ compiler in the image)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   default=_env("COMPILE", "false").lower() not in ("false", "0", "no", ""),
+                   help="torch.compile the cross-encoder's layers at start (DEVICE=cpu; needs a C++ compiler in the "
+                   "image)")
     p.add_argument("--engine", choices=["packed", "hf"], default=_env("ENGINE", "packed"))
     p.add_argument("--attention-backend", choices=["", "triton", "sdpa"], default=_env("ATTENTION_BACKEND", ""),
                    help="empty = triton on GPU, sdpa on CPU")

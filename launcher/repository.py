@@ -198,23 +198,22 @@ class RepositorySettings:
         """quantize and compile: what they need (the packed cross-encoder, a C++ compiler, int8 instructions)."""
         if self.quantize not in QUANTIZE_NAMES:
             raise LauncherError(f"quantize must be one of {', '.join(QUANTIZE_NAMES)}, got {self.quantize!r}")
-        if self.compile or self.quantize != "none":
-            what = "compile" if self.quantize == "none" else f"quantize {self.quantize}"
-            if self.engine != "packed" or self.resolved_kind() == "decoder":
-                raise LauncherError(f"{what} is for the packed engine of cross-encoders, not the {self.engine} "
-                                    f"engine of a {self.resolved_kind()} reranker")
-            if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
-                raise LauncherError(f"{what} compiles the encoder with torch.compile, which needs a C++ compiler on "
-                                    "this host: install g++ (apt-get install g++)")
-        if self.quantize == "none":
+        if not (self.compile or self.quantize != "none"):
             return
+        what = "compile" if self.quantize == "none" else f"quantize {self.quantize}"
+        if self.engine != "packed" or self.resolved_kind() == "decoder":
+            raise LauncherError(f"{what} is for the packed engine of cross-encoders, not the {self.engine} "
+                                f"engine of a {self.resolved_kind()} reranker")
         # device auto is let through: on a host without a GPU it is the CPU (the scoring step refuses a GPU).
         if self.device.startswith("cuda"):
-            raise LauncherError(f"quantize {self.quantize} is for CPUs: set device cpu (got {self.device}), or use "
-                                "dtype float16 on a GPU")
-        if not int8_instructions():
+            raise LauncherError(f"{what} is for CPUs: set device cpu (got {self.device}), or use dtype float16 on "
+                                "a GPU")
+        if self.quantize == "int8" and not int8_instructions():
             raise LauncherError("quantize int8 needs a CPU with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI "
                                 "or AMX-INT8) and this one has none: without them int8 is slower than float32")
+        if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+            raise LauncherError(f"{what} compiles the encoder with torch.compile, which needs a C++ compiler on "
+                                "this host: install g++ (apt-get install g++)")
 
     def check(self) -> None:
         if self.reranker_kind not in ("auto", *RERANKER_KINDS):

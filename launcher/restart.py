@@ -146,7 +146,7 @@ class ServerKeeper:
                 message += f"; last lines of {self.server.log_file}:\n{self.server.log_tail()}"
             self.report(message)
             if not self._bring_back():
-                return 1
+                return 0 if self._stopped.is_set() else 1
 
     def _bring_back(self) -> bool:
         """Restarts the server until it is ready (True) or the policy allows no more tries (False)."""
@@ -162,6 +162,8 @@ class ServerKeeper:
             self.report(f"restarting tritonserver in {delay:g} s (restart {self.budget.used} of "
                         f"{self.policy.describe()})")
             self.sleep(delay)
+            if self._stopped.is_set():  # stopped during the pause: start nothing more
+                return False
             try:
                 self.server.restart()
                 self.server.wait_ready(self.ready_timeout)

@@ -338,6 +338,8 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     low, high = LOWEST_FREE_PORT, ephemeral_port_range()[0] - 1
     if high - low < 1000:  # an unusual ephemeral range leaves no room below it: take from above
         low, high = ephemeral_port_range()[1] + 1, 65535
+    if high - low < 1000:  # none outside it either: let the kernel pick (ports it may hand out again)
+        return _kernel_ports(n, host)
     rng = random.SystemRandom()
     ports: list[int] = []
     for _ in range(100 * n):
@@ -347,6 +349,17 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             if len(ports) == n:
                 return ports
     raise LauncherError(f"found only {len(ports)} of {n} free ports on {host} in {low}-{high}")
+
+
+def _kernel_ports(n: int, host: str) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _bindable(host: str, port: int) -> bool:

@@ -153,7 +153,8 @@ class _TorchOps:
 
     @staticmethod
     def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
-        return F.gelu(x + bias)  # exact (erf) GELU, as HF's "gelu"
+        # exact (erf) GELU, as HF's "gelu"; in x's dtype even where the bias is kept in float32 (int8 linears)
+        return F.gelu(x + bias.to(x.dtype))
 
 
 class _TritonOps:
@@ -359,6 +360,7 @@ class PackedCrossEncoder(nn.Module):
     def compile_layers(self) -> None:
         """torch.compile each layer's blocks around attention, for any token count (attention and the
         bucketing stay eager). Compiling happens on the first calls: warm_up() makes them."""
+        import torch._dynamo
         import torch._inductor.config
 
         if not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")):
@@ -367,6 +369,9 @@ class PackedCrossEncoder(nn.Module):
         # Compile in this process: the model may run inside a server's worker, where a pool of
         # compiler processes is not wanted.
         torch._inductor.config.compile_threads = 1
+        # Every layer (of every model in the process) shares the blocks' code, whose compiled variants
+        # torch caps (8 by default, then runs eager): two per shape and precision are needed.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for layer in self.layers:
             layer.project = torch.compile(layer.project, dynamic=True)
             layer.finish = torch.compile(layer.finish, dynamic=True)
@@ -518,6 +523,9 @@ def load_cross_encoder(model_path: str | Path, *, dtype: torch.dtype = torch.flo
     device = torch.device(device)
     if quantize == "int8":
         check_int8_support(device)
+    if compile and device.type != "cpu":
+        raise ValueError(f"compile is for CPUs (on {device.type} the encoder's own kernels fuse these ops); "
+                         "turn it off, or serve with --device cpu")
     if attention_backend is None:
         attention_backend = "triton" if device.type == "cuda" else "sdpa"
     cfg = EncoderConfig.from_json(path / "config.json")

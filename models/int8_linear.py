@@ -34,7 +34,8 @@ from .dtypes import int8_instructions
 def check_int8_support(device: torch.device, flags: set[str] | None = None) -> str:
     """The instructions int8 will run on; ValueError saying what to do where it cannot run well."""
     if device.type != "cpu":
-        raise ValueError(f"quantize int8 is for CPUs; on {device.type} use dtype float16 or bfloat16 instead")
+        raise ValueError(f"quantize int8 is for CPUs and this instance was placed on {device.type}: serve with "
+                         "--device cpu (device cpu in config.pbtxt), or use dtype float16 on the GPU")
     names = int8_instructions(flags)
     if not names:
         raise ValueError("quantize int8 needs a CPU with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI "

@@ -14,7 +14,7 @@ from triton_rerank.models.dtypes import int8_instructions
 
 from .test_metrics import encoder_info
 
-pytestmark = pytest.mark.skipif(not int8_instructions(), reason="this CPU has no int8 dot-product instructions")
+needs_int8 = pytest.mark.skipif(not int8_instructions(), reason="this CPU has no int8 dot-product instructions")
 
 QUERY = "what do giant pandas eat in the wild"
 DOCUMENTS = ["bamboo", "the giant panda eats bamboo shoots and leaves", "a search engine for the web",
@@ -39,6 +39,7 @@ def test_compiled_float32_server_keeps_parity_with_transformers(start_extra_serv
     assert "float32 (set in config.pbtxt), compiled on cpu" in log, log[-2000:]
 
 
+@needs_int8
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_int8_server_follows_float32(start_extra_server, tiny_model_dirs, reference_scores, dtype):
     running = start_extra_server(tiny_model_dirs["bert"], "bert", dtype=dtype, quantize="int8")

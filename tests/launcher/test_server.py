@@ -147,6 +147,12 @@ def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range():
             s.bind(("127.0.0.1", port))
 
 
+def test_free_ports_without_room_outside_the_ephemeral_range_let_the_kernel_pick(monkeypatch):
+    monkeypatch.setattr("triton_rerank.launcher.server.ephemeral_port_range", lambda: (1024, 65535))
+    ports = free_ports(3)
+    assert len(set(ports)) == 3 and all(1024 <= p <= 65535 for p in ports)
+
+
 def test_free_ports_skip_a_port_in_use(monkeypatch):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -269,6 +275,14 @@ def test_a_stopped_keeper_returns_instead_of_restarting():
     server.process.kill()
     thread.join(10)
     assert outcome == [0] and server.starts == 1 and keeper.restarts == 0
+
+
+def test_a_keeper_stopped_during_its_pause_restarts_nothing():
+    server = CrashingServer(["raise SystemExit(3)"])
+    keeper = ServerKeeper(server, RestartPolicy(max_restarts=2, backoff=0.5), 5.0, report=lambda m: None,
+                          sleep=lambda s: keeper.stop())  # stop() arrives while the keeper waits to restart
+    assert keeper.run() == 0
+    assert server.starts == 1 and keeper.restarts == 0
 
 
 def test_a_restart_that_does_not_get_ready_counts():

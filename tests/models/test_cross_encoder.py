@@ -370,6 +370,7 @@ def test_int8_compiles_at_load_never_on_a_request(model_dirs):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    # (Graphs compiled by earlier tests in this process may serve this model too: same code, same shapes.)
     model = load_cross_encoder(model_dirs["bert"], dtype=torch.bfloat16, quantize="int8")
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > 0
@@ -379,6 +380,23 @@ def test_int8_compiles_at_load_never_on_a_request(model_dirs):
             ids, types = _random_pairs("bert", lengths, seed=len(lengths))
             assert _packed_logits(model, ids, types).shape == (len(lengths),)
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+@int8_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_layers_keep_the_activation_dtype(dtype, model_dirs):
+    # The int8 linears keep their bias in float32; no layer may hand float32 on to the next (and its attention).
+    from triton_rerank.models.cross_encoder import _TorchOps
+
+    model = load_cross_encoder(model_dirs["bert"], dtype=dtype, quantize="int8")
+    x = torch.randn(7, model.config.hidden_size).to(dtype)
+    ops = _TorchOps()
+    with torch.inference_mode():
+        for layer in model.layers:
+            qkv = layer.project(x)
+            assert qkv.dtype == dtype
+            x = layer.finish(qkv[:, : x.shape[1]], x, ops)
+            assert x.dtype == dtype
 
 
 def test_quantize_names_are_checked(model_dirs):
