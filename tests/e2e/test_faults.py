@@ -25,11 +25,12 @@ QUERY = "what do pandas eat"
 DOCUMENTS = ["bamboo", "the giant panda eats bamboo shoots and leaves", "a search engine"]
 
 
-def infer(url):
+def infer(url, query: str = QUERY, documents: list[str] = DOCUMENTS) -> np.ndarray:
+    """SCORES of one `reranker` request over gRPC (tritonclient)."""
     q = grpcclient.InferInput("QUERY", [1], "BYTES")
-    q.set_data_from_numpy(np.array([QUERY.encode()], dtype=object))
-    d = grpcclient.InferInput("DOCUMENTS", [len(DOCUMENTS)], "BYTES")
-    d.set_data_from_numpy(np.array([doc.encode() for doc in DOCUMENTS], dtype=object))
+    q.set_data_from_numpy(np.array([query.encode()], dtype=object))
+    d = grpcclient.InferInput("DOCUMENTS", [len(documents)], "BYTES")
+    d.set_data_from_numpy(np.array([doc.encode() for doc in documents], dtype=object))
     with grpcclient.InferenceServerClient(url) as client:
         return client.infer("reranker", [q, d]).as_numpy("SCORES").reshape(-1)
 

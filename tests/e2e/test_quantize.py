@@ -5,13 +5,13 @@ and the gateway's /v1/rerank, and the server says what it runs."""
 import numpy as np
 import pytest
 import requests
-import tritonclient.grpc as grpcclient
 
 from triton_rerank.gateway.server import GatewayThread
 from triton_rerank.gateway.settings import GatewaySettings
 from triton_rerank.launcher.server import free_ports
 from triton_rerank.models.dtypes import int8_instructions
 
+from .test_faults import infer
 from .test_metrics import encoder_info
 
 needs_int8 = pytest.mark.skipif(not int8_instructions(), reason="this CPU has no int8 dot-product instructions")
@@ -22,12 +22,7 @@ DOCUMENTS = ["bamboo", "the giant panda eats bamboo shoots and leaves", "a searc
 
 
 def grpc_scores(url: str) -> np.ndarray:
-    q = grpcclient.InferInput("QUERY", [1], "BYTES")
-    q.set_data_from_numpy(np.array([QUERY.encode()], dtype=object))
-    d = grpcclient.InferInput("DOCUMENTS", [len(DOCUMENTS)], "BYTES")
-    d.set_data_from_numpy(np.array([doc.encode() for doc in DOCUMENTS], dtype=object))
-    with grpcclient.InferenceServerClient(url) as client:
-        return client.infer("reranker", [q, d]).as_numpy("SCORES").reshape(-1)
+    return infer(url, QUERY, DOCUMENTS)
 
 
 def in_process_int8(model_dir, dtype: str) -> np.ndarray:
