@@ -23,6 +23,7 @@ Contenders (sentence-transformers `CrossEncoder.predict`, batches of `batch_size
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -46,8 +47,10 @@ def load(contender: str, model_dir: str, threads: int):
         return CrossEncoder(model_dir, device="cpu", model_kwargs={"torch_dtype": torch.bfloat16})
     if contender == "st-openvino":
         return CrossEncoder(model_dir, device="cpu", backend="openvino")
-    onnx = CrossEncoder(model_dir, device="cpu", backend="onnx")  # exports onnx/model.onnx on first use
-    onnx.save_pretrained(model_dir)
+    exported = os.path.isfile(os.path.join(model_dir, "onnx", "model.onnx"))
+    onnx = CrossEncoder(model_dir, device="cpu", backend="onnx")  # exports to a temporary folder on first use
+    if not exported:  # kept for the next run (saving over the file it was loaded from fails)
+        onnx.save_pretrained(model_dir)
     if contender == "st-onnx-fp32":
         return onnx
     if contender == "st-onnx-o3":

@@ -81,3 +81,6 @@ def test_real_peers_score_like_transformers(tiny_model_dirs, reference_scores, t
         atol = {"st-torch-fp32": 1e-4, "st-onnx-fp32": 1e-4, "st-onnx-o3": 1e-2, "st-onnx-int8": 0.4}.get(contender, 0.1)
         np.testing.assert_allclose(result.scores, expected, atol=atol, err_msg=contender)
         assert result.seconds > 0 and "sentence-transformers" in result.versions
+        # A second run reuses the export kept in the copy.
+        again = cpu_peers.run_peer(PEER_PYTHON, contender, copy, [(query, d) for d in documents], 1, 2)
+        np.testing.assert_allclose(again.scores, result.scores, atol=1e-6, err_msg=contender)
