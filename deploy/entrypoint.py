@@ -38,7 +38,7 @@ from triton_rerank.launcher.repository import (
 )
 from triton_rerank.launcher.restart import RestartPolicy, ServerKeeper, add_restart_options, restart_policy
 from triton_rerank.launcher.serve import DEFAULT_MODEL
-from triton_rerank.launcher.server import ServerAddress, StopRequested, TritonServer, stop_on_sigterm
+from triton_rerank.launcher.server import ServerAddress, StopRequested, TritonServer, stop_on_signals
 from triton_rerank.launcher.triton_install import SYSTEM_BACKEND_DIRECTORY, TritonInstall
 from triton_rerank.models.dtypes import DTYPE_NAMES, QUANTIZE_NAMES
 from triton_rerank.serving.model_files import ModelNotFoundError, resolve_model_path
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(server: TritonServer, ready_timeout: float, policy: RestartPolicy) -> int:
     """Starts the server and waits until it is ready; then restarts it whenever it exits on its own,
     as the policy allows, until SIGTERM/SIGINT stop it (0) or the policy gives up (1)."""
-    stop_on_sigterm()
+    stop_on_signals()
     try:
         server.start()
         server.wait_ready(ready_timeout)

@@ -24,7 +24,7 @@ from .repository import (
     render_model_repository,
 )
 from .restart import ServerKeeper, add_restart_options, restart_policy
-from .server import ServerAddress, StopRequested, TritonServer, free_ports, loopback, stop_on_sigterm
+from .server import ServerAddress, StopRequested, TritonServer, free_ports, loopback, stop_on_signals
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 
@@ -128,7 +128,7 @@ def run(args) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
         return 2
     # SIGTERM (docker stop, systemd) takes the same clean path as Ctrl-C.
-    stop_on_sigterm()
+    stop_on_signals()
     linears = ("" if args.quantize == "none" else f", {args.quantize} linears") + (
         ", compiled" if args.compile or args.quantize != "none" else "")
     print(f"starting tritonserver for {model_dir}, encoder {encoder_precision(args.device, args.dtype)}{linears} "

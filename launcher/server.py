@@ -271,16 +271,21 @@ class TritonServer:
 
 
 class StopRequested(Exception):
-    """Raised in the main thread by SIGTERM (docker stop, systemd) once `stop_on_sigterm` is called."""
+    """Raised in the main thread by SIGTERM (docker stop, systemd) once `stop_on_signals` is called."""
 
 
 def _raise_stop(signum, frame):
     raise StopRequested
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM takes the same clean path as Ctrl-C: the caller's `finally` stops the server group."""
+def stop_on_signals() -> None:
+    """SIGTERM takes the same clean path as Ctrl-C: the caller's `finally` stops the server group.
+
+    Ctrl-C (SIGINT) is made to raise KeyboardInterrupt even where this process was started with it
+    ignored, as a shell does for a command started with `&`: Python then keeps it ignored, and
+    `serve` could only be stopped by a signal that skips the clean-up."""
     signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

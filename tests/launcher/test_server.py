@@ -452,3 +452,31 @@ def test_supervisor_reloads_each_death_once(fake_triton, monkeypatch):
     finally:
         supervisor.stop()
         supervisor.join(5)
+
+
+STOPPABLE = """
+import time
+from triton_rerank.launcher.server import StopRequested, stop_on_signals
+stop_on_signals()
+try:
+    print("waiting", flush=True)
+    time.sleep(60)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+except StopRequested:
+    print("stop requested", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stop requested")])
+def test_stop_signals_take_the_clean_path_even_when_started_ignoring_ctrl_c(sig, said):
+    # As a shell starts a command with `&`: SIGINT ignored, which Python would otherwise keep.
+    process = subprocess.Popen([sys.executable, "-c", STOPPABLE], stdout=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert process.stdout.readline().strip() == "waiting"
+        process.send_signal(sig)
+        out, _ = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert out.strip() == said
