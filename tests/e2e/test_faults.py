@@ -106,15 +106,21 @@ def test_killed_stub_is_replaced_under_load(tiny_model_dirs, start_extra_server,
                     f"{'running' if server.process.poll() is None else 'ended'}; reloads {supervisor.reloads}; "
                     f"stubs now {stub_models(server.process.pid)}; outcomes {outcomes[-3:]}; keeper {keeper_log}; "
                     f"server log:\n{server.log_tail(40)}")
-            # Service comes back: a request succeeds after the repair (seconds, on a loaded machine).
+            # Service comes back on both doors: a request succeeds after the repair, straight to Triton
+            # and through the gateway (seconds, on a loaded machine; one sent during the outage may
+            # still come back refused after it).
             served_before = outcomes.count("ok")
+            answered_before = sum(status == 200 for status, _, _ in answers)
             deadline = time.monotonic() + 60
-            while outcomes.count("ok") == served_before and time.monotonic() < deadline:
+            while time.monotonic() < deadline and (
+                    outcomes.count("ok") == served_before
+                    or sum(status == 200 for status, _, _ in answers) == answered_before):
                 time.sleep(0.2)
             assert outcomes.count("ok") > served_before, (
                 f"no request succeeded within 60 s of repair {death}; last outcomes {outcomes[-3:]}; keeper "
                 f"{keeper_log}; server log:\n{server.log_tail(40)}")
-            time.sleep(1.0)
+            assert sum(status == 200 for status, _, _ in answers) > answered_before, (
+                f"no request through the gateway succeeded within 60 s of repair {death}: {answers[-3:]}")
         # One reload per death: the replaced model's other instances ending is no death to repair.
         assert server.supervisor.reloads == ({victim: reloaded} if reloaded else {}), keeper_log
     finally:
@@ -123,7 +129,6 @@ def test_killed_stub_is_replaced_under_load(tiny_model_dirs, start_extra_server,
             worker.join()
         gateway.stop()
         keeper.stop()
-    assert outcomes[-1] == "ok"
     assert not set(killed) & set(stub_models(server.process.pid))
     np.testing.assert_allclose(infer(running.grpc_url), expected, atol=1e-4)
     # The gateway's callers saw the dead stub as a pause to wait out (503, retry), not a model fault (502).
@@ -134,7 +139,6 @@ def test_killed_stub_is_replaced_under_load(tiny_model_dirs, start_extra_server,
     restarting = ("is being restarted",) + (("is unavailable", "cannot reach") if keeper.restarts else ())
     assert all(retry_after == "1" and any(words in message for words in restarting)
                for _, retry_after, message in refused), refused
-    assert answers[-1][0] == 200
 
 
 STUB_DIED = [
