@@ -10,8 +10,10 @@ shared libraries through `LD_LIBRARY_PATH`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -38,14 +40,17 @@ class TritonInstall:
 
     @classmethod
     def find(cls) -> TritonInstall:
-        """The tritonserver bundled in the nvidia-pytriton wheel."""
-        try:
-            import pytriton
-        except ImportError:
+        """The tritonserver bundled in the nvidia-pytriton wheel.
+
+        Found, not imported: only the wheel's files are used, and importing pytriton would pull in its
+        whole client stack (pyzmq, sh, tritonclient's dependencies), which the server does not need.
+        """
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
             raise LauncherError(
                 "nvidia-pytriton is not installed: `pip install nvidia-pytriton==0.7.0` (it carries tritonserver)"
-            ) from None
-        root = Path(pytriton.__file__).parent
+            )
+        root = Path(next(iter(spec.submodule_search_locations)))
         return cls(server=root / "tritonserver" / "bin" / "tritonserver", wheel=root)
 
     @classmethod
@@ -114,6 +119,38 @@ def python_library_dir() -> str | None:
     libdir = sysconfig.get_config_var("LIBDIR")
     name = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
     return libdir if libdir and (Path(libdir) / name).exists() else None
+
+
+# What every backend stub imports first, asked of this Python the way the stub runs it.
+STUB_PROBE = "import numpy, triton_rerank; print(numpy.__version__)"
+
+
+def check_stub_environment(python: str = sys.executable) -> None:
+    """Refuses, before the server starts, an environment the wheel's backend stubs cannot run in.
+
+    The stub embeds Python isolated (`PyConfig_InitIsolatedConfig`: no PYTHONPATH, no user site)
+    and imports from the environment whose `bin` is first on PATH, this Python's; `python -I` sees
+    the same. Without this check either fault shows only as stubs failing to load or dying on the
+    first request. The stub of tritonserver 2.51 (nvidia-pytriton 0.7.0) also misreads BYTES
+    tensors under numpy 2 (each string's length prefix comes out garbled, seen with numpy 2.5.2:
+    "unpack_from requires a buffer of at least 505290274 bytes"), and every request carries text.
+    """
+    try:
+        probe = subprocess.run([python, "-I", "-c", STUB_PROBE], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise LauncherError(f"cannot run {python} to check the backend stubs' environment: {error}") from None
+    if probe.returncode != 0:
+        reason = (probe.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise LauncherError(
+            f"the Python backend stubs cannot import what they need from {python} ({reason}): they run Python "
+            "isolated, without PYTHONPATH, so triton-rerank and numpy must be installed in that environment "
+            "(`pip install -e .` in a checkout, or the wheel)")
+    version = probe.stdout.strip()
+    if int(version.split(".")[0]) >= 2:
+        raise LauncherError(
+            f"numpy {version} in {python}: the Python backend stub of tritonserver 2.51 (nvidia-pytriton 0.7.0) "
+            "misreads text tensors under numpy 2 and dies on the first request; install numpy<2 "
+            "(`pip install 'numpy<2'`)")
 
 
 def server_environment(install: TritonInstall) -> dict[str, str]:
