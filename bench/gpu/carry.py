@@ -1,23 +1,30 @@
 """What the GPU check brings to a GPU machine that lacks it, packed here and unpacked there.
 
 The GPU machine has torch, triton, transformers, tokenizers, grpcio and protobuf, but no
-tritonserver, no tritonclient and no network. The ``served`` stage needs the first three of:
+tritonserver, no tritonclient and no network, and numpy 2 (the bundled server's backend stub needs
+numpy<2). The ``served`` stage needs the first three of:
 
-    nvidia_pytriton-0.7.0-*.whl   the bundled tritonserver 2.51 (55 MB; unpacked there, not installed)
+    nvidia_pytriton-0.7.0-*.whl   the bundled tritonserver 2.51, cut to the backend stub of the GPU machine's
+                                  Python and recompressed (26 MB instead of 55; unpacked there, not installed)
     site/tritonclient/            tritonclient's Python package (~1 MB; its perf_analyzer is not needed)
+    wheels/                       python-rapidjson (tritonclient imports it) and numpy<2, at the versions
+                                  installed here, built for CPython 3.12, the GPU image's Python
+                                  (``--python-version`` for another): 19 MB
     data.tar.xz                   DL19, the XLM-R tokenizer and the model configs (~3 MB instead of ~19)
     decoder-data.tar.xz           the ``decoder`` stage's Qwen3 tokenizer and Qwen3-Reranker 0.6B and 4B
                                   configs (~1.9 MB instead of ~11; packed when the data folder has them)
 
-Together they stay under the 64 MiB a device call may carry beside the checkout::
+Together they stay under the 64 MiB a device call may carry beside the checkout. The backend stubs
+run Python isolated (no PYTHONPATH), so the project and the wheels are installed there first::
 
-    python -m triton_rerank.bench.gpu.carry --out .gpu-carry          # here (downloads the wheel)
+    python -m triton_rerank.bench.gpu.carry --out .gpu-carry          # here (downloads the wheels)
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . .gpu-carry/wheels/*.whl   # there
     python3 -P bench/gpu/check.py --out OUT --carry .gpu-carry ...    # there, carrying .gpu-carry
 
 `unpack` (called by check.py before any stage) extracts what is missing into a scratch folder and
-puts it on sys.path and PYTHONPATH, so the stage processes and tritonserver's backend processes
-see it too; whatever the machine already has is left alone. Both data archives unpack into one
-data folder, the check's default --data-dir.
+puts it on sys.path and PYTHONPATH, so the stage processes and tritonserver see it too; whatever
+the machine already has is left alone. Both data archives unpack into one data folder, the check's
+default --data-dir.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +47,11 @@ from ..workload import CONFIG_FILE, DL19_FILE, TOKENIZER_FILE, resolve_data_dir
 
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
 WHEEL_GLOB = "nvidia_pytriton-*.whl"
+# Installed on the GPU machine before the check: tritonclient's grpc and http modules import rapidjson,
+# which the GPU image lacks, and the wheel's backend stub misreads text tensors under the image's numpy 2.
+CARRIED_DISTRIBUTIONS = ("python-rapidjson", "numpy")
+CARRIED_WHEELS = "wheels"
+GPU_PYTHON_VERSION = "3.12"
 DATA_ARCHIVE = "data.tar.xz"
 SITE = "site"
 DATA_FILES = (DL19_FILE, TOKENIZER_FILE, CONFIG_FILE)
@@ -55,19 +68,60 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def prepare(out: Path, data_dir: Path | None, wheel: Path | None = None) -> int:
-    """Writes the carry folder; returns its size in bytes (ValueError when it would not fit)."""
+def download_carried_wheels(into: Path, python_version: str) -> None:
+    """Binary wheels of what the GPU image lacks or has at a version that fails, at the versions installed here."""
+    from importlib.metadata import version
+
+    requirements = [f"{dist}=={version(dist)}" for dist in CARRIED_DISTRIBUTIONS]
+    platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--implementation=cp", f"--python-version={python_version}", *platforms, "-d", str(into),
+                    *requirements], check=True)
+
+
+def trim_wheel(source: Path, target: Path, python_version: str) -> None:
+    """The nvidia-pytriton wheel with only the backend stub of CPython `python_version`, LZMA-compressed.
+
+    The wheel holds a stub per Python 3.8-3.13 and, for 3.13's, its own libpython (13 of its 55 MB);
+    only the stub the GPU machine's Python loads is kept. LZMA (which `zipfile` unpacks) halves the rest.
+    """
+    minor = python_version.split(".")[1]
+    with zipfile.ZipFile(source) as wheel, zipfile.ZipFile(target, "w", zipfile.ZIP_LZMA) as trimmed:
+        for entry in wheel.infolist():
+            name = entry.filename
+            other_stub = "/python_backend_stubs/" in name and f"/python_backend_stubs/3.{minor}/" not in name
+            other_libpython = name.startswith("nvidia_pytriton.libs/libpython3") and f".{minor}.so" not in name
+            if not (other_stub or other_libpython):
+                trimmed.writestr(entry, wheel.read(name), compress_type=zipfile.ZIP_LZMA)
+
+
+def prepare(out: Path, data_dir: Path | None, wheel: Path | None = None, carried_wheels: list[Path] | None = None,
+            python_version: str = GPU_PYTHON_VERSION) -> int:
+    """Writes the carry folder; returns its size in bytes (ValueError when it would not fit).
+
+    `wheel`: an nvidia-pytriton wheel already here; `carried_wheels`: the wheels of CARRIED_DISTRIBUTIONS
+    already here (each None: pip download, the latter for CPython `python_version`).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    # A wheel given from the folder itself (re-packing it in place) is kept, not deleted then missed.
-    given = wheel.resolve() if wheel is not None else None
-    for old in out.glob(WHEEL_GLOB):
-        if old.resolve() != given:
+    with tempfile.TemporaryDirectory() as scratch:
+        if wheel is not None:  # copied first: it may be the folder's own wheel, re-packed in place
+            wheel = Path(shutil.copy2(wheel, scratch))
+        for old in out.glob(WHEEL_GLOB):
             old.unlink()
-    if wheel is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(out),
-                        PYTRITON_REQUIREMENT], check=True)
-    elif (out / wheel.name).resolve() != given:
-        shutil.copy2(wheel, out / wheel.name)
+        if wheel is None:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", scratch,
+                            PYTRITON_REQUIREMENT], check=True)
+            wheel = next(Path(scratch).glob(WHEEL_GLOB))
+        trim_wheel(wheel, out / wheel.name, python_version)
+
+    wheels = out / CARRIED_WHEELS
+    shutil.rmtree(wheels, ignore_errors=True)
+    wheels.mkdir()
+    if carried_wheels is None:
+        download_carried_wheels(wheels, python_version)
+    else:
+        for carried in carried_wheels:
+            shutil.copy2(carried, wheels / carried.name)
 
     import tritonclient
 
@@ -158,10 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=".gpu-carry", help="the folder to write (default .gpu-carry, ignored by git)")
     p.add_argument("--data-dir", default=None, help="the shared data folder (default: the usual places)")
     p.add_argument("--wheel", default=None, help=f"an {PYTRITON_REQUIREMENT} wheel already here (default: pip download)")
+    p.add_argument("--python-version", default=GPU_PYTHON_VERSION,
+                   help=f"the GPU machine's Python: its backend stub is kept and the carried wheels are built for it "
+                   f"(default {GPU_PYTHON_VERSION})")
     args = p.parse_args(argv)
     data_dir = resolve_data_dir(args.data_dir)
     try:
-        size = prepare(Path(args.out), data_dir, Path(args.wheel) if args.wheel else None)
+        size = prepare(Path(args.out), data_dir, Path(args.wheel) if args.wheel else None,
+                       python_version=args.python_version)
     except (ValueError, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

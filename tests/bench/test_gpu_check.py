@@ -330,7 +330,7 @@ def test_carry_packs_the_decoder_files(tmp_path):
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("pytriton/__init__.py", "")
     folder = tmp_path / "carry"
-    carry.prepare(folder, data, wheel)
+    carry.prepare(folder, data, wheel, carried_wheels=[])
     with tarfile.open(folder / carry.DECODER_DATA_ARCHIVE) as archive:
         assert sorted(archive.getnames()) == sorted(carry.DECODER_DATA_FILES)
     done = carry.unpack(folder, tmp_path / "scratch", installed=lambda module: True)
@@ -338,11 +338,11 @@ def test_carry_packs_the_decoder_files(tmp_path):
         assert (Path(done["data_dir"]) / name).read_text() == f"{name}\n"
     assert carry.missing_decoder_files(data) == []
     (data / carry.DECODER_DATA_FILES[0]).unlink()  # packed without it, and said so
-    carry.prepare(folder, data, wheel)
+    carry.prepare(folder, data, wheel, carried_wheels=[])
     with tarfile.open(folder / carry.DECODER_DATA_ARCHIVE) as archive:
         assert sorted(archive.getnames()) == sorted(carry.DECODER_DATA_FILES[1:])
     assert carry.missing_decoder_files(data) == [carry.DECODER_DATA_FILES[0]]
-    carry.prepare(folder, data, folder / wheel.name)  # re-packed in place with its own wheel
+    carry.prepare(folder, data, folder / wheel.name, carried_wheels=[])  # re-packed in place with its own wheel
     assert [p.name for p in folder.glob(carry.WHEEL_GLOB)] == [wheel.name]
 
 

@@ -66,13 +66,38 @@ def test_served_levels_get_mfu_and_the_ratio_to_the_in_process_encoder():
 
 
 def fake_wheel(path: Path) -> Path:
-    """A wheel laid out as nvidia-pytriton's: the server binary and a stub, without permission bits."""
+    """A wheel laid out as nvidia-pytriton's: the server binary and a stub per Python (3.13's with its own
+    libpython), without permission bits."""
     with zipfile.ZipFile(path, "w") as wheel:
         wheel.writestr("pytriton/__init__.py", "")
         wheel.writestr("pytriton/tritonserver/bin/tritonserver", "#!/bin/sh\necho server\n")
-        wheel.writestr("pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub", "stub")
+        for version in ("3.11", "3.12", "3.13"):
+            wheel.writestr(f"pytriton/tritonserver/python_backend_stubs/{version}/triton_python_backend_stub", "stub")
         wheel.writestr("nvidia_pytriton.libs/libtritonserver.so", "lib")
+        wheel.writestr("nvidia_pytriton.libs/libpython3-419a3a08.13.so.1.0", "libpython")
     return path
+
+
+def fake_numpy_wheel(tmp_path: Path) -> Path:
+    path = tmp_path / "numpy-1.26.4-cp312-cp312-manylinux_2_17_x86_64.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("numpy/__init__.py", "")
+    return path
+
+
+def test_the_server_wheel_keeps_only_the_gpu_pythons_stub(tmp_path):
+    source = fake_wheel(tmp_path / "nvidia_pytriton-0.7.0-py3-none-any.whl")
+    for version, kept in (("3.12", "3.12"), ("3.13", "3.13")):
+        trimmed = tmp_path / f"trimmed-{version}.whl"
+        carry.trim_wheel(source, trimmed, version)
+        with zipfile.ZipFile(trimmed) as wheel:
+            names = wheel.namelist()
+            assert {e.compress_type for e in wheel.infolist()} == {zipfile.ZIP_LZMA}
+            assert wheel.read("pytriton/tritonserver/bin/tritonserver") == b"#!/bin/sh\necho server\n"
+        stubs = [n.split("/")[3] for n in names if "python_backend_stubs" in n]
+        assert stubs == [kept]
+        assert ("nvidia_pytriton.libs/libpython3-419a3a08.13.so.1.0" in names) == (version == "3.13")
+        assert "nvidia_pytriton.libs/libtritonserver.so" in names
 
 
 def data_folder(tmp_path: Path) -> Path:
@@ -92,9 +117,11 @@ def test_carry_is_packed_small_and_unpacked_where_things_are_missing(tmp_path, m
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     data = data_folder(tmp_path)
     folder = tmp_path / "carry"
-    size = carry.prepare(folder, data, fake_wheel(tmp_path / "nvidia_pytriton-0.7.0-py3-none-any.whl"))
+    size = carry.prepare(folder, data, fake_wheel(tmp_path / "nvidia_pytriton-0.7.0-py3-none-any.whl"),
+                         carried_wheels=[fake_numpy_wheel(tmp_path)])
     assert size == carry.folder_bytes(folder) < carry.LIMIT_BYTES - carry.CHECKOUT_RESERVE_BYTES
     assert (folder / "site" / "tritonclient" / "grpc" / "__init__.py").is_file()
+    assert [w.name for w in (folder / carry.CARRIED_WHEELS).iterdir()] == [fake_numpy_wheel(tmp_path).name]
     assert not list(folder.rglob("__pycache__"))
     with tarfile.open(folder / carry.DATA_ARCHIVE) as archive:
         assert sorted(archive.getnames()) == sorted(carry.DATA_FILES)
@@ -128,6 +155,8 @@ def test_unpack_leaves_what_is_installed_alone(tmp_path, monkeypatch):
 def test_carry_refuses_what_a_device_call_cannot_take(tmp_path, monkeypatch):
     monkeypatch.setattr(carry, "LIMIT_BYTES", carry.CHECKOUT_RESERVE_BYTES + 1024)
     with pytest.raises(ValueError, match="more than the 0 MiB a device call can carry"):
-        carry.prepare(tmp_path / "carry", data_folder(tmp_path), fake_wheel(tmp_path / "nvidia_pytriton-0.7.0.whl"))
+        carry.prepare(tmp_path / "carry", data_folder(tmp_path), fake_wheel(tmp_path / "nvidia_pytriton-0.7.0.whl"),
+                      carried_wheels=[])
     with pytest.raises(ValueError, match="lacks"):
-        carry.prepare(tmp_path / "carry2", tmp_path / "empty", fake_wheel(tmp_path / "nvidia_pytriton-0.7.0.whl"))
+        carry.prepare(tmp_path / "carry2", tmp_path / "empty", fake_wheel(tmp_path / "nvidia_pytriton-0.7.0.whl"),
+                      carried_wheels=[])
