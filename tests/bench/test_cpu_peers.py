@@ -77,8 +77,9 @@ def test_real_peers_score_like_transformers(tiny_model_dirs, reference_scores, t
         copy = cpu_peers.model_copy(model_dir, tmp_path, contender)
         result = cpu_peers.run_peer(PEER_PYTHON, contender, copy, [(query, d) for d in documents], 1, 2)
         # Exact exports at float32's tolerance; O3 swaps in an approximate GELU; bf16 and OpenVINO's bf16 round;
-        # ONNX Runtime's dynamic int8 (one activation scale per call) errs most (0.18 seen on scores of 1-2).
-        atol = {"st-torch-fp32": 1e-4, "st-onnx-fp32": 1e-4, "st-onnx-o3": 1e-2, "st-onnx-int8": 0.4}.get(contender, 0.1)
+        # ONNX Runtime's dynamic int8 (one activation scale per call) errs most, by CPU: 0.18 seen on scores of
+        # 1-2 on a Zen 4, 0.46 on a Zen 5 (its VNNI kernels round differently); a wrong model errs by whole units.
+        atol = {"st-torch-fp32": 1e-4, "st-onnx-fp32": 1e-4, "st-onnx-o3": 1e-2, "st-onnx-int8": 0.6}.get(contender, 0.1)
         np.testing.assert_allclose(result.scores, expected, atol=atol, err_msg=contender)
         assert result.seconds > 0 and "sentence-transformers" in result.versions
         # A second run reuses the export kept in the copy.
