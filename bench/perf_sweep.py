@@ -28,6 +28,7 @@ from ..launcher.repository import (
 )
 from ..launcher.server import ServerAddress, TritonServer, free_ports
 from ..models.dtypes import QUANTIZE_NAMES
+from ..models.families import ENGINE_NAMES
 from .perf_analyzer import perf_analyzer_binary, perf_analyzer_environment
 
 # perf_analyzer 2.51 `-f` CSV columns we read (times in microseconds).
@@ -95,6 +96,7 @@ class TritonVariant:
     max_batch_tokens: int | None = None  # None: the run's --max-batch-tokens
     quantize: str | None = None  # None: the run's --quantize
     compile: int = 0  # 1: torch.compile the encoder's layers (serve --compile)
+    engine: str = "packed"  # serve --engine
 
     def label(self) -> str:
         parts = [f"inst={self.instances}", f"thr={self.num_threads}"]
@@ -108,6 +110,8 @@ class TritonVariant:
             parts.append(self.quantize)
         if self.compile:
             parts.append("compiled")
+        if self.engine != "packed":
+            parts.append(self.engine)
         return " ".join(parts)
 
 
@@ -116,16 +120,20 @@ _VARIANT_KEYS = {"delay": "queue_delay_us", "instances": "instances", "threads":
 
 
 def parse_variant(spec: str, default_threads: int) -> TritonVariant:
-    """'delay=0,instances=2,threads=1,tok=1,mbt=4096,q=int8' -> TritonVariant (omitted keys keep their defaults)."""
+    """'delay=0,instances=2,threads=1,tok=1,mbt=4096,q=int8,engine=openvino' -> TritonVariant (omitted keys keep
+    their defaults)."""
     values: dict[str, int | str] = {"num_threads": default_threads}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, sep, value = (s.strip() for s in part.partition("="))
         if key == "q" and value in QUANTIZE_NAMES:
             values["quantize"] = value
             continue
+        if key == "engine" and value in ENGINE_NAMES:
+            values["engine"] = value
+            continue
         if not sep or key not in _VARIANT_KEYS or not value.isdigit():
             raise ValueError(f"bad Triton variant item {part!r}: use delay=US,instances=N,threads=N,tok=N,mbt=N,"
-                             f"compile=0|1,q={'|'.join(QUANTIZE_NAMES)}")
+                             f"compile=0|1,q={'|'.join(QUANTIZE_NAMES)},engine={'|'.join(ENGINE_NAMES)}")
         values[_VARIANT_KEYS[key]] = int(value)
     if values.get("instances", 1) < 1 or values.get("max_batch_tokens", 1) < 1:
         raise ValueError("instances and mbt must be >= 1")
@@ -152,7 +160,7 @@ class ServerSpec:
 def render_repository(spec: ServerSpec, target: Path) -> Path:
     settings = RepositorySettings(
         model_path=str(spec.model_dir), device=spec.device, dtype=spec.dtype, quantize=spec.variant.quantize or "none",
-        compile=bool(spec.variant.compile), engine="packed",
+        compile=bool(spec.variant.compile), engine=spec.variant.engine,
         attention_backend=spec.attention_backend, max_batch_tokens=spec.variant.max_batch_tokens or spec.max_batch_tokens,
         instances=spec.variant.instances, num_threads=spec.variant.num_threads,
         queue_delay_us=spec.variant.queue_delay_us, extra=spec.extra,

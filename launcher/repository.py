@@ -13,6 +13,7 @@ importlib.resources, so a non-editable `pip install` works), or any directory la
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from google.protobuf.message import Message
 from tritonclient.grpc.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
 from ..models.dtypes import QUANTIZE_NAMES, int8_instructions
-from ..models.families import RERANKER_KINDS, reranker_kind
+from ..models.families import ENGINE_NAMES, RERANKER_KINDS, reranker_kind
 from ..serving.request_options import LONG_DOCUMENT_MODES
 from .errors import LauncherError
 
@@ -215,6 +216,23 @@ class RepositorySettings:
             raise LauncherError(f"{what} compiles the encoder with torch.compile, which needs a C++ compiler on "
                                 "this host: install g++ (apt-get install g++)")
 
+    def _check_engine(self) -> None:
+        """The engine exists, and openvino gets what it runs on (a cross-encoder, the CPU, its package)."""
+        if self.engine not in ENGINE_NAMES:
+            raise LauncherError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {self.engine!r}")
+        if self.engine != "openvino":
+            return
+        if self.resolved_kind() == "decoder":
+            raise LauncherError("engine openvino is for cross-encoders; decoder rerankers run on the packed or hf "
+                                "engine")
+        if self.device.startswith("cuda"):
+            raise LauncherError(f"engine openvino runs on the CPU: set device cpu (got {self.device})")
+        if self.dtype == "float16":
+            raise LauncherError("engine openvino runs in float32 or bfloat16 (dtype auto picks one), not float16")
+        if importlib.util.find_spec("openvino") is None:
+            raise LauncherError("engine openvino needs the openvino package: pip install 'triton-rerank[openvino]' "
+                                "(or pip install openvino)")
+
     def check(self) -> None:
         if self.reranker_kind not in ("auto", *RERANKER_KINDS):
             raise LauncherError(f"reranker_kind must be auto or one of {', '.join(RERANKER_KINDS)}, "
@@ -236,6 +254,7 @@ class RepositorySettings:
                                 f"got {self.long_documents!r}")
         if self.instances < 1:
             raise LauncherError(f"instances must be at least 1, got {self.instances}")
+        self._check_engine()
         self._check_compiled_encoder()
         if self.queue_delay_us is not None and self.queue_delay_us < 0:
             raise LauncherError(f"queue_delay_us must be >= 0, got {self.queue_delay_us}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..gateway.command import add_gateway_options, gateway_settings
 from ..gateway.settings import GatewayStartError
 from ..models.dtypes import DTYPE_NAMES, QUANTIZE_NAMES, auto_dtype
+from ..models.families import ENGINE_NAMES
 from ..serving.model_files import ModelNotFoundError, resolve_model_path
 from .errors import LauncherError
 from .repository import (
@@ -60,8 +61,9 @@ def register(subparsers) -> None:
                         "around the matmuls; needs a C++ compiler); --quantize int8 always compiles")
     p.add_argument("--attention-backend", choices=["triton", "sdpa"], default=None,
                    help="attention of the packed encoder; default triton on GPU, sdpa on CPU")
-    p.add_argument("--engine", choices=["packed", "hf"], default="packed",
-                   help="packed = our unpadded encoder; hf = transformers reference (padded)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="packed",
+                   help="packed = our unpadded encoder; hf = transformers reference (padded); openvino = "
+                        "cross-encoders on OpenVINO, CPU only (pip install 'triton-rerank[openvino]')")
     p.add_argument("--max-length", type=int, default=0,
                    help="max tokens of a (query, document) pair; 0 = the model's limit")
     p.add_argument("--max-batch-tokens", type=int, default=0,

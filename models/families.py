@@ -18,6 +18,9 @@ DECODER_ARCHITECTURES = ("Qwen3ForCausalLM",)
 # How a model reranks: "cross-encoder" (a one-logit classification head on the pair) or "decoder"
 # (a causal LM's logit(yes) - logit(no) after a prompt). "auto" reads config.json.
 RERANKER_KINDS = ("cross-encoder", "decoder")
+# The scoring step's engines: our packed encoder/decoder, transformers (the reference), and OpenVINO
+# (optional package; cross-encoders on the CPU).
+ENGINE_NAMES = ("packed", "hf", "openvino")
 
 
 def position_offset(model_type: str, pad_token_id: int) -> int:

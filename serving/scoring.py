@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..models.dtypes import QUANTIZE_NAMES, auto_dtype, torch_dtype
-from ..models.families import reranker_kind
+from ..models.families import ENGINE_NAMES, reranker_kind
 from .packed_inputs import PackedInputLimits, PackedRequest
 from .prefix_sharing import (
     DEFAULT_MIN_SHARED_PREFIX,
@@ -309,7 +309,8 @@ def use_utf8_file_encoding() -> None:
 
 
 def build_engine(settings: EncoderSettings):
-    """The engine named by settings.engine: "packed" (default) or "hf" (the transformers reference)."""
+    """The engine named by settings.engine: "packed" (default), "hf" (the transformers reference) or
+    "openvino" (cross-encoders on the CPU, optional package)."""
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
     decoder = settings.reranker_kind == "decoder"
@@ -321,6 +322,12 @@ def build_engine(settings: EncoderSettings):
                          f"of a {settings.reranker_kind} reranker; set compile to false")
     if settings.engine == "hf":
         return (HFDecoderEngine if decoder else HFEngine)(settings.model_path, settings.dtype, settings.device)
+    if settings.engine == "openvino":
+        if decoder:
+            raise ValueError("engine openvino is for cross-encoders; decoder rerankers run on the packed or hf engine")
+        from .openvino_engine import OpenVINOEngine
+
+        return OpenVINOEngine(settings.model_path, settings.dtype, settings.device, settings.num_threads)
     if settings.engine == "packed":
         if decoder:
             return PackedDecoderEngine(settings.model_path, settings.dtype, settings.device, settings.attention_backend)
@@ -328,7 +335,7 @@ def build_engine(settings: EncoderSettings):
             use_utf8_file_encoding()
         return PackedEngine(settings.model_path, settings.dtype, settings.device, settings.attention_backend,
                             settings.quantize, settings.compile)
-    raise ValueError(f"engine must be 'packed' or 'hf', got {settings.engine!r}")
+    raise ValueError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {settings.engine!r}")
 
 
 def score_pairs(

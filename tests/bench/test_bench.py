@@ -66,6 +66,11 @@ def test_arguments_defaults_quick_and_errors():
     assert [v.quantize for v in bench.triton_variants(args)] == ["int8", "none"]
     assert bench.triton_variants(args)[0].label().endswith("mbt=4096 int8")
     assert bench_perf.parse_variant("compile=1", 2).label().endswith("compiled")
+    openvino = bench_perf.parse_variant("mbt=4096,engine=openvino", 2)
+    assert openvino.engine == "openvino" and openvino.label().endswith("mbt=4096 openvino")
+    assert bench_perf.parse_variant("mbt=4096", 2).engine == "packed"
+    with pytest.raises(ValueError, match="engine=packed|hf|openvino"):
+        bench_perf.parse_variant("engine=onnx", 2)
     assert bench.triton_variants(_parse(["--quantize", "int8"]))[0].quantize == "int8"
 
 
@@ -149,6 +154,10 @@ def test_queue_delay_and_rendered_repository(tmp_path, monkeypatch):
     spec = bench_perf.ServerSpec(tmp_path / "model", bench_perf.TritonVariant(None, 1, 1))
     repo = bench_perf.render_repository(spec, tmp_path / "repo")
     assert bench_perf.configured_queue_delay(repo) == bench_perf.configured_queue_delay()
+    assert parse("cross_encoder").parameters["engine"].string_value == "packed"
+    spec = bench_perf.ServerSpec(tmp_path / "model", bench_perf.TritonVariant(None, 1, 1, engine="openvino"))
+    repo = bench_perf.render_repository(spec, tmp_path / "repo")
+    assert parse("cross_encoder").parameters["engine"].string_value == "openvino"
 
 
 def test_workloads_and_input_data(tmp_path):

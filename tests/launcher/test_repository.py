@@ -142,6 +142,12 @@ def test_unknown_parameter_is_refused_naming_it(tmp_path):
     ({"quantize": "int8", "device": "cuda"}, "quantize int8 is for CPUs: set device cpu"),
     ({"quantize": "int8", "device": "cpu", "engine": "hf"}, "for the packed engine of cross-encoders, not the hf"),
     ({"compile": True, "engine": "hf"}, "compile is for the packed engine of cross-encoders, not the hf"),
+    ({"engine": "onnx"}, "engine must be one of packed, hf, openvino, got 'onnx'"),
+    ({"engine": "openvino", "device": "cuda"}, "engine openvino runs on the CPU: set device cpu"),
+    ({"engine": "openvino", "dtype": "float16"}, "engine openvino runs in float32 or bfloat16"),
+    ({"engine": "openvino", "reranker_kind": "decoder"}, "engine openvino is for cross-encoders"),
+    ({"engine": "openvino", "quantize": "int8", "device": "cpu"}, "for the packed engine of cross-encoders, not the "
+                                                                  "openvino"),
 ])
 def test_bad_settings_are_refused(tmp_path, settings, message):
     with pytest.raises(LauncherError, match=message):
@@ -279,3 +285,12 @@ def test_compiling_needs_a_cxx_compiler_and_is_told_to_the_scoring_step(tmp_path
         with pytest.raises(LauncherError, match="needs a C\\+\\+ compiler on this host: install g\\+\\+"):
             render_model_repository(RepositorySettings(model_path="m", device="cpu", **settings), tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_engine_openvino_without_its_package_says_how_to_install_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    with pytest.raises(LauncherError, match=r"needs the openvino package: pip install 'triton-rerank\[openvino\]'"):
+        render_model_repository(RepositorySettings(model_path="m", engine="openvino"), tmp_path / "r")

@@ -1,0 +1,78 @@
+"""The cross-encoder on OpenVINO: our loaded checkpoint exported once at load, run on padded micro-batches.
+
+An optional CPU engine (`engine: openvino` in config.pbtxt, `serve --engine openvino`; needs
+`pip install 'triton-rerank[openvino]'`). On CPUs where torch's attention kernels are weak at small
+head sizes (the MiniLM shape's 32-wide heads) OpenVINO's fused graph runs the same micro-batches
+faster; measured side by side in `results/` (README, "CPU precision").
+
+Supported: cross-encoders (BERT, XLM-R, anything `AutoModelForSequenceClassification` loads) on the
+CPU, in float32 or bfloat16 (OpenVINO's inference precision; the output logits stay float32).
+Not supported: decoder rerankers, GPUs, float16, `quantize` and `compile` (refused at load).
+
+The micro-batches are the server's own (length-sorted, each padded to its longest pair), so a
+pair's score does not depend on what else is in its micro-batch beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from .scoring import PackedBatch, padded_inputs
+
+# torch dtype -> OpenVINO's INFERENCE_PRECISION_HINT on the CPU.
+PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
+INSTALL_HINT = "pip install 'triton-rerank[openvino]' (or pip install openvino)"
+
+
+def openvino_module():
+    try:
+        import openvino
+    except ImportError:
+        raise ValueError(f"engine openvino needs the openvino package: {INSTALL_HINT}") from None
+    return openvino
+
+
+class OpenVINOEngine:
+    """Scores packed batches with an OpenVINO compiled model of the checkpoint (CPU only)."""
+
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, num_threads: int = 0):
+        if device.type != "cpu":
+            raise ValueError(f"engine openvino runs on the CPU, not {device}; set device to cpu (or use the packed engine)")
+        if dtype not in PRECISIONS:
+            raise ValueError(f"engine openvino runs in float32 or bfloat16, not {str(dtype).removeprefix('torch.')}")
+        ov = openvino_module()
+        from transformers import AutoModelForSequenceClassification
+
+        # float32 weights in: OpenVINO converts them to the inference precision itself.
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.pad_token_id = model.config.pad_token_id or 0
+        self.uses_token_types = model.config.type_vocab_size > 1
+        example = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+        if self.uses_token_types:
+            example["token_type_ids"] = torch.zeros(2, 8, dtype=torch.long)
+        with torch.no_grad(), warnings.catch_warnings():
+            # Tracing warns at every Python branch on a tensor; in these encoders the branches only
+            # concern padding past the mask and causal masks, the same for every input.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            graph = ov.convert_model(model, example_input=example)
+        threads = num_threads or torch.get_num_threads() or os.cpu_count() or 1
+        self.compiled = ov.Core().compile_model(graph, "CPU", {
+            "INFERENCE_PRECISION_HINT": PRECISIONS[dtype],
+            "INFERENCE_NUM_THREADS": threads,
+            # One request at a time per model instance: the latency hint keeps every thread on it.
+            "PERFORMANCE_HINT": "LATENCY",
+        })
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [port.any_name for port in self.compiled.inputs]
+        self.precision = PRECISIONS[dtype]
+        self.threads = threads
+
+    def __call__(self, batch: PackedBatch) -> torch.Tensor:
+        inputs = padded_inputs(batch, self.pad_token_id, self.uses_token_types)
+        feed = {name: inputs[name].numpy() for name in self.input_names}
+        logits = self.request.infer(feed)[0]  # [B, num_labels]
+        return torch.from_numpy(np.array(logits[:, 0], dtype=np.float32))

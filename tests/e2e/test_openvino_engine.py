@@ -1,0 +1,59 @@
+"""engine openvino through the running server: transformers' float32 scores over gRPC (tritonclient)
+and the gateway's /v1/rerank, bfloat16 within bfloat16's error, and the server says what it runs."""
+
+import numpy as np
+import pytest
+import requests
+
+from triton_rerank.gateway.server import GatewayThread
+from triton_rerank.gateway.settings import GatewaySettings
+from triton_rerank.launcher.server import free_ports
+
+from .test_faults import infer
+from .test_metrics import encoder_info
+
+pytest.importorskip("openvino")
+
+QUERY = "what do giant pandas eat in the wild"
+DOCUMENTS = ["bamboo", "the giant panda eats bamboo shoots and leaves", "a search engine for the web",
+             "pandas are bears that live in the mountains of china " * 6, "b"]
+
+
+def transformers_error(model_dir, dtype: str, expected: np.ndarray) -> float:
+    """Max |score - float32| of transformers itself in `dtype` on the same pairs (in process)."""
+    import torch
+
+    from triton_rerank.serving.scoring import HFEngine, score_pairs
+    from triton_rerank.serving.tokenization import PairTokenizer
+
+    engine = HFEngine(str(model_dir), getattr(torch, dtype), torch.device("cpu"))
+    packed = PairTokenizer(model_dir).encode(QUERY, DOCUMENTS)
+    return float(np.abs(score_pairs(engine, packed.input_ids, packed.token_type_ids, packed.lengths, 4096)
+                        - expected).max())
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [("bert", "float32"), ("xlm-roberta", "bfloat16")])
+def test_openvino_server_scores_like_transformers(start_extra_server, tiny_model_dirs, reference_scores, arch, dtype):
+    running = start_extra_server(tiny_model_dirs[arch], arch, engine="openvino", dtype=dtype)
+    expected = np.array(reference_scores(running.model_dir, QUERY, DOCUMENTS))
+    got = infer(running.grpc_url, QUERY, DOCUMENTS)
+    if dtype == "float32":
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    else:  # bfloat16 rounds: within twice transformers' own bfloat16 error
+        assert np.abs(got - expected).max() <= 2 * transformers_error(running.model_dir, dtype, expected) + 1e-3
+        assert not np.array_equal(got, expected)
+    # The same answer through the gateway, and a request again: no state carried between calls.
+    (api,) = free_ports(1)
+    gateway = GatewayThread(GatewaySettings(triton_url=running.grpc_url, port=api, log_level="warning")).start()
+    try:
+        body = {"query": QUERY, "documents": DOCUMENTS, "return_documents": False}
+        results = requests.post(f"http://127.0.0.1:{api}/v1/rerank", json=body, timeout=60).json()
+    finally:
+        gateway.stop()
+    via_gateway = {r["index"]: r["score"] for r in results}
+    np.testing.assert_allclose([via_gateway[i] for i in range(len(DOCUMENTS))], got, rtol=1e-6)
+    np.testing.assert_array_equal(infer(running.grpc_url, QUERY, DOCUMENTS), got)
+    (labels,) = encoder_info(running.server)
+    assert (labels["engine"], labels["dtype"], labels["device"]) == ("openvino", dtype, "cpu")
+    log = running.server.log_file.read_text(errors="replace")
+    assert f"cross-encoder reranker, openvino engine, {dtype}" in log, log[-2000:]
