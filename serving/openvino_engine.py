@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from .scoring import PackedBatch, padded_inputs
+from .micro_batches import PackedBatch, padded_inputs
 
 # torch dtype -> OpenVINO's INFERENCE_PRECISION_HINT on the CPU.
 PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
