@@ -55,9 +55,11 @@ def sweep_triton(args, model_dir: Path, requests: RequestSet, variant: TritonVar
     data = write_input_data(work / "perf-input.json", requests.as_tuples())
     spec = ServerSpec(model_dir, variant, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
                       attention_backend=args.attention_backend)
-    backend = (f"tritonserver 2.51 ensemble, Python backend, packed encoder "
-               f"({args.attention_backend or ('triton' if args.device.startswith('cuda') else 'sdpa')}), "
-               f"max_batch_tokens {args.max_batch_tokens}")
+    attention = args.attention_backend or ("triton" if args.device.startswith("cuda") else "sdpa")
+    engine = {"packed": f"packed encoder ({attention})", "hf": "transformers (padded)",
+              "openvino": "OpenVINO (padded)"}[variant.engine]
+    backend = (f"tritonserver 2.51 ensemble, Python backend, {engine}, "
+               f"max_batch_tokens {variant.max_batch_tokens or args.max_batch_tokens}")
     pairs_per_request = requests.num_pairs / len(requests.requests)
     rows = []
     note(f"starting tritonserver [{variant.label()}]")

@@ -67,7 +67,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=0,
                    help="max tokens of a (query, document) pair; 0 = the model's limit")
     p.add_argument("--max-batch-tokens", type=int, default=0,
-                   help="token budget of one encoder forward; 0 = 4096 on CPU, 16384 on GPU")
+                   help="token budget of one encoder forward; 0 = 4096 on CPU, 16384 on GPU, 1024 for --engine openvino")
     add_long_document_options(p)
     add_decoder_options(p)
     p.add_argument("--instances", type=int, default=1, help="cross_encoder model instances")

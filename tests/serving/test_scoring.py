@@ -120,6 +120,10 @@ def test_settings_resolve_auto_device_and_dtype(tiny_model_dirs):
     assert settings.device == torch.device("cpu") and settings.dtype == expected
     assert settings.dtype_reason.startswith("auto: this CPU has")
     assert settings.max_batch_tokens == 4096  # the CPU default when config.pbtxt says 0
+    # The padded OpenVINO engine's own default; a budget set in config.pbtxt stands for every engine.
+    assert EncoderSettings.from_parameters({**params, "engine": "openvino"}).max_batch_tokens == 1024
+    assert EncoderSettings.from_parameters({**params, "engine": "openvino", "max_batch_tokens": "4096"}
+                                           ).max_batch_tokens == 4096
     forced = EncoderSettings.from_parameters({**params, "dtype": "float32"}, instance_kind="CPU")
     assert (forced.dtype, forced.dtype_reason) == (torch.float32, "set in config.pbtxt")
     with pytest.raises(ValueError, match="dtype must be one of"):
