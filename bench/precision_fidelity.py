@@ -303,8 +303,11 @@ def encode(model_dir: Path, workload: Workload) -> EncodedPairs:
 
 # The reduced precisions measured against float32: (activation dtype, quantize) of the server's engine.
 # int8 is what `serve --quantize int8` runs on a CPU whose dtype=auto is bfloat16.
-PRECISIONS = {"bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8")}
-PRECISION_TITLES = {"bfloat16": "bf16", "int8": "int8 linears (bf16 elsewhere)"}
+# name -> (dtype, quantize, engine): what each reduced precision runs.
+PRECISIONS = {"bfloat16": ("bfloat16", "none", "packed"), "int8": ("bfloat16", "int8", "packed"),
+              "openvino": ("bfloat16", "none", "openvino")}
+PRECISION_TITLES = {"bfloat16": "bf16", "int8": "int8 linears (bf16 elsewhere)", "openvino": "OpenVINO bf16"}
+ENGINE_TITLES = {"packed": "packed", "hf": "transformers", "openvino": "openvino"}
 
 
 @dataclass
@@ -317,7 +320,8 @@ class Pass:
 
 
 def make_engine(kind: str, model_dir: Path, dtype_name: str, quantize: str = "none"):
-    """The server's engines on the CPU: "packed" (PackedEngine, sdpa) or "hf" (HFEngine, the reference)."""
+    """The server's engines on the CPU: "packed" (PackedEngine, sdpa), "hf" (HFEngine, the reference) or
+    "openvino" (OpenVINOEngine)."""
     import torch
 
     from ..serving.scoring import HFEngine, PackedEngine
@@ -327,7 +331,11 @@ def make_engine(kind: str, model_dir: Path, dtype_name: str, quantize: str = "no
         return PackedEngine(str(model_dir), dtype, cpu, "sdpa", quantize)
     if kind == "hf":
         return HFEngine(str(model_dir), dtype, cpu)
-    raise ValueError(f"engine kind must be 'packed' or 'hf', got {kind!r}")
+    if kind == "openvino":
+        from ..serving.openvino_engine import OpenVINOEngine
+
+        return OpenVINOEngine(str(model_dir), dtype, cpu)
+    raise ValueError(f"engine kind must be one of {', '.join(ENGINE_TITLES)}, got {kind!r}")
 
 
 def score_pass(kind: str, model_dir: Path, precision: str, pairs: EncodedPairs, max_batch_tokens: int,
@@ -336,7 +344,7 @@ def score_pass(kind: str, model_dir: Path, precision: str, pairs: EncodedPairs, 
     precision: float32, or one of PRECISIONS (transformers: float32 or bfloat16)."""
     from ..serving.scoring import score_pairs
 
-    dtype_name, quantize = PRECISIONS.get(precision, (precision, "none"))
+    dtype_name, quantize, _ = PRECISIONS.get(precision, (precision, "none", kind))
     engine = make_engine(kind, model_dir, dtype_name, quantize)
     head = getattr(getattr(engine, "model", None), "head", None)
     head_dtype = str(head.out_proj.weight.dtype).removeprefix("torch.") if head is not None else ""
@@ -349,8 +357,8 @@ def score_pass(kind: str, model_dir: Path, precision: str, pairs: EncodedPairs, 
     finally:
         del engine
         gc.collect()
-    name = {"packed": "packed", "hf": "transformers"}[kind]
-    return Pass(f"{name} {precision}", scores, seconds, pairs.tokens, head_dtype)
+    label = dtype_name if precision == kind else precision  # "openvino bfloat16", not "openvino openvino"
+    return Pass(f"{ENGINE_TITLES[kind]} {label}", scores, seconds, pairs.tokens, head_dtype)
 
 
 @dataclass
@@ -400,7 +408,7 @@ def measure(model_dir: Path, label: str, description: str, workload: Workload, *
     pairs = encode(model_dir, workload)
     head = pairs.head(reference_pairs)
     passes = {}
-    for kind, precision, subset in (("packed", "float32", pairs), *(("packed", p, pairs) for p in precisions),
+    for kind, precision, subset in (("packed", "float32", pairs), *((PRECISIONS[p][2], p, pairs) for p in precisions),
                                     ("hf", "float32", head), ("hf", "bfloat16", head)):
         if not len(subset.lengths):
             continue
@@ -410,7 +418,7 @@ def measure(model_dir: Path, label: str, description: str, workload: Workload, *
     fp32 = passes["packed", "float32"].scores
     results = []
     for precision in precisions:
-        reduced = passes["packed", precision].scores
+        reduced = passes[PRECISIONS[precision][2], precision].scores
         queries = per_query(fp32, reduced, pairs.counts, workload.qids)
         reference = reference_check(fp32, reduced, passes["hf", "float32"].scores, passes["hf", "bfloat16"].scores) \
             if ("hf", "float32") in passes else Reference()
@@ -734,6 +742,13 @@ def _precisions(text: str) -> list[str]:
     return names
 
 
+def default_precisions() -> list[str]:
+    import importlib.util
+
+    return ["bfloat16", *(["int8"] if int8_instructions() else []),
+            *(["openvino"] if importlib.util.find_spec("openvino") else [])]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m triton_rerank.bench.precision_fidelity",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -772,10 +787,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch-tokens", type=int, default=CPU_BATCH_TOKENS,
                    help="tokens per forward (default: %(default)s, the server's CPU default)")
     g.add_argument("--precisions", type=_precisions,
-                   default=list(PRECISIONS) if int8_instructions() else ["bfloat16"],
+                   default=default_precisions(),
                    help="reduced precisions to compare with float32, comma-separated: " + ", ".join(
                        f"{k} ({v})" for k, v in PRECISION_TITLES.items()) + " (default: all; int8 only on a CPU "
-                   "with VNNI or AMX-INT8)")
+                   "with VNNI or AMX-INT8, openvino only where the openvino package is installed)")
     return p
 
 

@@ -170,6 +170,17 @@ def test_each_reduced_precision_gets_its_own_result(tiny_model_dirs):
     assert bf16.passes[0] is int8.passes[0] and bf16.reference.fp32_max_abs_diff == int8.reference.fp32_max_abs_diff
 
 
+def test_openvino_is_measured_as_a_reduced_precision_of_its_own(tiny_model_dirs):
+    pytest.importorskip("openvino")
+    model_dir = tiny_model_dirs["bert"]
+    workload = pf.select_workload(dl19_like(), queries=2, passages=4)
+    (result,) = pf.measure(model_dir, "bert", "tiny", workload, reference_pairs=3, precisions=("openvino",))
+    assert [p.engine for p in result.passes] == ["packed float32", "openvino bfloat16", "transformers float32",
+                                                 "transformers bfloat16"]
+    diff = np.abs(result.passes[1].scores.astype(np.float64) - scores_pair_by_pair(model_dir, workload, torch.float32))
+    assert result.fidelity.max_abs_diff == pytest.approx(float(diff.max()), abs=1e-5) and diff.max() > 0
+
+
 def test_no_reference_pairs_skip_transformers(tiny_model_dirs):
     workload = pf.select_workload(dl19_like(), queries=2, passages=3)
     (result,) = pf.measure(tiny_model_dirs["bert"], "bert", "tiny", workload, reference_pairs=0)
@@ -248,7 +259,8 @@ def test_the_command_writes_its_reports(tiny_model_dirs, tiny_data_dir, tmp_path
     printed = capsys.readouterr().out
     assert "Spearman median" in printed and "avx512_bf16" in printed
     rows = list(csv.DictReader(open(out / "precision_fidelity.csv")))
-    precisions = ["bfloat16", "int8"] if int8_instructions() else ["bfloat16"]
+    precisions = pf.default_precisions()
+    assert precisions[0] == "bfloat16" and ("int8" in precisions) == bool(int8_instructions())
     assert [r["precision"] for r in rows] == precisions
     assert {r["model"] for r in rows} == {"xlm-roberta"} and rows[0]["pairs"] == "12"
     assert int(rows[0]["reference_pairs"]) == 5 and float(rows[0]["reference_fp32_max_abs_diff"]) < 1e-4
