@@ -3,14 +3,10 @@ and the gateway's /v1/rerank, bfloat16 within bfloat16's error, and the server s
 
 import numpy as np
 import pytest
-import requests
-
-from triton_rerank.gateway.server import GatewayThread
-from triton_rerank.gateway.settings import GatewaySettings
-from triton_rerank.launcher.server import free_ports
 
 from .test_faults import infer
 from .test_metrics import encoder_info
+from .test_quantize import gateway_scores
 
 pytest.importorskip("openvino")
 
@@ -43,15 +39,7 @@ def test_openvino_server_scores_like_transformers(start_extra_server, tiny_model
         assert np.abs(got - expected).max() <= 2 * transformers_error(running.model_dir, dtype, expected) + 1e-3
         assert not np.array_equal(got, expected)
     # The same answer through the gateway, and a request again: no state carried between calls.
-    (api,) = free_ports(1)
-    gateway = GatewayThread(GatewaySettings(triton_url=running.grpc_url, port=api, log_level="warning")).start()
-    try:
-        body = {"query": QUERY, "documents": DOCUMENTS, "return_documents": False}
-        results = requests.post(f"http://127.0.0.1:{api}/v1/rerank", json=body, timeout=60).json()
-    finally:
-        gateway.stop()
-    via_gateway = {r["index"]: r["score"] for r in results}
-    np.testing.assert_allclose([via_gateway[i] for i in range(len(DOCUMENTS))], got, rtol=1e-6)
+    np.testing.assert_allclose(gateway_scores(running.grpc_url, QUERY, DOCUMENTS), got, rtol=1e-6)
     np.testing.assert_array_equal(infer(running.grpc_url, QUERY, DOCUMENTS), got)
     (labels,) = encoder_info(running.server)
     assert (labels["engine"], labels["dtype"], labels["device"]) == ("openvino", dtype, "cpu")

@@ -21,6 +21,19 @@ DOCUMENTS = ["bamboo", "the giant panda eats bamboo shoots and leaves", "a searc
              "pandas are bears that live in the mountains of china " * 6, "b"]
 
 
+def gateway_scores(grpc_url: str, query: str, documents: list[str]) -> list[float]:
+    """Scores in document order from POST /v1/rerank of a gateway started in front of `grpc_url`."""
+    (api,) = free_ports(1)
+    gateway = GatewayThread(GatewaySettings(triton_url=grpc_url, port=api, log_level="warning")).start()
+    try:
+        body = {"query": query, "documents": documents, "return_documents": False}
+        results = requests.post(f"http://127.0.0.1:{api}/v1/rerank", json=body, timeout=60).json()
+    finally:
+        gateway.stop()
+    by_index = {r["index"]: r["score"] for r in results}
+    return [by_index[i] for i in range(len(documents))]
+
+
 def grpc_scores(url: str) -> np.ndarray:
     return infer(url, QUERY, DOCUMENTS)
 
@@ -57,15 +70,7 @@ def test_int8_server_follows_float32(start_extra_server, tiny_model_dirs, refere
     np.testing.assert_allclose(got, expected, atol=0.3)
     assert not np.array_equal(got, expected)  # quantized for real
     # The same answer through the gateway, and a request again: no state carried between calls.
-    (api,) = free_ports(1)
-    gateway = GatewayThread(GatewaySettings(triton_url=running.grpc_url, port=api, log_level="warning")).start()
-    try:
-        body = {"query": QUERY, "documents": DOCUMENTS, "return_documents": False}
-        results = requests.post(f"http://127.0.0.1:{api}/v1/rerank", json=body, timeout=60).json()
-    finally:
-        gateway.stop()
-    via_gateway = {r["index"]: r["score"] for r in results}
-    np.testing.assert_allclose([via_gateway[i] for i in range(len(DOCUMENTS))], got, rtol=1e-6)
+    np.testing.assert_allclose(gateway_scores(running.grpc_url, QUERY, DOCUMENTS), got, rtol=1e-6)
     np.testing.assert_array_equal(grpc_scores(running.grpc_url), got)
     (labels,) = encoder_info(running.server)
     assert (labels["dtype"], labels["quantize"]) == (dtype, "int8")
