@@ -152,7 +152,6 @@ class TritonServer:
         self._log = None
         self.supervise = supervise
         self.supervisor: StubSupervisor | None = None
-        self._stub_environment_checked = False  # once per server: restarts run in the same environment
 
     @property
     def admin_header(self) -> tuple[str, str]:
@@ -175,9 +174,8 @@ class TritonServer:
         if shutil.which(command[0]) is None:
             raise LauncherError(f"cannot start {command[0]}: no such executable (install tritonserver, or "
                                 "nvidia-pytriton==0.7.0 for the bundled one)")
-        if self.install.bundled and not self._stub_environment_checked:
+        if self.install.bundled:
             check_stub_environment()
-            self._stub_environment_checked = True
         prepare_backends(self.install, self.run_dir)
         output = None
         if self.log_file is not None:

@@ -10,6 +10,7 @@ shared libraries through `LD_LIBRARY_PATH`.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -125,6 +126,7 @@ def python_library_dir() -> str | None:
 STUB_PROBE = "import numpy, triton_rerank; print(numpy.__version__)"
 
 
+@functools.cache  # one probe per Python and process: a passing environment stays so; a refusal is not cached
 def check_stub_environment(python: str = sys.executable) -> None:
     """Refuses, before the server starts, an environment the wheel's backend stubs cannot run in.
 
