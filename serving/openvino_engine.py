@@ -69,7 +69,6 @@ class OpenVINOEngine:
         self.request = self.compiled.create_infer_request()
         self.input_names = [port.any_name for port in self.compiled.inputs]
         self.precision = PRECISIONS[dtype]
-        self.threads = threads
 
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
         inputs = padded_inputs(batch, self.pad_token_id, self.uses_token_types)

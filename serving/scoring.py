@@ -1,4 +1,5 @@
-"""Scoring packed pairs with a cross-encoder: engines and the micro-batch plan.
+"""Scoring packed pairs with a cross-encoder: the engines, and scoring a request set with them (the
+micro-batch plan, packing and padding are in `micro_batches.py`).
 
 All pairs of all requests that Triton hands one `execute` are scored together: they are
 sorted by length and cut into micro-batches under a token budget, so that short pairs ride
@@ -10,6 +11,8 @@ Engines:
   attention in OpenAI-Triton kernels or torch SDPA.
 - `HFEngine`: Hugging Face `AutoModelForSequenceClassification` on padded micro-batches, the
   reference the packed encoder is checked against.
+- `OpenVINOEngine` (`openvino_engine.py`, optional package): the checkpoint exported to OpenVINO,
+  on padded micro-batches; cross-encoders on the CPU.
 - `PackedDecoderEngine` / `HFDecoderEngine`: the same pair for decoder rerankers (Qwen3-Reranker):
   our packed causal decoder (`triton_rerank.models.qwen3_reranker`), and transformers'
   `AutoModelForCausalLM` on padded micro-batches; both score logit(yes) - logit(no) at each
