@@ -202,9 +202,11 @@ class RepositorySettings:
         if not (self.compile or self.quantize != "none"):
             return
         what = "compile" if self.quantize == "none" else f"quantize {self.quantize}"
-        if self.engine != "packed" or self.resolved_kind() == "decoder":
-            raise LauncherError(f"{what} is for the packed engine of cross-encoders, not the {self.engine} "
-                                f"engine of a {self.resolved_kind()} reranker")
+        # OpenVINO quantizes its own graph (no torch.compile, so no C++ compiler); it cannot compile it again.
+        engines = ("packed",) if self.compile else ("packed", "openvino")
+        if self.engine not in engines or self.resolved_kind() == "decoder":
+            raise LauncherError(f"{what} is for the {' and '.join(engines)} engine{'s' * (len(engines) > 1)} of "
+                                f"cross-encoders, not the {self.engine} engine of a {self.resolved_kind()} reranker")
         # device auto is let through: on a host without a GPU it is the CPU (the scoring step refuses a GPU).
         if self.device.startswith("cuda"):
             raise LauncherError(f"{what} is for CPUs: set device cpu (got {self.device}), or use dtype float16 on "
@@ -212,7 +214,7 @@ class RepositorySettings:
         if self.quantize == "int8" and not int8_instructions():
             raise LauncherError("quantize int8 needs a CPU with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI "
                                 "or AMX-INT8) and this one has none: without them int8 is slower than float32")
-        if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        if self.engine == "packed" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
             raise LauncherError(f"{what} compiles the encoder with torch.compile, which needs a C++ compiler on "
                                 "this host: install g++ (apt-get install g++)")
 

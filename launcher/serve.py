@@ -53,9 +53,10 @@ def register(subparsers) -> None:
                    help="cross-encoder precision; auto = float16 on GPU, on CPU bfloat16 where it has AMX or "
                         "AVX512-BF16, else float32")
     p.add_argument("--quantize", choices=QUANTIZE_NAMES, default="none",
-                   help="int8: the cross-encoder's linears in int8 (weights per channel, activations per token) "
-                        "on the CPU's VNNI or AMX-INT8 instructions, the rest in --dtype; compiled at start "
-                        "(seconds); CPUs only")
+                   help="int8: the cross-encoder's linears in int8 on the CPU's VNNI or AMX-INT8 instructions, the "
+                        "rest in --dtype; CPUs only. The packed engine: weights per channel, activations per "
+                        "token, compiled at start (seconds). --engine openvino: activation ranges calibrated at "
+                        "start on synthetic pairs (seconds); fastest with --dtype float32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the cross-encoder's layers at start (seconds; fuses norms, GELU and casts "
                         "around the matmuls; needs a C++ compiler); --quantize int8 always compiles")
@@ -132,7 +133,7 @@ def run(args) -> int:
     # SIGTERM (docker stop, systemd) takes the same clean path as Ctrl-C.
     stop_on_signals()
     linears = ("" if args.quantize == "none" else f", {args.quantize} linears") + (
-        ", compiled" if args.compile or args.quantize != "none" else "")
+        ", compiled" if args.engine == "packed" and (args.compile or args.quantize != "none") else "")
     print(f"starting tritonserver for {model_dir}, encoder {encoder_precision(args.device, args.dtype)}{linears} "
           f"(log: {server.log_file})", flush=True)
     gateway = None

@@ -6,8 +6,10 @@ head sizes (the MiniLM shape's 32-wide heads) OpenVINO's fused graph runs the sa
 faster: 1.57x the packed engine served on a 2-core Zen 5 (`results/cpu-peers-zen5-openvino/`).
 
 Supported: cross-encoders (BERT, XLM-R, anything `AutoModelForSequenceClassification` loads) on the
-CPU, in float32 or bfloat16 (OpenVINO's inference precision; the output logits stay float32).
-Not supported: decoder rerankers, GPUs, float16, `quantize` and `compile` (refused at load).
+CPU, in float32 or bfloat16 (OpenVINO's inference precision; the output logits stay float32), and
+`quantize: int8` (the encoder's projections in int8, calibrated at load: `openvino_int8.py`) on CPUs
+with int8 dot-product instructions.
+Not supported: decoder rerankers, GPUs, float16 and `compile` (refused at load).
 
 The micro-batches are the server's own (length-sorted, each padded to its longest pair), so a
 pair's score does not depend on what else is in its micro-batch beyond float rounding.
@@ -21,7 +23,9 @@ import warnings
 import numpy as np
 import torch
 
+from ..models.dtypes import QUANTIZE_NAMES, int8_instructions
 from .micro_batches import PackedBatch, padded_inputs
+from .openvino_int8 import activation_ranges, calibration_inputs, quantize_linears
 
 # torch dtype -> OpenVINO's INFERENCE_PRECISION_HINT on the CPU.
 PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -39,7 +43,13 @@ def openvino_module():
 class OpenVINOEngine:
     """Scores packed batches with an OpenVINO compiled model of the checkpoint (CPU only)."""
 
-    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, num_threads: int = 0):
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, num_threads: int = 0,
+                 quantize: str = "none"):
+        if quantize not in QUANTIZE_NAMES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_NAMES)}, got {quantize!r}")
+        if quantize == "int8" and not int8_instructions():
+            raise ValueError("quantize int8 needs a CPU with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or "
+                             "AMX-INT8) and this one has none: without them int8 is slower than float32")
         if device.type != "cpu":
             raise ValueError(f"engine openvino runs on the CPU, not {device}; set device to cpu (or use the packed engine)")
         if dtype not in PRECISIONS:
@@ -59,6 +69,9 @@ class OpenVINOEngine:
             # concern padding past the mask and causal masks, the same for every input.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             graph = ov.convert_model(model, example_input=example)
+        if quantize == "int8":
+            batches = calibration_inputs(model_path, self.pad_token_id, self.uses_token_types)
+            graph = quantize_linears(graph, activation_ranges(ov, graph, batches))
         threads = num_threads or torch.get_num_threads() or os.cpu_count() or 1
         self.compiled = ov.Core().compile_model(graph, "CPU", {
             "INFERENCE_PRECISION_HINT": PRECISIONS[dtype],
@@ -69,6 +82,7 @@ class OpenVINOEngine:
         self.request = self.compiled.create_infer_request()
         self.input_names = [port.any_name for port in self.compiled.inputs]
         self.precision = PRECISIONS[dtype]
+        self.quantize = quantize
 
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
         inputs = padded_inputs(batch, self.pad_token_id, self.uses_token_types)

@@ -257,9 +257,10 @@ def build_engine(settings: EncoderSettings):
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
     decoder = settings.reranker_kind == "decoder"
-    if settings.quantize != "none" and (decoder or settings.engine != "packed"):
-        raise ValueError(f"quantize {settings.quantize} is for the packed engine of cross-encoders, not the "
-                         f"{settings.engine} engine of a {settings.reranker_kind} reranker; set quantize to none")
+    if settings.quantize != "none" and (decoder or settings.engine not in ("packed", "openvino")):
+        raise ValueError(f"quantize {settings.quantize} is for the packed and openvino engines of cross-encoders, "
+                         f"not the {settings.engine} engine of a {settings.reranker_kind} reranker; set quantize to "
+                         "none")
     if settings.compile and (decoder or settings.engine != "packed"):
         raise ValueError(f"compile is for the packed engine of cross-encoders, not the {settings.engine} engine "
                          f"of a {settings.reranker_kind} reranker; set compile to false")
@@ -270,7 +271,8 @@ def build_engine(settings: EncoderSettings):
             raise ValueError("engine openvino is for cross-encoders; decoder rerankers run on the packed or hf engine")
         from .openvino_engine import OpenVINOEngine
 
-        return OpenVINOEngine(settings.model_path, settings.dtype, settings.device, settings.num_threads)
+        return OpenVINOEngine(settings.model_path, settings.dtype, settings.device, settings.num_threads,
+                              settings.quantize)
     if settings.engine == "packed":
         if decoder:
             return PackedDecoderEngine(settings.model_path, settings.dtype, settings.device, settings.attention_backend)

@@ -140,14 +140,16 @@ def test_unknown_parameter_is_refused_naming_it(tmp_path):
     ({"long_documents": "split"}, "long_documents must be one of truncate, chunk, error, got 'split'"),
     ({"quantize": "int4"}, "quantize must be one of none, int8, got 'int4'"),
     ({"quantize": "int8", "device": "cuda"}, "quantize int8 is for CPUs: set device cpu"),
-    ({"quantize": "int8", "device": "cpu", "engine": "hf"}, "for the packed engine of cross-encoders, not the hf"),
+    ({"quantize": "int8", "device": "cpu", "engine": "hf"}, "for the packed and openvino engines of cross-encoders, "
+                                                            "not the hf"),
     ({"compile": True, "engine": "hf"}, "compile is for the packed engine of cross-encoders, not the hf"),
     ({"engine": "onnx"}, "engine must be one of packed, hf, openvino, got 'onnx'"),
     ({"engine": "openvino", "device": "cuda"}, "engine openvino runs on the CPU: set device cpu"),
     ({"engine": "openvino", "dtype": "float16"}, "engine openvino runs in float32 or bfloat16"),
     ({"engine": "openvino", "reranker_kind": "decoder"}, "engine openvino is for cross-encoders"),
-    ({"engine": "openvino", "quantize": "int8", "device": "cpu"}, "for the packed engine of cross-encoders, not the "
-                                                                  "openvino"),
+    ({"engine": "openvino", "compile": True, "device": "cpu"}, "compile is for the packed engine of cross-encoders, "
+                                                               "not the openvino"),
+    ({"engine": "openvino", "quantize": "int8", "reranker_kind": "decoder"}, "engine openvino is for cross-encoders"),
 ])
 def test_bad_settings_are_refused(tmp_path, settings, message):
     with pytest.raises(LauncherError, match=message):
@@ -285,6 +287,11 @@ def test_compiling_needs_a_cxx_compiler_and_is_told_to_the_scoring_step(tmp_path
         with pytest.raises(LauncherError, match="needs a C\\+\\+ compiler on this host: install g\\+\\+"):
             render_model_repository(RepositorySettings(model_path="m", device="cpu", **settings), tmp_path / "s")
     assert not (tmp_path / "s").exists()
+    # OpenVINO quantizes its own graph: no torch.compile, no compiler needed.
+    monkeypatch.setattr("triton_rerank.models.dtypes.cpu_flags", lambda: {"avx512_vnni"})
+    out = render_model_repository(RepositorySettings(model_path="m", device="cpu", engine="openvino", quantize="int8"),
+                                  tmp_path / "s")
+    assert params(parse(out / "cross_encoder" / "config.pbtxt"))["quantize"] == "int8"
 
 
 def test_engine_openvino_without_its_package_says_how_to_install_it(tmp_path, monkeypatch):

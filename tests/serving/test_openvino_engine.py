@@ -1,5 +1,6 @@
 """The OpenVINO engine against transformers on the same weights: parity in float32, bfloat16 within
-twice transformers' own bfloat16 error, over micro-batches of awkward sizes; clear refusals."""
+twice transformers' own bfloat16 error, over micro-batches of awkward sizes; int8 linears that run
+int8 kernels, calibrated the same at every load; clear refusals."""
 
 import sys
 
@@ -9,7 +10,9 @@ import torch
 
 pytest.importorskip("openvino")
 
+from triton_rerank.models.dtypes import int8_instructions  # noqa: E402
 from triton_rerank.serving.openvino_engine import OpenVINOEngine, openvino_module  # noqa: E402
+from triton_rerank.serving.openvino_int8 import calibration_inputs, token_linears  # noqa: E402
 from triton_rerank.serving.scoring import HFEngine, score_pairs  # noqa: E402
 from triton_rerank.serving.tokenization import PairTokenizer  # noqa: E402
 
@@ -53,3 +56,75 @@ def test_what_it_does_not_run_is_refused(tiny_model_dirs, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
     with pytest.raises(ValueError, match=r"needs the openvino package: pip install 'triton-rerank\[openvino\]'"):
         openvino_module()
+
+
+needs_int8 = pytest.mark.skipif(not int8_instructions(), reason="this CPU has no int8 dot-product instructions")
+
+
+def int8_kernels(engine: OpenVINOEngine) -> list[str]:
+    """Runtime precisions of the compiled graph's matmul layers (what OpenVINO really runs)."""
+    return [op.get_rt_info()["runtimePrecision"].astype(str) for op in engine.compiled.get_runtime_model().get_ops()
+            if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"]
+
+
+@needs_int8
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_follows_float32_on_int8_kernels(tiny_model_dirs, arch, dtype):
+    model_dir = tiny_model_dirs[arch]
+    reference = scores(HFEngine(str(model_dir), torch.float32, CPU), model_dir, 4096)
+    engine = OpenVINOEngine(str(model_dir), dtype, CPU, num_threads=2, quantize="int8")
+    assert engine.quantize == "int8"
+    # Every token linear (q, k, v, output, FFN in and out of each layer) in int8; pooler and head not.
+    precisions = int8_kernels(engine)
+    assert precisions.count("u8") + precisions.count("i8") >= 6 * 2, precisions
+    got = scores(engine, model_dir, 512)
+    # 256 steps per tensor on this tiny model (hidden 64) err 0.14-0.18 on scores of std 0.7-1.2, as
+    # the packed engine's per-token int8 does (0.06-0.18); a wrong scale or range errs by the std or more.
+    assert np.abs(got - reference).max() <= 0.4 * reference.std(), (got, reference)
+    assert not np.array_equal(got, reference)  # quantized for real
+    # The same graph at every load: calibration is deterministic.
+    again = OpenVINOEngine(str(model_dir), dtype, CPU, num_threads=2, quantize="int8")
+    np.testing.assert_array_equal(scores(again, model_dir, 512), got)
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
+def test_calibration_pairs_are_the_models_own_and_fixed(tiny_model_dirs, arch):
+    model_dir = tiny_model_dirs[arch]
+    first = calibration_inputs(str(model_dir), 1, arch == "bert")
+    second = calibration_inputs(str(model_dir), 1, arch == "bert")
+    assert len(first) == len(second) and all(
+        np.array_equal(a[name], b[name]) for a, b in zip(first, second, strict=True) for name in a)
+    lengths = np.concatenate([batch["attention_mask"].sum(axis=1) for batch in first])
+    assert len(lengths) == 64 and lengths.min() >= 8 and lengths.max() <= 512
+    assert lengths.std() > 10  # short and long pairs: the ranges cover both
+    assert ("token_type_ids" in first[0]) == (arch == "bert")
+    # Pairs open with the family's own start token, as the tokenizer step would send them.
+    request = PairTokenizer(model_dir).encode("q", ["d"])
+    assert {int(batch["input_ids"][i, 0]) for batch in first for i in range(len(batch["input_ids"]))} == {
+        int(request.input_ids[0])}
+
+
+def test_token_linears_are_the_encoders_projections(tiny_model_dirs):
+    import json
+
+    ov = openvino_module()
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = tiny_model_dirs["bert"]
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    example = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    with torch.no_grad():
+        graph = ov.convert_model(model, example_input=example)
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    # q, k, v, attention output, FFN in, FFN out per layer; not the pooler or the classifier.
+    assert len(token_linears(graph)) == 6 * layers
+
+
+def test_int8_refusals(tiny_model_dirs, monkeypatch):
+    model_dir = str(tiny_model_dirs["bert"])
+    with pytest.raises(ValueError, match="quantize must be one of none, int8, got 'int4'"):
+        OpenVINOEngine(model_dir, torch.float32, CPU, quantize="int4")
+    monkeypatch.setattr("triton_rerank.serving.openvino_engine.int8_instructions", lambda: [])
+    with pytest.raises(ValueError, match="needs a CPU with int8 dot-product instructions"):
+        OpenVINOEngine(model_dir, torch.float32, CPU, quantize="int8")

@@ -26,7 +26,7 @@ class TritonPythonModel:
         settings = self.settings
         dtype = str(settings.dtype).removeprefix("torch.")
         linears = ("" if settings.quantize == "none" else f", {settings.quantize} linears") + (
-            ", compiled" if settings.compile or settings.quantize != "none" else "")
+            ", compiled" if settings.engine == "packed" and (settings.compile or settings.quantize != "none") else "")
         pb_utils.Logger.log_info(f"cross_encoder: {settings.reranker_kind} reranker, {settings.engine} engine, {dtype} "
                                  f"({settings.dtype_reason}){linears} on {settings.device}")
         self.metrics = ScoringMetrics(pb_utils, {"model": args["model_name"], "version": args["model_version"]})
