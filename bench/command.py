@@ -109,10 +109,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hf-batch-size", type=int, default=32)
     g.add_argument("--triton-variant", action="append", default=None, metavar="SPEC",
                    help="server settings, repeatable: delay=US,instances=N,threads=N,tok=N,mbt=N,compile=0|1,"
-                   "q=none|int8,engine=packed|hf|openvino (queue delay of cross_encoder, its instances, torch threads "
-                   "per instance, RAYON_NUM_THREADS of the tokenizer, max_batch_tokens, serve --compile, quantize, "
-                   "serve --engine); default: config.pbtxt's delay, 1 instance, --threads, --max-batch-tokens, no "
-                   "compile, --quantize, the packed engine")
+                   "q=none|int8,engine=packed|hf|openvino,dtype=NAME (queue delay of cross_encoder, its instances, torch "
+                   "threads per instance, RAYON_NUM_THREADS of the tokenizer, max_batch_tokens, serve --compile, "
+                   "quantize, serve --engine, serve --dtype); default: config.pbtxt's delay, 1 instance, --threads, "
+                   "--max-batch-tokens, no compile, --quantize, the packed engine, --dtype")
     g = p.add_argument_group("peer server (Infinity)", "Create its environment once:\n" + INFINITY_SETUP
                              + "\nIts ONNX Runtime engine (--infinity-engine optimum) needs older pins:\n"
                              + INFINITY_OPTIMUM_SETUP)

@@ -27,7 +27,7 @@ from ..launcher.repository import (
     render_model_repository,
 )
 from ..launcher.server import ServerAddress, TritonServer, free_ports
-from ..models.dtypes import QUANTIZE_NAMES
+from ..models.dtypes import DTYPE_NAMES, QUANTIZE_NAMES
 from ..models.families import ENGINE_NAMES
 from .perf_analyzer import perf_analyzer_binary, perf_analyzer_environment
 
@@ -97,6 +97,7 @@ class TritonVariant:
     quantize: str | None = None  # None: the run's --quantize
     compile: int = 0  # 1: torch.compile the encoder's layers (serve --compile)
     engine: str = "packed"  # serve --engine
+    dtype: str | None = None  # None: the run's --dtype
 
     def label(self) -> str:
         parts = [f"inst={self.instances}", f"thr={self.num_threads}"]
@@ -112,6 +113,8 @@ class TritonVariant:
             parts.append("compiled")
         if self.engine != "packed":
             parts.append(self.engine)
+        if self.dtype is not None:
+            parts.append(self.dtype)
         return " ".join(parts)
 
 
@@ -120,7 +123,7 @@ _VARIANT_KEYS = {"delay": "queue_delay_us", "instances": "instances", "threads":
 
 
 def parse_variant(spec: str, default_threads: int) -> TritonVariant:
-    """'delay=0,instances=2,threads=1,tok=1,mbt=4096,q=int8,engine=openvino' -> TritonVariant (omitted keys keep
+    """'delay=0,instances=2,threads=1,tok=1,mbt=4096,q=int8,engine=openvino,dtype=float32' -> TritonVariant (omitted keys keep
     their defaults)."""
     values: dict[str, int | str] = {"num_threads": default_threads}
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -131,9 +134,13 @@ def parse_variant(spec: str, default_threads: int) -> TritonVariant:
         if key == "engine" and value in ENGINE_NAMES:
             values["engine"] = value
             continue
+        if key == "dtype" and value in ("auto", *DTYPE_NAMES):
+            values["dtype"] = value
+            continue
         if not sep or key not in _VARIANT_KEYS or not value.isdigit():
             raise ValueError(f"bad Triton variant item {part!r}: use delay=US,instances=N,threads=N,tok=N,mbt=N,"
-                             f"compile=0|1,q={'|'.join(QUANTIZE_NAMES)},engine={'|'.join(ENGINE_NAMES)}")
+                             f"compile=0|1,q={'|'.join(QUANTIZE_NAMES)},engine={'|'.join(ENGINE_NAMES)},"
+                             f"dtype=auto|{'|'.join(DTYPE_NAMES)}")
         values[_VARIANT_KEYS[key]] = int(value)
     if values.get("instances", 1) < 1 or values.get("max_batch_tokens", 1) < 1:
         raise ValueError("instances and mbt must be >= 1")
@@ -159,7 +166,8 @@ class ServerSpec:
 
 def render_repository(spec: ServerSpec, target: Path) -> Path:
     settings = RepositorySettings(
-        model_path=str(spec.model_dir), device=spec.device, dtype=spec.dtype, quantize=spec.variant.quantize or "none",
+        model_path=str(spec.model_dir), device=spec.device, dtype=spec.variant.dtype or spec.dtype,
+        quantize=spec.variant.quantize or "none",
         compile=bool(spec.variant.compile), engine=spec.variant.engine,
         attention_backend=spec.attention_backend, max_batch_tokens=spec.variant.max_batch_tokens or spec.max_batch_tokens,
         instances=spec.variant.instances, num_threads=spec.variant.num_threads,

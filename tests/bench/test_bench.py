@@ -69,6 +69,11 @@ def test_arguments_defaults_quick_and_errors():
     openvino = bench_perf.parse_variant("mbt=4096,engine=openvino", 2)
     assert openvino.engine == "openvino" and openvino.label().endswith("mbt=4096 openvino")
     assert bench_perf.parse_variant("mbt=4096", 2).engine == "packed"
+    int8 = bench_perf.parse_variant("engine=openvino,q=int8,dtype=float32", 2)
+    assert (int8.dtype, int8.label()) == ("float32", "inst=1 thr=2 int8 openvino float32")
+    assert bench_perf.parse_variant("mbt=4096", 2).dtype is None
+    with pytest.raises(ValueError, match="dtype=auto|float32"):
+        bench_perf.parse_variant("dtype=fp8", 2)
     with pytest.raises(ValueError, match="engine=packed|hf|openvino"):
         bench_perf.parse_variant("engine=onnx", 2)
     assert bench.triton_variants(_parse(["--quantize", "int8"]))[0].quantize == "int8"

@@ -170,12 +170,15 @@ def test_each_reduced_precision_gets_its_own_result(tiny_model_dirs):
     assert bf16.passes[0] is int8.passes[0] and bf16.reference.fp32_max_abs_diff == int8.reference.fp32_max_abs_diff
 
 
-def test_openvino_is_measured_as_a_reduced_precision_of_its_own(tiny_model_dirs):
+@pytest.mark.parametrize(("precision", "engine"), [("openvino", "openvino bfloat16"), ("openvino-int8", "openvino int8")])
+def test_openvino_is_measured_as_a_reduced_precision_of_its_own(tiny_model_dirs, precision, engine):
     pytest.importorskip("openvino")
+    if precision.endswith("int8") and not int8_instructions():
+        pytest.skip("this CPU has no int8 dot-product instructions")
     model_dir = tiny_model_dirs["bert"]
     workload = pf.select_workload(dl19_like(), queries=2, passages=4)
-    (result,) = pf.measure(model_dir, "bert", "tiny", workload, reference_pairs=3, precisions=("openvino",))
-    assert [p.engine for p in result.passes] == ["packed float32", "openvino bfloat16", "transformers float32",
+    (result,) = pf.measure(model_dir, "bert", "tiny", workload, reference_pairs=3, precisions=(precision,))
+    assert [p.engine for p in result.passes] == ["packed float32", engine, "transformers float32",
                                                  "transformers bfloat16"]
     diff = np.abs(result.passes[1].scores.astype(np.float64) - scores_pair_by_pair(model_dir, workload, torch.float32))
     assert result.fidelity.max_abs_diff == pytest.approx(float(diff.max()), abs=1e-5) and diff.max() > 0
