@@ -392,6 +392,11 @@ class ModelResult:
     def seconds(self, engine: str) -> float:
         return next((p.seconds for p in self.passes if p.engine == engine), float("nan"))
 
+    @property
+    def reduced_seconds(self) -> float:
+        """The reduced precision's pass, whichever engine ran it (it follows packed float32)."""
+        return self.passes[1].seconds if len(self.passes) > 1 else float("nan")
+
 
 def reference_check(fp32: np.ndarray, reduced: np.ndarray, hf32: np.ndarray, hf16: np.ndarray) -> Reference:
     """The checks on the first len(hf32) pairs (hf16 may be empty: not run)."""
@@ -602,7 +607,7 @@ def csv_row(r: ModelResult) -> dict[str, Any]:
             "max_over_std": f.max_over_std, "mean_over_std": f.mean_over_std,
             **{f"reference_{k}": v for k, v in asdict(r.reference).items() if k != "pairs"},
             "reference_pairs": r.reference.pairs,
-            "fp32_s": r.seconds("packed float32"), "reduced_s": r.seconds(f"packed {r.precision}"),
+            "fp32_s": r.seconds("packed float32"), "reduced_s": r.reduced_seconds,
             "hf_fp32_s": r.seconds("transformers float32"), "hf_bf16_s": r.seconds("transformers bfloat16"),
             "description": r.description}
 
@@ -663,7 +668,7 @@ def timing_table(results: list[ModelResult]) -> str:
                "transformers fp32 / bf16 s (pairs)"]
     rows = []
     for r in results:
-        fp32, reduced = r.seconds("packed float32"), r.seconds(f"packed {r.precision}")
+        fp32, reduced = r.seconds("packed float32"), r.reduced_seconds
         rows.append([r.model, PRECISION_TITLES[r.precision], r.tokens, f"{fp32:.1f}", f"{reduced:.1f}",
                      f"{fp32 / reduced:.2f}x",
                      f"{r.seconds('transformers float32'):.1f} / {r.seconds('transformers bfloat16'):.1f} "

@@ -180,6 +180,7 @@ def test_openvino_is_measured_as_a_reduced_precision_of_its_own(tiny_model_dirs,
     (result,) = pf.measure(model_dir, "bert", "tiny", workload, reference_pairs=3, precisions=(precision,))
     assert [p.engine for p in result.passes] == ["packed float32", engine, "transformers float32",
                                                  "transformers bfloat16"]
+    assert result.reduced_seconds == result.passes[1].seconds > 0  # its time is reported, not NaN
     diff = np.abs(result.passes[1].scores.astype(np.float64) - scores_pair_by_pair(model_dir, workload, torch.float32))
     assert result.fidelity.max_abs_diff == pytest.approx(float(diff.max()), abs=1e-5) and diff.max() > 0
 
