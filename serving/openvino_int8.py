@@ -10,8 +10,9 @@ excluded), per output channel for weights (symmetric, 255 levels).
 Calibration pairs are synthetic and deterministic: random vocabulary tokens decoded to text and
 encoded by the model's own tokenizer as query/document pairs, so the special tokens, token types
 and lengths are the family's own, and a model gets the same int8 graph at every load. Measured on
-the MiniLM-L6 shape (DL19): 1.45x OpenVINO's bf16 speed in process; fidelity is in README, CPU
-precision.
+the MiniLM-L6 shape (DL19): 1.4x OpenVINO's bf16 speed in process; fidelity and served numbers
+are in the README (The OpenVINO engine): bfloat16's error at the default init, int8's where the
+output depends more on the pair.
 
 Quantized: MatMuls with a constant 2-D weight whose activation is [batch, tokens, features] (the
 attention and FFN projections). Not quantized: the pooler and classification head (one row per

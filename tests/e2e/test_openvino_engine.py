@@ -64,7 +64,7 @@ def test_openvino_int8_server_scores_as_the_engine_does(start_extra_server, tiny
     in_process = score_pairs(engine, packed.input_ids, packed.token_type_ids, packed.lengths, OPENVINO_BATCH_TOKENS)
     np.testing.assert_allclose(got, in_process, atol=1e-4)
     expected = np.array(reference_scores(running.model_dir, QUERY, DOCUMENTS))
-    assert np.abs(got - expected).max() <= 0.4 * expected.std(), (got, expected)  # as in tests/serving
+    np.testing.assert_allclose(got, expected, atol=0.5)  # the bound of tests/serving/test_openvino_engine.py
     assert not np.array_equal(got, expected)  # quantized for real
     np.testing.assert_allclose(gateway_scores(running.grpc_url, QUERY, DOCUMENTS), got, rtol=1e-6)
     (labels,) = encoder_info(running.server)
