@@ -41,7 +41,7 @@ from triton_rerank.launcher.serve import DEFAULT_MODEL
 from triton_rerank.launcher.server import ServerAddress, StopRequested, TritonServer, stop_on_signals
 from triton_rerank.launcher.triton_install import SYSTEM_BACKEND_DIRECTORY, TritonInstall
 from triton_rerank.models.dtypes import DTYPE_NAMES, QUANTIZE_NAMES
-from triton_rerank.models.families import ENGINE_NAMES
+from triton_rerank.models.families import ENGINE_CHOICES
 from triton_rerank.serving.model_files import ModelNotFoundError, resolve_model_path
 
 # --tritonserver value that means the server bundled in the nvidia-pytriton wheel (tests, no image).
@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_env("COMPILE", "false").lower() not in ("false", "0", "no", ""),
                    help="torch.compile the cross-encoder's layers at start (DEVICE=cpu; needs a C++ compiler in the "
                    "image)")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default=_env("ENGINE", "packed"),
-                   help="packed, hf (the transformers reference) or openvino (cross-encoders, DEVICE=cpu; needs the "
-                   "openvino package in the image)")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, default=_env("ENGINE", "auto"),
+                   help="auto (openvino for a cross-encoder with DEVICE=cpu, else packed), packed, hf (the "
+                   "transformers reference) or openvino (cross-encoders, DEVICE=cpu)")
     p.add_argument("--attention-backend", choices=["", "triton", "sdpa"], default=_env("ATTENTION_BACKEND", ""),
                    help="empty = triton on GPU, sdpa on CPU")
     p.add_argument("--max-length", type=int, default=_env("MAX_LENGTH", "0"))

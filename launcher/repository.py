@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from tritonclient.grpc.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
 from ..models.dtypes import QUANTIZE_NAMES, int8_instructions
-from ..models.families import ENGINE_NAMES, RERANKER_KINDS, reranker_kind
+from ..models.families import ENGINE_CHOICES, RERANKER_KINDS, reranker_kind
 from ..serving.request_options import LONG_DOCUMENT_MODES
 from .errors import LauncherError
 
@@ -103,7 +103,7 @@ class RepositorySettings:
     dtype: str = "auto"
     quantize: str = "none"  # or int8 (models/int8_linear.py)
     compile: bool = False  # torch.compile the packed cross-encoder at load
-    engine: str = "packed"
+    engine: str = "auto"  # or one of ENGINE_NAMES; auto is resolved by the scoring step (models/families.py)
     attention_backend: str = ""
     max_length: int = 0
     # Documents per request, enforced by the tokenizer step and again by the scoring step.
@@ -204,7 +204,8 @@ class RepositorySettings:
         what = "compile" if self.quantize == "none" else f"quantize {self.quantize}"
         # OpenVINO quantizes its own graph (no torch.compile, so no C++ compiler); it cannot compile it again.
         engines = ("packed",) if self.compile else ("packed", "openvino")
-        if self.engine not in engines or self.resolved_kind() == "decoder":
+        # engine auto runs compile and quantize on the packed engine (auto_engine).
+        if self.engine not in ("auto", *engines) or self.resolved_kind() == "decoder":
             raise LauncherError(f"{what} is for the {' and '.join(engines)} engine{'s' * (len(engines) > 1)} of "
                                 f"cross-encoders, not the {self.engine} engine of a {self.resolved_kind()} reranker")
         # device auto is let through: on a host without a GPU it is the CPU (the scoring step refuses a GPU).
@@ -214,14 +215,14 @@ class RepositorySettings:
         if self.quantize == "int8" and not int8_instructions():
             raise LauncherError("quantize int8 needs a CPU with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI "
                                 "or AMX-INT8) and this one has none: without them int8 is slower than float32")
-        if self.engine == "packed" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        if self.engine != "openvino" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
             raise LauncherError(f"{what} compiles the encoder with torch.compile, which needs a C++ compiler on "
                                 "this host: install g++ (apt-get install g++)")
 
     def _check_engine(self) -> None:
         """The engine exists, and openvino gets what it runs on (a cross-encoder, the CPU, its package)."""
-        if self.engine not in ENGINE_NAMES:
-            raise LauncherError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {self.engine!r}")
+        if self.engine not in ENGINE_CHOICES:
+            raise LauncherError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
         if self.engine != "openvino":
             return
         if self.resolved_kind() == "decoder":

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..gateway.command import add_gateway_options, gateway_settings
 from ..gateway.settings import GatewayStartError
 from ..models.dtypes import DTYPE_NAMES, QUANTIZE_NAMES, auto_dtype
-from ..models.families import ENGINE_NAMES
+from ..models.families import ENGINE_CHOICES
 from ..serving.model_files import ModelNotFoundError, resolve_model_path
 from .errors import LauncherError
 from .repository import (
@@ -62,13 +62,15 @@ def register(subparsers) -> None:
                         "around the matmuls; needs a C++ compiler); --quantize int8 always compiles")
     p.add_argument("--attention-backend", choices=["triton", "sdpa"], default=None,
                    help="attention of the packed encoder; default triton on GPU, sdpa on CPU")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="packed",
-                   help="packed = our unpadded encoder; hf = transformers reference (padded); openvino = "
-                        "cross-encoders on OpenVINO, CPU only (pip install 'triton-rerank[openvino]')")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                   help="auto (default) = openvino for a cross-encoder on the CPU (float32 or bfloat16, without "
+                        "--quantize or --compile), else packed; packed = our unpadded encoder; hf = transformers "
+                        "reference (padded); openvino = cross-encoders on OpenVINO, CPU only")
     p.add_argument("--max-length", type=int, default=0,
                    help="max tokens of a (query, document) pair; 0 = the model's limit")
     p.add_argument("--max-batch-tokens", type=int, default=0,
-                   help="token budget of one encoder forward; 0 = 4096 on CPU, 16384 on GPU, 1024 for --engine openvino")
+                   help="token budget of one encoder forward; 0 = 4096 on CPU, 16384 on GPU, 1024 for the openvino "
+                        "engine")
     add_long_document_options(p)
     add_decoder_options(p)
     p.add_argument("--instances", type=int, default=1, help="cross_encoder model instances")
@@ -133,7 +135,7 @@ def run(args) -> int:
     # SIGTERM (docker stop, systemd) takes the same clean path as Ctrl-C.
     stop_on_signals()
     linears = ("" if args.quantize == "none" else f", {args.quantize} linears") + (
-        ", compiled" if args.engine == "packed" and (args.compile or args.quantize != "none") else "")
+        ", compiled" if args.engine != "openvino" and (args.compile or args.quantize != "none") else "")
     print(f"starting tritonserver for {model_dir}, encoder {encoder_precision(args.device, args.dtype)}{linears} "
           f"(log: {server.log_file})", flush=True)
     gateway = None

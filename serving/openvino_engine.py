@@ -1,7 +1,7 @@
 """The cross-encoder on OpenVINO: our loaded checkpoint exported once at load, run on padded micro-batches.
 
-An optional CPU engine (`engine: openvino` in config.pbtxt, `serve --engine openvino`; needs
-`pip install 'triton-rerank[openvino]'`). On CPUs where torch's attention kernels are weak at small
+The CPU engine for cross-encoders: what `engine: auto` (the default) picks there, or `engine:
+openvino` in config.pbtxt, `serve --engine openvino`. On CPUs where torch's attention kernels are weak at small
 head sizes (the MiniLM shape's 32-wide heads) OpenVINO's fused graph runs the same micro-batches
 faster: 1.57x the packed engine served on a 2-core Zen 5 (`results/cpu-peers-zen5-openvino/`).
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..models.dtypes import QUANTIZE_NAMES, auto_dtype, torch_dtype
-from ..models.families import ENGINE_NAMES, reranker_kind
+from ..models.families import ENGINE_NAMES, auto_engine, reranker_kind
 from .micro_batches import PackedBatch, gather_pairs, padded_inputs, plan_micro_batches
 from .packed_inputs import PackedInputLimits, PackedRequest
 from .prefix_sharing import (
@@ -144,7 +144,8 @@ class EncoderSettings:
     """The cross_encoder model's parameters (config.pbtxt), resolved for this instance."""
 
     model_path: str
-    engine: str = "packed"
+    engine: str = "packed"  # resolved: engine auto is one of ENGINE_NAMES here
+    engine_reason: str = ""  # why this engine ("auto: a cross-encoder on the CPU"), for the startup log
     # "cross-encoder" or "decoder" (models/families.py), read from config.json unless config.pbtxt forces it.
     reranker_kind: str = "cross-encoder"
     attention_backend: str | None = None
@@ -186,24 +187,30 @@ class EncoderSettings:
         max_batch_tokens = int(params.get("max_batch_tokens") or 0)
         if max_batch_tokens < 0:
             raise ValueError(f"max_batch_tokens must be positive (or 0 for the device default), got {max_batch_tokens}")
-        engine = params.get("engine", "packed") or "packed"
-        if max_batch_tokens == 0:
-            max_batch_tokens = OPENVINO_BATCH_TOKENS if engine == "openvino" else DEFAULT_BATCH_TOKENS[device.type]
         quantize = params.get("quantize") or "none"
         if quantize not in QUANTIZE_NAMES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_NAMES)}, got {quantize!r}")
+        compile = _as_switch("compile", params.get("compile") or "false")
         model_path = resolve_model_path(params["model_path"], progress=False, base=model_dir)
         kind = reranker_kind(json.loads((model_path / "config.json").read_text()),
                              params.get("reranker_kind") or "auto")
+        engine = params.get("engine", "auto") or "auto"
+        engine_reason = "set in config.pbtxt"
+        if engine == "auto":
+            engine, engine_reason = auto_engine(kind, device.type, dtype, quantize, compile)
+            engine_reason = f"auto: {engine_reason}"
+        if max_batch_tokens == 0:
+            max_batch_tokens = OPENVINO_BATCH_TOKENS if engine == "openvino" else DEFAULT_BATCH_TOKENS[device.type]
         return cls(
             model_path=str(model_path),
             engine=engine,
+            engine_reason=engine_reason,
             reranker_kind=kind,
             attention_backend=params.get("attention_backend") or None,
             dtype=torch_dtype(dtype),
             dtype_reason=dtype_reason,
             quantize=quantize,
-            compile=_as_switch("compile", params.get("compile") or "false"),
+            compile=compile,
             device=device,
             max_batch_tokens=max_batch_tokens,
             num_threads=int(params.get("num_threads") or 0),

@@ -44,10 +44,13 @@ def encoder_info(server) -> list[dict]:
             if sample.name == "rerank_encoder_info" and sample.value == 1]
 
 
-def test_the_encoder_info_names_the_dtype_set(xlmr_server):
+def test_the_encoder_info_names_the_dtype_set_and_the_engine_auto_picked(xlmr_server):
+    # engine auto (the default): OpenVINO for a cross-encoder on the CPU, and the log says why.
     (labels,) = encoder_info(xlmr_server)
     assert (labels["engine"], labels["dtype"], labels["device"], labels["model"]) == (
-        "packed", "float32", "cpu", "cross_encoder")
+        "openvino", "float32", "cpu", "cross_encoder")
+    log = xlmr_server.server.log_file.read_text(errors="replace")
+    assert "openvino engine, float32 (set in config.pbtxt) on cpu; engine auto: a cross-encoder on the CPU" in log
 
 
 def test_dtype_auto_follows_the_cpu_and_says_why(start_extra_server, tiny_model_dirs):

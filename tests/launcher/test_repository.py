@@ -143,7 +143,7 @@ def test_unknown_parameter_is_refused_naming_it(tmp_path):
     ({"quantize": "int8", "device": "cpu", "engine": "hf"}, "for the packed and openvino engines of cross-encoders, "
                                                             "not the hf"),
     ({"compile": True, "engine": "hf"}, "compile is for the packed engine of cross-encoders, not the hf"),
-    ({"engine": "onnx"}, "engine must be one of packed, hf, openvino, got 'onnx'"),
+    ({"engine": "onnx"}, "engine must be one of auto, packed, hf, openvino, got 'onnx'"),
     ({"engine": "openvino", "device": "cuda"}, "engine openvino runs on the CPU: set device cpu"),
     ({"engine": "openvino", "dtype": "float16"}, "engine openvino runs in float32 or bfloat16"),
     ({"engine": "openvino", "reranker_kind": "decoder"}, "engine openvino is for cross-encoders"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from triton_rerank.models.dtypes import auto_dtype
+from triton_rerank.models.families import auto_engine
 from triton_rerank.serving.packed_inputs import PackedRequest
 from triton_rerank.serving.prefix_sharing import DEFAULT_MIN_SHARED_PREFIX
 from triton_rerank.serving.scoring import (
@@ -119,8 +120,15 @@ def test_settings_resolve_auto_device_and_dtype(tiny_model_dirs):
     expected = {"bfloat16": torch.bfloat16, "float32": torch.float32}[auto_dtype("cpu")[0]]
     assert settings.device == torch.device("cpu") and settings.dtype == expected
     assert settings.dtype_reason.startswith("auto: this CPU has")
-    assert settings.max_batch_tokens == 4096  # the CPU default when config.pbtxt says 0
-    # The padded OpenVINO engine's own default; a budget set in config.pbtxt stands for every engine.
+    # engine auto on a CPU: OpenVINO for this cross-encoder, with the padded engine's own budget.
+    assert (settings.engine, settings.engine_reason) == ("openvino", "auto: a cross-encoder on the CPU")
+    assert settings.max_batch_tokens == 1024
+    packed = EncoderSettings.from_parameters({**params, "engine": "packed"})
+    assert (packed.engine, packed.engine_reason) == ("packed", "set in config.pbtxt")
+    assert packed.max_batch_tokens == 4096  # the CPU default when config.pbtxt says 0
+    # quantize and compile run on the packed engine under auto.
+    assert EncoderSettings.from_parameters({**params, "compile": "true"}).engine == "packed"
+    # A budget set in config.pbtxt stands for every engine.
     assert EncoderSettings.from_parameters({**params, "engine": "openvino"}).max_batch_tokens == 1024
     assert EncoderSettings.from_parameters({**params, "engine": "openvino", "max_batch_tokens": "4096"}
                                            ).max_batch_tokens == 4096
@@ -193,3 +201,25 @@ def test_heads_are_shared_only_for_packed_decoders_and_only_when_on(tiny_model_d
     assert EncoderSettings.from_parameters({"model_path": str(tiny_model_dirs["bert"])}).shared_prefix_threshold is None
     with pytest.raises(ValueError, match="prefix_sharing must be true or false"):
         EncoderSettings.from_parameters({"model_path": str(decoder), "prefix_sharing": "sometimes"})
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("cross-encoder", "cpu", "bfloat16"), ("openvino", "a cross-encoder on the CPU")),
+    (("cross-encoder", "cpu", "float32"), ("openvino", "a cross-encoder on the CPU")),
+    (("decoder", "cpu", "bfloat16"), ("packed", "a decoder reranker")),
+    (("cross-encoder", "cuda", "float16"), ("packed", "on cuda")),
+    (("cross-encoder", "cpu", "float16"), ("packed", "float16")),
+    (("cross-encoder", "cpu", "bfloat16", "int8"), ("packed", "quantize int8")),
+    (("cross-encoder", "cpu", "float32", "none", True), ("packed", "compile")),
+])
+def test_auto_engine_picks_openvino_only_where_it_runs(args, expected):
+    pytest.importorskip("openvino")
+    assert auto_engine(*args) == expected
+
+
+def test_auto_engine_without_openvino_is_the_packed_engine(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert auto_engine("cross-encoder", "cpu", "bfloat16") == ("packed", "the openvino package is not installed")

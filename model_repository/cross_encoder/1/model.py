@@ -28,7 +28,8 @@ class TritonPythonModel:
         linears = ("" if settings.quantize == "none" else f", {settings.quantize} linears") + (
             ", compiled" if settings.engine == "packed" and (settings.compile or settings.quantize != "none") else "")
         pb_utils.Logger.log_info(f"cross_encoder: {settings.reranker_kind} reranker, {settings.engine} engine, {dtype} "
-                                 f"({settings.dtype_reason}){linears} on {settings.device}")
+                                 f"({settings.dtype_reason}){linears} on {settings.device}; engine "
+                                 f"{settings.engine_reason}")
         self.metrics = ScoringMetrics(pb_utils, {"model": args["model_name"], "version": args["model_version"]})
         self.metrics.describe_encoder(settings.engine, dtype, str(settings.device), settings.quantize)
 
