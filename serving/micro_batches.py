@@ -6,6 +6,7 @@ Kept apart from the engines so that every engine module can use them without imp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,15 @@ def gather_pairs(
         cu_seqlens=torch.from_numpy(cu_seqlens),
         max_seqlen=int(group_lengths.max()),
     )
+
+
+def micro_batches(input_ids: np.ndarray, token_type_ids: np.ndarray, lengths: np.ndarray,
+                  max_batch_tokens: int) -> Iterator[tuple[np.ndarray, PackedBatch]]:
+    """(indices of its pairs, the packed batch) for each micro-batch of a packed set of pairs."""
+    offsets = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    for group in plan_micro_batches(lengths, max_batch_tokens):
+        yield group, gather_pairs(input_ids, token_type_ids, offsets, lengths, group)
 
 
 def padded_inputs(batch: PackedBatch, pad_token_id: int, with_token_types: bool) -> dict[str, torch.Tensor]:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .micro_batches import gather_pairs, padded_inputs, plan_micro_batches
-from .tokenization import PairTokenizer, load_model_tokenizer
+from .micro_batches import micro_batches, padded_inputs
+from .tokenization import PairTokenizer
 
 CALIBRATION_QUERIES = 8
 CALIBRATION_DOCUMENTS = 8
@@ -51,8 +51,8 @@ def calibration_inputs(model_path: str, pad_token_id: int, with_token_types: boo
                        seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Padded input batches of CALIBRATION_QUERIES x CALIBRATION_DOCUMENTS synthetic pairs (see the
     module docstring), cut to the model's max input as requests are."""
-    decoder, _ = load_model_tokenizer(model_path)
     pairs = PairTokenizer(model_path)
+    decoder = pairs.fast_tokenizer
     special = {token.content for token in decoder.get_added_tokens_decoder().values() if token.special}
     vocabulary = np.array(sorted(i for token, i in decoder.get_vocab().items() if token not in special))
     rng = np.random.default_rng(seed)
@@ -62,14 +62,11 @@ def calibration_inputs(model_path: str, pad_token_id: int, with_token_types: boo
 
     packed = [pairs.encode(text(QUERY_TOKENS), [text(DOCUMENT_TOKENS) for _ in range(CALIBRATION_DOCUMENTS)])
               for _ in range(CALIBRATION_QUERIES)]
-    lengths = np.concatenate([p.lengths for p in packed])
-    ids = np.concatenate([p.input_ids for p in packed])
-    types = np.concatenate([p.token_type_ids for p in packed])
-    offsets = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=offsets[1:])
     batches = []
-    for group in plan_micro_batches(lengths, CALIBRATION_BATCH_TOKENS):
-        inputs = padded_inputs(gather_pairs(ids, types, offsets, lengths, group), pad_token_id, with_token_types)
+    for _, batch in micro_batches(np.concatenate([p.input_ids for p in packed]),
+                                  np.concatenate([p.token_type_ids for p in packed]),
+                                  np.concatenate([p.lengths for p in packed]), CALIBRATION_BATCH_TOKENS):
+        inputs = padded_inputs(batch, pad_token_id, with_token_types)
         batches.append({name: tensor.numpy() for name, tensor in inputs.items()})
     return batches
 

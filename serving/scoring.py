@@ -11,8 +11,8 @@ Engines:
   attention in OpenAI-Triton kernels or torch SDPA.
 - `HFEngine`: Hugging Face `AutoModelForSequenceClassification` on padded micro-batches, the
   reference the packed encoder is checked against.
-- `OpenVINOEngine` (`openvino_engine.py`, optional package): the checkpoint exported to OpenVINO,
-  on padded micro-batches; cross-encoders on the CPU.
+- `OpenVINOEngine` (`openvino_engine.py`): the checkpoint exported to OpenVINO, on padded
+  micro-batches; cross-encoders on the CPU, where engine auto (the default) picks it.
 - `PackedDecoderEngine` / `HFDecoderEngine`: the same pair for decoder rerankers (Qwen3-Reranker):
   our packed causal decoder (`triton_rerank.models.qwen3_reranker`), and transformers'
   `AutoModelForCausalLM` on padded micro-batches; both score logit(yes) - logit(no) at each
@@ -33,7 +33,7 @@ import torch
 
 from ..models.dtypes import QUANTIZE_NAMES, auto_dtype, torch_dtype
 from ..models.families import ENGINE_NAMES, auto_engine, reranker_kind
-from .micro_batches import PackedBatch, gather_pairs, padded_inputs, plan_micro_batches
+from .micro_batches import PackedBatch, micro_batches, padded_inputs
 from .packed_inputs import PackedInputLimits, PackedRequest
 from .prefix_sharing import (
     DEFAULT_MIN_SHARED_PREFIX,
@@ -299,11 +299,8 @@ def score_pairs(
     `observe(tokens, seconds)` is called after each micro-batch (for metrics); the seconds
     include the copy of the scores to the host, which waits for the device to finish.
     """
-    offsets = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=offsets[1:])
     scores = np.empty(len(lengths), dtype=np.float32)
-    for group in plan_micro_batches(lengths, max_batch_tokens):
-        batch = gather_pairs(input_ids, token_type_ids, offsets, lengths, group)
+    for group, batch in micro_batches(input_ids, token_type_ids, lengths, max_batch_tokens):
         started = time.perf_counter()
         scores[group] = engine(batch).cpu().numpy()
         if observe is not None:

@@ -405,6 +405,11 @@ class PairTokenizer:
         self.num_special_tokens = self._tokenizer.num_special_tokens_to_add(is_pair=True)
         self.cuts_documents = prefix_cuts_are_exact(self._tokenizer)
 
+    @property
+    def fast_tokenizer(self) -> Tokenizer:
+        """The model's own `tokenizers.Tokenizer` (for its vocabulary and decoding; encode pairs with `encode`)."""
+        return self._tokenizer
+
     def encode(self, query: str, documents: list[str], truncate: bool = True, direction: str = "right",
                max_document_tokens: int | None = None) -> PackedPairs:
         """The pairs of `query` with each document, packed. A pair that does not fit the model is cut

@@ -67,6 +67,7 @@ from ...models.qwen3_reranker import (
     label_token_ids,
     load_qwen3_reranker,
 )
+from ...serving.micro_batches import gather_pairs, plan_micro_batches
 from ...serving.prefix_sharing import (
     DEFAULT_MIN_SHARED_PREFIX,
     SharingPairs,
@@ -74,7 +75,6 @@ from ...serving.prefix_sharing import (
     plan_shared_micro_batches,
     shared_prefix_length,
 )
-from ...serving.scoring import gather_pairs, plan_micro_batches
 from ..random_model import (
     QWEN3_RERANKER_CONFIG_FILES,
     QWEN3_TOKENIZER_CONFIG,

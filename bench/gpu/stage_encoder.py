@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ...models.dtypes import torch_dtype
-from ...serving.scoring import gather_pairs, padded_inputs, plan_micro_batches
+from ...serving.micro_batches import gather_pairs, padded_inputs, plan_micro_batches
 from ..random_model import random_model, save_model_dir
 from ..workload import (
     Workload,

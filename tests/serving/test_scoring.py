@@ -8,16 +8,10 @@ import torch
 
 from triton_rerank.models.dtypes import auto_dtype
 from triton_rerank.models.families import auto_engine
+from triton_rerank.serving.micro_batches import gather_pairs, padded_inputs, plan_micro_batches
 from triton_rerank.serving.packed_inputs import PackedRequest
 from triton_rerank.serving.prefix_sharing import DEFAULT_MIN_SHARED_PREFIX
-from triton_rerank.serving.scoring import (
-    EncoderSettings,
-    gather_pairs,
-    padded_inputs,
-    plan_micro_batches,
-    score_pairs,
-    score_requests,
-)
+from triton_rerank.serving.scoring import EncoderSettings, score_pairs, score_requests
 
 
 @pytest.mark.parametrize("budget", [1, 50, 200, 10_000])
