@@ -28,8 +28,9 @@ def add_gateway_options(p) -> None:
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                    help="request body size; more is refused (413)")
     p.add_argument("--max-buffered-bytes", type=int, default=None,
-                   help="request bodies held at once over all connections (each until its request is answered); "
-                   f"a body that would pass it is refused (503, Retry-After). Default {BUFFERED_BODIES} times "
+                   help="request bodies held at once over all connections (each until its request is answered; a "
+                   "Content-Length counts whole from the head on); a body that would pass it is refused (503, "
+                   f"Retry-After). Default {BUFFERED_BODIES} times "
                    "--max-body-bytes (64 MiB). The process holds a few times this (parsed documents, gRPC messages)")
     p.add_argument("--max-body-chunks", type=int, default=65536,
                    help="chunks of one chunked (Transfer-Encoding) body, as tritonserver allows; more is refused (400)")

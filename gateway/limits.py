@@ -65,10 +65,10 @@ class BodyLimits:
     """ASGI middleware: the body is read (and counted) here, whole, before the app sees a byte of it.
 
     A declared Content-Length over max_body_bytes, or one the budget has no room for now, is refused
-    without reading the body; otherwise every chunk is counted as it streams in (chunked uploads
-    declare no length, and a declared length may lie) against max_body_bytes and the shared budget,
-    within body_timeout for the whole body. Then the app gets it in one piece. The refusal has the
-    error shape of the path.
+    without reading the body; one that fits is taken from the budget whole, at once. Every chunk is
+    counted as it streams in against max_body_bytes and, past what was taken (a chunked upload
+    declares no length), against the shared budget, within body_timeout for the whole body. Then the
+    app gets it in one piece. The refusal has the error shape of the path.
 
     503 rather than 429 when the budget is spent: the client did nothing wrong (it may have sent one
     request), the gateway is momentarily full, and a load balancer may hand the request to another
@@ -88,14 +88,19 @@ class BodyLimits:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
+        reserved = 0  # a declared length is taken whole before its first byte
         if declared is not None and declared.isdigit():
             if int(declared) > self.max_body_bytes:
                 await self._refuse(scope, send, self._too_large(int(declared)))
                 return
-            if int(declared) > self.budget.limit - self.budget.used:
+            # Taken now, not as the bytes arrive: many bodies each let in and then each refused half
+            # way, when together they fill the budget, would leave every one of them refused.
+            if not self.budget.take(int(declared)):
                 await self._refuse(scope, send, self._no_room())
                 return
-        held = 0  # bytes taken from the budget; given back however the request ends
+            reserved = int(declared)
+        held = reserved  # bytes taken from the budget; given back however the request ends
+        received = 0
         try:
             chunks = []
             try:
@@ -110,11 +115,13 @@ class BodyLimits:
                                 400, f"the request body came in more than {chunk_limit} chunks (--max-body-chunks): "
                                 "send it in fewer, larger chunks, or with a Content-Length", "invalid_request")
                         chunk = message.get("body", b"")
-                        if held + len(chunk) > self.max_body_bytes:
+                        if received + len(chunk) > self.max_body_bytes:
                             raise self._too_large(None)
-                        if not self.budget.take(len(chunk)):
+                        received += len(chunk)
+                        beyond = max(0, received - held)  # a chunked body; h11 ends a declared one at its length
+                        if beyond and not self.budget.take(beyond):
                             raise self._no_room()
-                        held += len(chunk)
+                        held += beyond
                         chunks.append(chunk)
                         if not message.get("more_body", False):
                             break

@@ -39,7 +39,8 @@ class GatewayMetrics:
         self.in_flight = Gauge("triton_rerank_gateway_in_flight_requests", "requests being answered",
                                registry=self.registry)
         self.buffered_bytes = Gauge("triton_rerank_gateway_buffered_request_bytes",
-                                    "bytes of request bodies held, over all connections (--max-buffered-bytes)",
+                                    "bytes of request bodies held or announced by Content-Length, over all connections "
+                                    "(--max-buffered-bytes)",
                                     registry=self.registry)
 
     def observe(self, route: str, status: int, seconds: float) -> None:

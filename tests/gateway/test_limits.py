@@ -137,6 +137,49 @@ def test_a_declared_length_without_room_is_refused_before_reading():
     assert status == 503 and body["type"] == "overloaded" and "holds 60 bytes" in body["message"]
 
 
+def test_declared_lengths_are_taken_whole_so_bodies_that_fit_are_not_refused_half_way():
+    """Five 40-byte bodies start at once against a 100-byte budget and stream in 10 bytes at a time.
+
+    Were the bytes taken only as they arrive, all five would pass the check on their heads and then all
+    be refused part way, once together they held 100 bytes; taken whole, two are read and three refused.
+    """
+    async def scenario():
+        budget = BodyBudget(100)
+        echo = Echo(budget)
+        limits = BodyLimits(echo, max_body_bytes=80, budget=budget)
+        go_on = asyncio.Event()
+        pieces = [part(b"x" * 10), go_on, part(b"x" * 10), part(b"x" * 10), part(b"x" * 10, more=False)]
+        requests = [asyncio.create_task(call(limits, scope_for(headers=[("content-length", "40")]), list(pieces)))
+                    for _ in range(5)]
+        await asyncio.sleep(0.01)
+        held_while_streaming = budget.used
+        go_on.set()
+        results = await asyncio.gather(*requests)
+        return held_while_streaming, results, echo, budget.used
+
+    held_while_streaming, results, echo, used = asyncio.run(scenario())
+    assert held_while_streaming == 80  # two bodies' declared lengths, before their bytes came in
+    assert sorted(status for status, _, _ in results) == [200, 200, 503, 503, 503]
+    assert echo.bodies == [b"x" * 40] * 2
+    assert echo.held_while_answering == [80, 40]  # each held until answered, then given back
+    assert used == 0
+
+
+def test_a_chunked_body_is_counted_against_the_budget_as_it_streams_in():
+    async def scenario():
+        budget = BodyBudget(100)
+        limits = BodyLimits(Echo(budget), max_body_bytes=200, budget=budget)
+        go_on = asyncio.Event()
+        task = asyncio.create_task(call(limits, scope_for(), [part(b"x" * 30), go_on, part(b"x" * 90, more=False)]))
+        await asyncio.sleep(0.01)
+        held = budget.used
+        go_on.set()
+        return held, await task, budget.used
+
+    held, (status, _, body), used = asyncio.run(scenario())
+    assert held == 30 and status == 503 and body["type"] == "overloaded" and used == 0
+
+
 @pytest.mark.parametrize("ending", ["disconnect", "app error", "too large"])
 def test_the_bytes_come_back_however_the_request_ends(ending):
     async def scenario():
