@@ -5,7 +5,10 @@ openvino` in config.pbtxt, `serve --engine openvino`. On CPUs where torch's atte
 head sizes (the MiniLM shape's 32-wide heads) OpenVINO's fused graph runs the same micro-batches
 faster: 1.57x the packed engine served on a 2-core Zen 5 (`results/cpu-peers-zen5-openvino/`).
 
-Supported: cross-encoders (BERT, XLM-R, anything `AutoModelForSequenceClassification` loads) on the
+The model exported is our own (models/cross_encoder.py, loaded strictly), traced through its padded
+forward: its last layer runs past attention only for the first tokens, which the head reads.
+
+Supported: the cross-encoders models/cross_encoder.py loads (BERT, RoBERTa, XLM-R) on the
 CPU, in float32 or bfloat16 (OpenVINO's inference precision; the output logits stay float32), and
 `quantize: int8` (the encoder's projections in int8, calibrated at load: `openvino_int8.py`) on CPUs
 with int8 dot-product instructions.
@@ -18,11 +21,11 @@ pair's score does not depend on what else is in its micro-batch beyond float rou
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import torch
 
+from ..models.cross_encoder import PackedCrossEncoder, load_cross_encoder
 from ..models.dtypes import QUANTIZE_NAMES, int8_instructions
 from .micro_batches import PackedBatch, padded_inputs
 from .openvino_int8 import activation_ranges, calibration_inputs, quantize_linears
@@ -40,6 +43,28 @@ def openvino_module():
     return openvino
 
 
+class _PaddedForward(torch.nn.Module):
+    """The encoder's padded forward as the module OpenVINO traces."""
+
+    def __init__(self, encoder: PackedCrossEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder.forward_padded(input_ids, attention_mask, token_type_ids)
+
+
+def padded_graph(ov, encoder: PackedCrossEncoder):
+    """The OpenVINO model of the encoder's padded forward: inputs input_ids, attention_mask and, where the
+    model has token types, token_type_ids, each [batch, tokens]; output the logits [batch]."""
+    example = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    if encoder.config.type_vocab_size > 1:
+        example["token_type_ids"] = torch.zeros(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        return ov.convert_model(_PaddedForward(encoder), example_input=example)
+
+
 class OpenVINOEngine:
     """Scores packed batches with an OpenVINO compiled model of the checkpoint (CPU only)."""
 
@@ -55,20 +80,11 @@ class OpenVINOEngine:
         if dtype not in PRECISIONS:
             raise ValueError(f"engine openvino runs in float32 or bfloat16, not {str(dtype).removeprefix('torch.')}")
         ov = openvino_module()
-        from transformers import AutoModelForSequenceClassification
-
-        # float32 weights in: OpenVINO converts them to the inference precision itself.
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch.float32).eval()
-        self.pad_token_id = model.config.pad_token_id or 0
-        self.uses_token_types = model.config.type_vocab_size > 1
-        example = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
-        if self.uses_token_types:
-            example["token_type_ids"] = torch.zeros(2, 8, dtype=torch.long)
-        with torch.no_grad(), warnings.catch_warnings():
-            # Tracing warns at every Python branch on a tensor; in these encoders the branches only
-            # concern padding past the mask and causal masks, the same for every input.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            graph = ov.convert_model(model, example_input=example)
+        # Our own strictly loaded model, in float32: OpenVINO converts it to the inference precision itself.
+        encoder = load_cross_encoder(model_path, dtype=torch.float32)
+        self.pad_token_id = encoder.config.pad_token_id
+        self.uses_token_types = encoder.config.type_vocab_size > 1
+        graph = padded_graph(ov, encoder)
         if quantize == "int8":
             batches = calibration_inputs(model_path, self.pad_token_id, self.uses_token_types)
             graph = quantize_linears(graph, activation_ranges(ov, graph, batches))
@@ -87,5 +103,5 @@ class OpenVINOEngine:
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
         inputs = padded_inputs(batch, self.pad_token_id, self.uses_token_types)
         feed = {name: inputs[name].numpy() for name in self.input_names}
-        logits = self.request.infer(feed)[0]  # [B, num_labels]
-        return torch.from_numpy(np.array(logits[:, 0], dtype=np.float32))
+        logits = self.request.infer(feed)[0]  # [B]
+        return torch.from_numpy(np.array(logits, dtype=np.float32))

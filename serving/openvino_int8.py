@@ -15,8 +15,9 @@ are in the README (The OpenVINO engine): bfloat16's error at the default init, i
 output depends more on the pair.
 
 Quantized: MatMuls with a constant 2-D weight whose activation is [batch, tokens, features] (the
-attention and FFN projections). Not quantized: the pooler and classification head (one row per
-pair: nothing to win), attention's own products, layer norms and softmax (the run's dtype).
+attention and FFN projections of every token; in the last layer, the keys and values). Not
+quantized: what runs on one row per pair (the last layer past its keys and values, the pooler and
+the head: nothing to win), attention's own products, layer norms and softmax (the run's dtype).
 """
 
 from __future__ import annotations

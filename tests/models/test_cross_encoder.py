@@ -109,7 +109,8 @@ def _packed_logits(model: PackedCrossEncoder, ids, types) -> torch.Tensor:
     return out.cpu()
 
 
-def _hf_logits(hf, pad_id: int, ids, types) -> torch.Tensor:
+def _padded(ids, types, pad_id: int):
+    """Right-padded [B, L] ids, mask and (None without types) token types."""
     L = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), L), pad_id)
     mask = torch.zeros(len(ids), L, dtype=torch.long)
@@ -118,6 +119,11 @@ def _hf_logits(hf, pad_id: int, ids, types) -> torch.Tensor:
         input_ids[i, : len(x)], mask[i, : len(x)] = x, 1
         if types is not None:
             token_types[i, : len(x)] = types[i]
+    return input_ids, mask, (None if types is None else token_types)
+
+
+def _hf_logits(hf, pad_id: int, ids, types) -> torch.Tensor:
+    input_ids, mask, token_types = _padded(ids, types, pad_id)
     with torch.inference_mode():
         return hf(input_ids=input_ids, attention_mask=mask, token_type_ids=token_types).logits[:, 0]
 
@@ -136,6 +142,22 @@ def test_parity_with_transformers(kind, backend, model_dirs, hf_models):
     assert got.dtype == torch.float32 and got.shape == (len(lengths),)
     assert want.abs().max() > 0.1  # the test would be vacuous with near-zero logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "camembert", "bert"])
+@pytest.mark.parametrize("lengths", [[64, 3, 17], [1, 1], [5]])  # the longest a position table holds; lone tokens
+def test_padded_forward_equals_transformers(kind, lengths, model_dirs, hf_models):
+    """The padded forward (what the OpenVINO engine traces) on right-padded batches, last layer cut to
+    the first tokens, against transformers on the same batches."""
+    model = load_cross_encoder(model_dirs[kind])
+    ids, types = _random_pairs(kind, lengths, seed=7)
+    pad_id = hf_models[kind].config.pad_token_id
+    with torch.inference_mode():
+        got = model.forward_padded(*_padded(ids, types, pad_id))
+    want = _hf_logits(hf_models[kind], pad_id, ids, types)
+    assert got.dtype == torch.float32 and got.shape == (len(lengths),)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, _packed_logits(model, ids, types), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(("backend", "n_pairs", "max_len"), [("sdpa", 64, 60), ("triton", 6, 40)])
