@@ -36,6 +36,11 @@ resolution falls with magnitude. The affine calibration changes no ranking; |d| 
 |d|/std does not. The two recipes bracket what a trained model may do; they are not a trained
 model. A real checkpoint can be measured as it is with --model-dir.
 
+Peers. With --peer-python (the peers' environment of `triton-rerank bench --contenders peers`), the
+reduced precisions of the CPU rerankers people pick (ONNX Runtime dynamic int8, OpenVINO bf16,
+torch bf16, all under sentence-transformers) are measured on the same pairs, each against its own
+float32, so that ours and theirs sit in one table.
+
 Writes precision_fidelity.md, precision_fidelity.csv (one row per model) and
 precision_fidelity_queries.csv (one row per model and query) to --out, and prints the table.
 The committed results (7.5 minutes on the 2-core CPU with the models built; building them the first
@@ -53,6 +58,7 @@ import json
 import math
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -310,6 +316,14 @@ PRECISIONS = {"bfloat16": ("bfloat16", "none", "packed"), "int8": ("bfloat16", "
 PRECISION_TITLES = {"bfloat16": "bf16", "int8": "int8 linears (bf16 elsewhere)", "openvino": "OpenVINO bf16",
                     "openvino-int8": "OpenVINO int8 linears (fp32 elsewhere)"}
 ENGINE_TITLES = {"packed": "packed", "hf": "transformers", "openvino": "openvino"}
+# The peers' reduced precisions (bench/cpu_peers.py), each against the peer's own float32 (st-torch-fp32).
+PEER_TITLES = {"st-torch-bf16": "peer: sentence-transformers torch bf16",
+               "st-onnx-int8": "peer: ONNX Runtime dynamic int8 (sentence-transformers)",
+               "st-openvino": "peer: OpenVINO bf16 (sentence-transformers)"}
+
+
+def title(precision: str) -> str:
+    return PRECISION_TITLES.get(precision) or PEER_TITLES[precision]
 
 
 @dataclass
@@ -433,6 +447,39 @@ def measure(model_dir: Path, label: str, description: str, workload: Workload, *
         shown = [p for (kind, name), p in passes.items() if kind == "hf" or name in ("float32", precision)]
         results.append(ModelResult(label, precision, description, str(model_dir), fidelity(fp32, reduced, queries),
                                    queries, reference, pairs.tokens, shown))
+    return results
+
+
+def measure_peers(model_dir: Path, label: str, description: str, workload: Workload, ours_fp32: Pass, *,
+                  python: str, peers: Sequence[str], threads: int, work: Path,
+                  on_step: Callable[[str], None] | None = None) -> list[ModelResult]:
+    """The peers' reduced precisions on the same pairs, each in its own process (bench/cpu_peers.py), each
+    against the peer's own float32 (st-torch-fp32: transformers under sentence-transformers), like for like:
+    the same tokenization and batches. Their reference check is max |st-torch-fp32 - our packed fp32| over
+    every pair: that the peers score the same model as ours."""
+    from .cpu_peers import REFERENCE, model_copy, run_peer
+
+    pairs = [(q, d) for q, documents in zip(workload.queries, workload.documents, strict=True) for d in documents]
+    counts = [len(documents) for documents in workload.documents]
+    ran = {}
+    for contender in (REFERENCE, *peers):
+        if on_step:
+            on_step(f"{label}: {contender}")
+        result = run_peer(python, contender, model_copy(model_dir, work, contender), pairs, threads, batch_size=16)
+        ran[contender] = Pass(contender, np.asarray(result.scores, dtype=np.float32), result.seconds, ours_fp32.tokens)
+    theirs_fp32 = ran[REFERENCE].scores
+    if len(theirs_fp32) != len(ours_fp32.scores):
+        raise ValueError(f"{REFERENCE} scored {len(theirs_fp32)} pairs, ours {len(ours_fp32.scores)}")
+    same_model = float(np.abs(theirs_fp32.astype(np.float64) - ours_fp32.scores).max())
+    results = []
+    for contender in peers:
+        reduced = ran[contender].scores
+        queries = per_query(theirs_fp32, reduced, counts, workload.qids)
+        diff = np.abs(reduced.astype(np.float64) - theirs_fp32)
+        reference = Reference(len(pairs), same_model, float(diff.max()), float(diff.mean()))
+        results.append(ModelResult(label, contender, description, str(model_dir),
+                                   fidelity(theirs_fp32, reduced, queries), queries, reference, ours_fp32.tokens,
+                                   [ours_fp32, ran[contender], ran[REFERENCE]]))
     return results
 
 
@@ -646,7 +693,7 @@ def results_table(results: list[ModelResult]) -> str:
     rows = []
     for r in results:
         f = r.fidelity
-        rows.append([r.model, PRECISION_TITLES[r.precision], f"{f.pairs} ({f.queries})", _g(f.score_std), _g(f.max_abs_diff), _g(f.mean_abs_diff),
+        rows.append([r.model, title(r.precision), f"{f.pairs} ({f.queries})", _g(f.score_std), _g(f.max_abs_diff), _g(f.mean_abs_diff),
                      _g(f.max_over_std), _g(f.mean_over_std), f"{f.spearman_min:.4f}", f"{f.spearman_median:.4f}",
                      f"{f.top10_overlap_mean:.2f} (min {f.top10_overlap_min:.1f})", f"{f.same_top1}/{f.queries}",
                      f"{_g(r.reference.fp32_max_abs_diff)} ({r.reference.pairs} pairs)"])
@@ -656,7 +703,7 @@ def results_table(results: list[ModelResult]) -> str:
 def reference_table(results: list[ModelResult]) -> str:
     headers = ["model", "precision", "pairs", "max abs(ours fp32 - transformers fp32)", "max abs d: ours",
                "max abs d: transformers bf16", "mean abs d: ours", "mean abs d: transformers bf16"]
-    rows = [[r.model, PRECISION_TITLES[r.precision], r.reference.pairs, _g(r.reference.fp32_max_abs_diff),
+    rows = [[r.model, title(r.precision), r.reference.pairs, _g(r.reference.fp32_max_abs_diff),
              _g(r.reference.ours_max), _g(r.reference.hf_bf16_max), _g(r.reference.ours_mean),
              _g(r.reference.hf_bf16_mean)]
             for r in results]
@@ -668,11 +715,15 @@ def timing_table(results: list[ModelResult]) -> str:
                "transformers fp32 / bf16 s (pairs)"]
     rows = []
     for r in results:
-        fp32, reduced = r.seconds("packed float32"), r.reduced_seconds
-        rows.append([r.model, PRECISION_TITLES[r.precision], r.tokens, f"{fp32:.1f}", f"{reduced:.1f}",
-                     f"{fp32 / reduced:.2f}x",
-                     f"{r.seconds('transformers float32'):.1f} / {r.seconds('transformers bfloat16'):.1f} "
-                     f"({r.reference.pairs})"])
+        if r.precision in PEER_TITLES:  # against its own float32, in its own process
+            fp32, transformers = r.seconds("st-torch-fp32"), "-"
+        else:
+            fp32 = r.seconds("packed float32")
+            transformers = (f"{r.seconds('transformers float32'):.1f} / {r.seconds('transformers bfloat16'):.1f} "
+                            f"({r.reference.pairs})")
+        reduced = r.reduced_seconds
+        rows.append([r.model, title(r.precision), r.tokens, f"{fp32:.1f}", f"{reduced:.1f}",
+                     f"{fp32 / reduced:.2f}x", transformers])
     return report.markdown_table(headers, rows)
 
 
@@ -695,6 +746,11 @@ def markdown(results: list[ModelResult], context: dict[str, str], workloads: dic
         "|top10(fp32) & top10(reduced)| / 10, mean (min) over queries; "
         "same top-1: queries whose best passage is the same. The last column is the sanity check: max "
         "|packed fp32 - transformers fp32| on the first pairs (below).",
+        *(["", "Rows marked peer (`--peer-python`): another project's reduced precision (bench/cpu_peers.py, each "
+            "in its own process, batches of 16) against that project's own float32 (sentence-transformers on "
+            "transformers, st-torch-fp32) on the same pairs; their last column is max |st-torch-fp32 - packed "
+            "fp32| over every pair, that the peer scores the same model."]
+          if any(r.precision in PEER_TITLES for r in results) else []),
         "",
         results_table(results),
         "",
@@ -704,7 +760,7 @@ def markdown(results: list[ModelResult], context: dict[str, str], workloads: dic
     for model in dict.fromkeys(r.model for r in results):  # each model once, in order
         same = [r for r in results if r.model == model]
         r = same[0]
-        ties = ", ".join(f"{PRECISION_TITLES[o.precision]} {o.fidelity.reduced_ties}" for o in same)
+        ties = ", ".join(f"{title(o.precision)} {o.fidelity.reduced_ties}" for o in same)
         lines.append(f"- **{model}**: {r.description}; {workloads[model]}; {r.tokens:,} tokens; fp32 score mean "
                      f"{_g(r.fidelity.score_mean)}, std {_g(r.fidelity.score_std)}; pairs tied with another of their "
                      f"query: fp32 {r.fidelity.fp32_ties}, {ties}")
@@ -747,6 +803,14 @@ def _precisions(text: str) -> list[str]:
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown precision {', '.join(bad) or text!r}; choose from "
                                          f"{', '.join(PRECISIONS)}")
+    return names
+
+
+def _peers(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in PEER_TITLES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(bad) or text!r}; choose from {', '.join(PEER_TITLES)}")
     return names
 
 
@@ -800,6 +864,14 @@ def parser() -> argparse.ArgumentParser:
                    help="reduced precisions to compare with float32, comma-separated: " + ", ".join(
                        f"{k} ({v})" for k, v in PRECISION_TITLES.items()) + " (default: all; int8 only on a CPU "
                    "with VNNI or AMX-INT8, openvino only where the openvino package is installed)")
+    g = p.add_argument_group("peers (the CPU rerankers people pick, as in `triton-rerank bench --contenders peers`)")
+    g.add_argument("--peer-python", default=None,
+                   help="the Python of the peers' virtual environment (make bench-cpu-peers-setup: "
+                   "build/cpu-peers-venv/bin/python); with it, each of --peers is measured on the same pairs "
+                   "against its own float32 (default: no peers)")
+    g.add_argument("--peers", type=_peers, default=list(PEER_TITLES),
+                   help="peers' reduced precisions, comma-separated: " + ", ".join(
+                       f"{k} ({v.removeprefix('peer: ')})" for k, v in PEER_TITLES.items()) + " (default: all)")
     return p
 
 
@@ -833,6 +905,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{name} must be at least 1")
     if (args.reference_pairs or 0) < 0 or args.max_batch_tokens < 1 or args.score_std <= 0:
         raise SystemExit("--reference-pairs must be >= 0, --max-batch-tokens and --score-std > 0")
+    if args.peer_python and not Path(args.peer_python).is_file():
+        raise SystemExit(f"--peer-python {args.peer_python}: no such file; create the peers' environment with "
+                         "make bench-cpu-peers-setup (build/cpu-peers-venv/bin/python)")
     data_dir = resolve_data_dir(args.data_dir)
     if data_dir is None or not (data_dir / DL19_FILE).is_file():
         raise SystemExit(f"{DL19_FILE} not found (data folder {args.data_dir or '../shared/data'}): this "
@@ -868,11 +943,19 @@ def main(argv: list[str] | None = None) -> int:
                     built.append(f"{model_dir} in {time.monotonic() - t:.0f} s")
             pairs = encode(model_dir, workload)
             total = (1 + len(args.precisions)) * pairs.tokens + 2 * pairs.head(job.reference_pairs).tokens
+            description = describe(model_dir, job.shape and job.shape.title)
             with tqdm(total=total, desc=job.label, unit="tok", unit_scale=True, leave=False, dynamic_ncols=True,
                       file=sys.stderr) as tokens_bar:
-                results += measure(model_dir, job.label, describe(model_dir, job.shape and job.shape.title),
-                                   workload, reference_pairs=job.reference_pairs, precisions=args.precisions,
-                                   max_batch_tokens=args.max_batch_tokens, on_tokens=tokens_bar.update, on_step=step)
+                ours = measure(model_dir, job.label, description, workload, reference_pairs=job.reference_pairs,
+                               precisions=args.precisions, max_batch_tokens=args.max_batch_tokens,
+                               on_tokens=tokens_bar.update, on_step=step)
+            results += ours
+            if args.peer_python:
+                # A fresh copy per run: the peers export into it, and a model rebuilt since must not meet old exports.
+                with tempfile.TemporaryDirectory(prefix="precision-fidelity-peers-") as work:
+                    results += measure_peers(model_dir, job.label, description, workload, ours[0].passes[0],
+                                             python=args.peer_python, peers=args.peers, threads=threads,
+                                             work=Path(work), on_step=step)
             workloads[job.label] = workload.source
             bar.update(1)
     head_dtypes = sorted({p.head_dtype for r in results for p in r.passes

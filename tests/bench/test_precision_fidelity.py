@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -183,6 +184,65 @@ def test_openvino_is_measured_as_a_reduced_precision_of_its_own(tiny_model_dirs,
     assert result.reduced_seconds == result.passes[1].seconds > 0  # its time is reported, not NaN
     diff = np.abs(result.passes[1].scores.astype(np.float64) - scores_pair_by_pair(model_dir, workload, torch.float32))
     assert result.fidelity.max_abs_diff == pytest.approx(float(diff.max()), abs=1e-5) and diff.max() > 0
+
+
+# Stands in for the peers' runner (bench/cpu_peer_runner.py): float32 scores from the documents' lengths,
+# int8 off by 0.25 on the first pair, OpenVINO exact.
+FAKE_PEER_RUNNER = '''
+import json, sys
+job = json.load(sys.stdin)
+scores = [len(d) / 10 for q, d in job["pairs"]]
+if job["contender"] == "st-onnx-int8":
+    scores[0] += 0.25
+print(json.dumps({"scores": scores, "seconds": 2.0, "load_seconds": 1.0, "versions": {"fake": job["model_dir"]}}))
+'''
+
+
+@pytest.fixture
+def fake_peer_runner(tmp_path, monkeypatch):
+    from triton_rerank.bench import cpu_peers
+
+    runner = tmp_path / "fake_runner.py"
+    runner.write_text(FAKE_PEER_RUNNER)
+    monkeypatch.setattr(cpu_peers, "RUNNER", runner)
+
+
+def test_peers_are_measured_against_their_own_float32(tiny_model_dirs, fake_peer_runner, tmp_path):
+    model_dir = tiny_model_dirs["bert"]
+    workload = pf.select_workload(dl19_like(), queries=2, passages=4)
+    (ours,) = pf.measure(model_dir, "bert", "tiny", workload, reference_pairs=0)
+    int8, openvino = pf.measure_peers(model_dir, "bert", "tiny", workload, ours.passes[0], python=sys.executable,
+                                      peers=["st-onnx-int8", "st-openvino"], threads=1, work=tmp_path / "work")
+    assert (int8.precision, openvino.precision) == ("st-onnx-int8", "st-openvino")
+    theirs = np.array([len(d) / 10 for documents in workload.documents for d in documents])
+    reduced = theirs.copy()
+    reduced[0] += 0.25
+    assert [p.engine for p in int8.passes] == ["packed float32", "st-onnx-int8", "st-torch-fp32"]
+    assert int8.fidelity.max_abs_diff == pytest.approx(0.25, abs=1e-6) and openvino.fidelity.max_abs_diff == 0
+    assert int8.queries[0].spearman == pytest.approx(pf.spearman(theirs[:4], reduced[:4]))
+    assert int8.queries[1].spearman == pytest.approx(1.0) and openvino.fidelity.spearman_min == pytest.approx(1.0)
+    # The check that the peer scores our model: its float32 against ours, every pair.
+    assert int8.reference.pairs == 8
+    assert int8.reference.fp32_max_abs_diff == pytest.approx(float(np.abs(theirs - ours.passes[0].scores).max()),
+                                                             abs=1e-6)
+    assert int8.reduced_seconds == 2.0 and (tmp_path / "work" / "peers" / "st-onnx-int8" / "config.json").is_file()
+
+
+def test_the_command_puts_the_peers_in_its_table(tiny_model_dirs, tiny_data_dir, fake_peer_runner, tmp_path):
+    out = tmp_path / "results"
+    assert pf.main(["--model-dir", str(tiny_model_dirs["bert"]), "--data-dir", str(tiny_data_dir), "--queries", "2",
+                    "--passages", "3", "--reference-pairs", "0", "--precisions", "bfloat16", "--peer-python",
+                    sys.executable, "--peers", "st-onnx-int8", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "precision_fidelity.csv")))
+    assert [r["precision"] for r in rows] == ["bfloat16", "st-onnx-int8"]
+    assert float(rows[1]["max_abs_diff"]) == pytest.approx(0.25, abs=1e-6)
+    text = (out / "precision_fidelity.md").read_text()
+    assert "| peer: ONNX Runtime dynamic int8 (sentence-transformers) | 6 (2) |" in text
+    assert "Rows marked peer" in text
+    with pytest.raises(SystemExit, match="no such file; create the peers' environment"):
+        pf.main(["--peer-python", str(tmp_path / "missing" / "python")])
+    with pytest.raises(SystemExit):
+        pf.main(["--peers", "st-vllm"])
 
 
 def test_no_reference_pairs_skip_transformers(tiny_model_dirs):
