@@ -789,29 +789,23 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def _shapes(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in SHAPES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown shape {', '.join(bad) or text!r}; choose from {', '.join(SHAPES)}")
-    return names
+def _names_of(what: str, choices) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of `choices`."""
+
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad) or text!r}; choose from "
+                                             f"{', '.join(choices)}")
+        return names
+
+    return parse
 
 
-def _precisions(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in PRECISIONS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown precision {', '.join(bad) or text!r}; choose from "
-                                         f"{', '.join(PRECISIONS)}")
-    return names
-
-
-def _peers(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in PEER_TITLES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(bad) or text!r}; choose from {', '.join(PEER_TITLES)}")
-    return names
+_shapes = _names_of("shape", SHAPES)
+_precisions = _names_of("precision", PRECISIONS)
+_peers = _names_of("peer", PEER_TITLES)
 
 
 def default_precisions() -> list[str]:
