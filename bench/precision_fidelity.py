@@ -362,7 +362,9 @@ def score_pass(kind: str, model_dir: Path, precision: str, pairs: EncodedPairs, 
 
     dtype_name, quantize, _ = PRECISIONS.get(precision, (precision, "none", kind))
     engine = make_engine(kind, model_dir, dtype_name, quantize)
-    head = getattr(getattr(engine, "model", None), "head", None)
+    head = getattr(engine, "head", None)  # the OpenVINO engine's, outside its graph
+    if head is None:
+        head = getattr(getattr(engine, "model", None), "head", None)
     head_dtype = str(head.out_proj.weight.dtype).removeprefix("torch.") if head is not None else ""
     observe = (lambda tokens, _seconds: on_tokens(tokens)) if on_tokens else None
     try:
@@ -405,6 +407,11 @@ class ModelResult:
 
     def seconds(self, engine: str) -> float:
         return next((p.seconds for p in self.passes if p.engine == engine), float("nan"))
+
+    @property
+    def fp32_seconds(self) -> float:
+        """The float32 pass it is measured against: the peer's own for a peer, else our packed engine's."""
+        return self.seconds("st-torch-fp32" if self.precision in PEER_TITLES else "packed float32")
 
     @property
     def reduced_seconds(self) -> float:
@@ -466,10 +473,10 @@ def measure_peers(model_dir: Path, label: str, description: str, workload: Workl
         if on_step:
             on_step(f"{label}: {contender}")
         result = run_peer(python, contender, model_copy(model_dir, work, contender), pairs, threads, batch_size=16)
+        if len(result.scores) != len(pairs):
+            raise ValueError(f"{contender} returned {len(result.scores)} scores for {len(pairs)} pairs")
         ran[contender] = Pass(contender, np.asarray(result.scores, dtype=np.float32), result.seconds, ours_fp32.tokens)
     theirs_fp32 = ran[REFERENCE].scores
-    if len(theirs_fp32) != len(ours_fp32.scores):
-        raise ValueError(f"{REFERENCE} scored {len(theirs_fp32)} pairs, ours {len(ours_fp32.scores)}")
     same_model = float(np.abs(theirs_fp32.astype(np.float64) - ours_fp32.scores).max())
     results = []
     for contender in peers:
@@ -654,7 +661,7 @@ def csv_row(r: ModelResult) -> dict[str, Any]:
             "max_over_std": f.max_over_std, "mean_over_std": f.mean_over_std,
             **{f"reference_{k}": v for k, v in asdict(r.reference).items() if k != "pairs"},
             "reference_pairs": r.reference.pairs,
-            "fp32_s": r.seconds("packed float32"), "reduced_s": r.reduced_seconds,
+            "fp32_s": r.fp32_seconds, "reduced_s": r.reduced_seconds,
             "hf_fp32_s": r.seconds("transformers float32"), "hf_bf16_s": r.seconds("transformers bfloat16"),
             "description": r.description}
 
@@ -706,7 +713,7 @@ def reference_table(results: list[ModelResult]) -> str:
     rows = [[r.model, title(r.precision), r.reference.pairs, _g(r.reference.fp32_max_abs_diff),
              _g(r.reference.ours_max), _g(r.reference.hf_bf16_max), _g(r.reference.ours_mean),
              _g(r.reference.hf_bf16_mean)]
-            for r in results]
+            for r in results if r.precision not in PEER_TITLES]  # theirs: the main table's last column
     return report.markdown_table(headers, rows)
 
 
@@ -715,13 +722,9 @@ def timing_table(results: list[ModelResult]) -> str:
                "transformers fp32 / bf16 s (pairs)"]
     rows = []
     for r in results:
-        if r.precision in PEER_TITLES:  # against its own float32, in its own process
-            fp32, transformers = r.seconds("st-torch-fp32"), "-"
-        else:
-            fp32 = r.seconds("packed float32")
-            transformers = (f"{r.seconds('transformers float32'):.1f} / {r.seconds('transformers bfloat16'):.1f} "
-                            f"({r.reference.pairs})")
-        reduced = r.reduced_seconds
+        fp32, reduced = r.fp32_seconds, r.reduced_seconds
+        transformers = "-" if r.precision in PEER_TITLES else (  # a peer: against its own float32
+            f"{r.seconds('transformers float32'):.1f} / {r.seconds('transformers bfloat16'):.1f} ({r.reference.pairs})")
         rows.append([r.model, title(r.precision), r.tokens, f"{fp32:.1f}", f"{reduced:.1f}",
                      f"{fp32 / reduced:.2f}x", transformers])
     return report.markdown_table(headers, rows)

@@ -43,8 +43,10 @@ TOO_MANY_BODY_CHUNKS = "triton_rerank.too_many_body_chunks"
 class BodyBudget:
     """Bytes of request bodies the gateway holds at once, over all connections, and their limit.
 
-    One event loop takes and gives back, so no lock is needed. A body is held from its first byte
-    until its request has been answered (the app parses and forwards it), hence the whole request.
+    One event loop takes and gives back, so no lock is needed. A body is held from its head (a
+    declared Content-Length, whole) or its first byte (a chunked one) until its request has been
+    answered (the app parses and forwards it), hence the whole request. A head whose body never
+    comes holds its length for at most --body-timeout (then 408).
     """
 
     def __init__(self, limit: int):

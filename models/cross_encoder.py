@@ -127,7 +127,9 @@ class EncoderConfig:
             intermediate_size=d["intermediate_size"],
             max_position_embeddings=d["max_position_embeddings"],
             type_vocab_size=d.get("type_vocab_size", 2),
-            pad_token_id=d.get("pad_token_id", families.default_pad_token_id(d.get("model_type", ""))),
+            # Absent or null (some configs write "pad_token_id": null): the family's own.
+            pad_token_id=families.default_pad_token_id(d.get("model_type", "")) if d.get("pad_token_id") is None
+            else d["pad_token_id"],
             layer_norm_eps=d.get("layer_norm_eps", 1e-12),
             num_labels=num_labels,
             hidden_act=d.get("hidden_act", "gelu"),
@@ -440,12 +442,19 @@ class PackedCrossEncoder(nn.Module):
     def forward_padded(self, input_ids: Tensor, attention_mask: Tensor,
                        token_type_ids: Tensor | None = None) -> Tensor:
         """input_ids, attention_mask [B, L] (right-padded: mask 1 on real tokens), token_type_ids [B, L]
-        or None -> logits [B] fp32.
+        or None -> logits [B] fp32: the head on first_token_states."""
+        return self.head(self.first_token_states(input_ids, attention_mask, token_type_ids).float())
 
-        The same model on padded batches in plain torch ops, for graph runtimes that take a traced
-        model (serving/openvino_engine.py): one graph for any B and L. As in forward, the last layer
-        computes keys and values for every token and the rest only for the first tokens, the ones
-        the head reads; that is most of a layer's work saved (a sixth of MiniLM-L6's).
+    def first_token_states(self, input_ids: Tensor, attention_mask: Tensor,
+                           token_type_ids: Tensor | None = None) -> Tensor:
+        """input_ids, attention_mask [B, L] (right-padded: mask 1 on real tokens), token_type_ids [B, L]
+        or None -> [B, hidden]: the encoder's output at each sequence's first token, what the head reads.
+
+        The model on padded batches in plain torch ops, for graph runtimes that take a traced model
+        (serving/openvino_engine.py, which runs the head itself in float32): one graph for any B and L
+        up to config.max_seqlen. As in forward, the last layer computes keys and values for every
+        token and the rest only for the first tokens; that is most of a layer's work saved (a sixth
+        of MiniLM-L6's).
         """
         cfg = self.config
         B, L = input_ids.shape
@@ -469,9 +478,7 @@ class PackedCrossEncoder(nn.Module):
                     B, L, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, head_dim]
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, heads, 1, head_dim]
                 x = layer.finish(a.reshape(B, H), first, ops)  # [B, hidden]
-        if not self.layers:
-            x = x[:, 0]
-        return self.head(x.float())  # [B] float32
+        return x if self.layers else x[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ output depends more on the pair.
 
 Quantized: MatMuls with a constant 2-D weight whose activation is [batch, tokens, features] (the
 attention and FFN projections of every token; in the last layer, the keys and values). Not
-quantized: what runs on one row per pair (the last layer past its keys and values, the pooler and
-the head: nothing to win), attention's own products, layer norms and softmax (the run's dtype).
+quantized: what runs on one row per pair (the last layer past its keys and values: nothing to win),
+attention's own products, layer norms and softmax (the run's dtype); the head runs outside the graph,
+in float32.
 """
 
 from __future__ import annotations

@@ -236,6 +236,7 @@ def test_the_command_puts_the_peers_in_its_table(tiny_model_dirs, tiny_data_dir,
     rows = list(csv.DictReader(open(out / "precision_fidelity.csv")))
     assert [r["precision"] for r in rows] == ["bfloat16", "st-onnx-int8"]
     assert float(rows[1]["max_abs_diff"]) == pytest.approx(0.25, abs=1e-6)
+    assert float(rows[1]["fp32_s"]) == float(rows[1]["reduced_s"]) == 2.0  # the peer's own passes' times
     text = (out / "precision_fidelity.md").read_text()
     assert "| peer: ONNX Runtime dynamic int8 (sentence-transformers) | 6 (2) |" in text
     assert "Rows marked peer" in text

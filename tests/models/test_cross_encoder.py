@@ -160,6 +160,28 @@ def test_padded_forward_equals_transformers(kind, lengths, model_dirs, hf_models
     torch.testing.assert_close(got, _packed_logits(model, ids, types), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layers", [0, 1])
+def test_padded_forward_with_no_layer_or_only_the_last(layers):
+    """With one layer it is the last (cut to the first tokens) from the start; with none the embeddings feed the head."""
+    cfg = EncoderConfig("bert", vocab_size=VOCAB, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = PackedCrossEncoder(cfg).eval()
+    ids, types = _random_pairs("bert", [9, 2, 30], seed=8)
+    with torch.inference_mode():
+        got = model.forward_padded(*_padded(ids, types, 0))
+    expected = _packed_logits(model, ids, types)
+    assert expected.std() > 1e-3  # pairs score apart
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_a_null_pad_token_id_is_the_familys():
+    common = dict(vocab_size=10, hidden_size=8, num_hidden_layers=0, num_attention_heads=2, intermediate_size=8,
+                  max_position_embeddings=20, num_labels=1)
+    assert EncoderConfig.from_hf_dict({"model_type": "bert", "pad_token_id": None, **common}).pad_token_id == 0
+    assert EncoderConfig.from_hf_dict({"model_type": "xlm-roberta", "pad_token_id": None, **common}).pad_token_id == 1
+
+
 @pytest.mark.parametrize(("backend", "n_pairs", "max_len"), [("sdpa", 64, 60), ("triton", 6, 40)])
 @pytest.mark.parametrize("kind", ["xlmr", "bert"])
 def test_batch_invariance(kind, backend, n_pairs, max_len, model_dirs):
