@@ -362,10 +362,10 @@ def score_pass(kind: str, model_dir: Path, precision: str, pairs: EncodedPairs, 
 
     dtype_name, quantize, _ = PRECISIONS.get(precision, (precision, "none", kind))
     engine = make_engine(kind, model_dir, dtype_name, quantize)
-    head = getattr(engine, "head", None)  # the OpenVINO engine's, outside its graph
-    if head is None:
-        head = getattr(getattr(engine, "model", None), "head", None)
+    head = getattr(getattr(engine, "model", None), "head", None)
     head_dtype = str(head.out_proj.weight.dtype).removeprefix("torch.") if head is not None else ""
+    if kind == "openvino":
+        head_dtype = "float32"  # compiled apart in float32 (serving/openvino_engine.py)
     observe = (lambda tokens, _seconds: on_tokens(tokens)) if on_tokens else None
     try:
         started = time.perf_counter()

@@ -7,7 +7,7 @@ faster: 1.57x the packed engine served on a 2-core Zen 5 (`results/cpu-peers-zen
 
 The model exported is our own (models/cross_encoder.py, loaded strictly), traced through its padded
 forward: its last layer runs past attention only for the first tokens, which the head reads. The
-head itself runs in torch, in float32, on the graph's output (see padded_graph).
+head itself is a second graph, compiled in float32 (see padded_graph).
 
 Supported: the cross-encoders models/cross_encoder.py loads (BERT, RoBERTa, XLM-R) on the
 CPU, in float32 or bfloat16 (OpenVINO's inference precision; the output logits stay float32), and
@@ -61,9 +61,9 @@ def padded_graph(ov, encoder: PackedCrossEncoder):
     model has token types, token_type_ids, each [batch, tokens]; output each sequence's first-token state
     [batch, hidden].
 
-    The head is left out so that it runs in float32 (OpenVINOEngine): inside a graph compiled with the
-    bf16 hint it would run in bf16 too, and round every score to 8 significant bits (pairs of a query
-    then tie; measured: 277 of 2,000 DL19 pairs, against 8 with the head in float32).
+    The head is left out so that it runs in float32 (OpenVINOEngine compiles it apart): inside a graph
+    compiled with the bf16 hint it would run in bf16 too, and round every score to 8 significant bits
+    (pairs of a query then tie; measured: 277 of 2,000 DL19 pairs, against 8 with the head in float32).
     """
     example = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     if encoder.config.type_vocab_size > 1:
@@ -92,19 +92,23 @@ class OpenVINOEngine:
         self.pad_token_id = encoder.config.pad_token_id
         self.uses_token_types = encoder.config.type_vocab_size > 1
         self.max_seqlen = encoder.config.max_seqlen
-        self.head = encoder.head  # float32, one row per pair (see padded_graph)
         graph = padded_graph(ov, encoder)
         if quantize == "int8":
             batches = calibration_inputs(model_path, self.pad_token_id, self.uses_token_types)
             graph = quantize_linears(graph, activation_ranges(ov, graph, batches))
         threads = num_threads or torch.get_num_threads() or os.cpu_count() or 1
-        self.compiled = ov.Core().compile_model(graph, "CPU", {
-            "INFERENCE_PRECISION_HINT": PRECISIONS[dtype],
-            "INFERENCE_NUM_THREADS": threads,
-            # One request at a time per model instance: the latency hint keeps every thread on it.
-            "PERFORMANCE_HINT": "LATENCY",
-        })
+        # One request at a time per model instance: the latency hint keeps every thread on it.
+        settings = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        core = ov.Core()
+        self.compiled = core.compile_model(graph, "CPU", {**settings, "INFERENCE_PRECISION_HINT": PRECISIONS[dtype]})
         self.request = self.compiled.create_infer_request()
+        # The head, one row per pair, in float32 (see padded_graph) and on OpenVINO too: run by torch
+        # between the encoder's calls, torch's own thread pool took the cores from OpenVINO's (9%
+        # slower in process, measured on a 2-core Zen 5).
+        with torch.no_grad():
+            head = ov.convert_model(encoder.head, example_input=torch.zeros(2, encoder.config.hidden_size))
+        self.head = core.compile_model(head, "CPU", {**settings, "INFERENCE_PRECISION_HINT": "f32"})
+        self.head_request = self.head.create_infer_request()
         self.input_names = [port.any_name for port in self.compiled.inputs]
         self.precision = PRECISIONS[dtype]
         self.quantize = quantize
@@ -114,6 +118,6 @@ class OpenVINOEngine:
             raise ValueError(f"max_seqlen {batch.max_seqlen} exceeds the model's limit of {self.max_seqlen} tokens")
         inputs = padded_inputs(batch, self.pad_token_id, self.uses_token_types)
         feed = {name: inputs[name].numpy() for name in self.input_names}
-        states = self.request.infer(feed)[0]  # [B, hidden]
-        with torch.inference_mode():
-            return self.head(torch.from_numpy(np.asarray(states, dtype=np.float32)))  # [B] float32
+        states = self.request.infer(feed)[0]  # [B, hidden], float32
+        logits = self.head_request.infer([states])[0]  # [B]
+        return torch.from_numpy(np.array(logits, dtype=np.float32))
