@@ -107,8 +107,8 @@ class OpenVINOEngine:
         # slower in process, measured on a 2-core Zen 5).
         with torch.no_grad():
             head = ov.convert_model(encoder.head, example_input=torch.zeros(2, encoder.config.hidden_size))
-        self.head = core.compile_model(head, "CPU", {**settings, "INFERENCE_PRECISION_HINT": "f32"})
-        self.head_request = self.head.create_infer_request()
+        self.head_request = core.compile_model(
+            head, "CPU", {**settings, "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
         self.input_names = [port.any_name for port in self.compiled.inputs]
         self.precision = PRECISIONS[dtype]
         self.quantize = quantize
